@@ -1,3 +1,20 @@
-"""fre_torch: anomaly detection by Feature Reconstruction Error, in PyTorch."""
+"""fre_torch: anomaly detection by Feature Reconstruction Error, in PyTorch.
+
+The engine (``PCA``, ``Subspace`` and the streaming accumulators) imports only torch.
+"""
+
+from .pca import PCA
+from .subspace import CovarianceAccumulator, GramAccumulator, Subspace, fit_covariance, fit_gram, fit_rows
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "PCA",
+    "Subspace",
+    "CovarianceAccumulator",
+    "GramAccumulator",
+    "fit_covariance",
+    "fit_gram",
+    "fit_rows",
+    "__version__",
+]

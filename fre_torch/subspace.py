@@ -1,0 +1,486 @@
+"""Linear subspace fitting and feature reconstruction error (FRE), in torch only.
+
+The pieces:
+
+- ``CovarianceAccumulator``: streaming mean and centred scatter ``sum (x - mean)(x - mean)^T`` of D-dim rows, in
+  float64 (Chan et al.'s pairwise update, so two accumulators merge exactly). Memory O(D^2), independent of N.
+- ``GramAccumulator``: keeps the rows and their float64 Gram matrix ``X X^T``, for N << D (whole-image feature
+  vectors: N = 60..400, D = 5,000..65,536). Never forms a D x D matrix.
+- ``fit_covariance`` / ``fit_gram`` / ``fit_rows``: exact float64 eigendecompositions giving a fitted ``Subspace``.
+- ``Subspace``: the fitted state as buffers (mean, orthonormal components, spectrum) with batched projection,
+  reconstruction and FRE. ``.to()``, ``state_dict()`` and ``load_state_dict()`` work as for any module.
+
+Precision (``fre_torch.precision``): accumulation and decomposition in float64; fitted components are cast back to
+the dtype of the data (``type_as``), so float32 features give a float32 subspace that scores in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .precision import FIT_DTYPE
+
+__all__ = [
+    "CovarianceAccumulator",
+    "GramAccumulator",
+    "Subspace",
+    "check_features",
+    "fit_covariance",
+    "fit_gram",
+    "fit_rows",
+    "resolve_solver",
+    "select_n_components",
+    "Solver",
+]
+
+Solver = Literal["auto", "covariance", "gram"]
+NComponents = int | float | None
+
+# Column chunk for the float64 passes over an (N, D) matrix: bounds the float64 temporary to N * 8192 * 8 bytes.
+_COLUMN_CHUNK = 8192
+
+
+def check_features(x: Tensor, n_features: int | None = None, *, name: str = "X", finite: bool = True) -> Tensor:
+    """Validate a feature matrix ``x: (N, D)``; raise ``ValueError`` naming the problem and the fix.
+
+    ``finite=True`` checks for NaN/Inf, which synchronises with the device: callers in per-batch loops pass
+    ``finite=False`` and check once at the end.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, n_features), got shape {tuple(x.shape)}; "
+                         "flatten each sample to one row, e.g. x.reshape(len(x), -1)")
+    if not (x.is_floating_point()):
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}; convert with .float()")
+    if n_features is not None and x.shape[1] != n_features:
+        raise ValueError(f"{name} has {x.shape[1]} features but the model was fitted with {n_features}; "
+                         "use features from the same backbone layer and input size")
+    if finite and x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf values; check the feature extractor or drop those rows")
+    return x
+
+
+def select_n_components(explained_variance: Tensor, n_components: NComponents, n_samples: int,
+                        n_features: int) -> int:
+    """Number of components to keep, with scikit-learn's exact rule.
+
+    Args:
+        explained_variance: (R,) the full spectrum in descending order (R = all components available).
+        n_components: an int in [1, min(N, D)]; a float in (0, 1) = the smallest k whose cumulative
+            explained-variance ratio reaches it, ``searchsorted(cumsum(ratio), f, side='right') + 1``; None = all.
+        n_samples, n_features: N and D of the data fitted.
+    """
+    limit = min(n_samples, n_features)
+    if n_components is None:
+        return limit
+    if isinstance(n_components, bool):
+        raise ValueError(f"n_components must be an int, a float in (0, 1) or None, got {n_components!r}")
+    if isinstance(n_components, int):
+        if not 1 <= n_components <= limit:
+            raise ValueError(f"n_components={n_components} must be between 1 and min(n_samples, n_features)="
+                             f"{limit}; use a float in (0, 1) to keep a fraction of the variance")
+        return n_components
+    if isinstance(n_components, float):
+        if not 0.0 < n_components < 1.0:
+            raise ValueError(f"n_components={n_components} as a float must lie in (0, 1) (fraction of explained "
+                             "variance); pass an int for a fixed number of components")
+        ev = explained_variance.to(FIT_DTYPE)
+        total = ev.sum()
+        if total <= 0:
+            return 1  # no variance at all: every point is the mean; one (arbitrary) component as scikit-learn
+        cumsum = torch.cumsum(ev / total, dim=0)
+        k = int(torch.searchsorted(cumsum, torch.tensor([n_components], dtype=FIT_DTYPE, device=ev.device),
+                                   right=True).item()) + 1
+        return min(k, limit)
+    raise ValueError(f"n_components must be an int, a float in (0, 1) or None, got {n_components!r}")
+
+
+def _flip_signs(components: Tensor) -> Tensor:
+    """Deterministic signs as scikit-learn (>= 1.5): the largest-magnitude entry of each component is positive."""
+    idx = components.abs().argmax(dim=1, keepdim=True)
+    signs = torch.sign(components.gather(1, idx))
+    signs[signs == 0] = 1
+    return components * signs
+
+
+class CovarianceAccumulator(nn.Module):
+    """Streaming float64 mean and centred scatter of rows ``x: (B, D)``; memory O(D^2), independent of N.
+
+    Each batch is centred on its own mean before its scatter is formed and merged with Chan et al.'s update,
+    which avoids the cancellation of ``E[x x^T] - mu mu^T`` when features have a large mean.
+
+    Buffers: ``n_samples`` (), ``mean`` (D,), ``scatter`` (D, D), all float64 except the int64 count.
+    """
+
+    n_samples: Tensor
+    mean: Tensor
+    scatter: Tensor
+
+    def __init__(self, n_features: int, *, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if n_features < 1:
+            raise ValueError(f"n_features must be >= 1, got {n_features}")
+        self.n_features = n_features
+        self.register_buffer("n_samples", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("mean", torch.zeros(n_features, dtype=FIT_DTYPE, device=device))
+        self.register_buffer("scatter", torch.zeros(n_features, n_features, dtype=FIT_DTYPE, device=device))
+        self._count = 0  # host copy of n_samples: shapes are host information, so no sync is needed
+
+    def update(self, x: Tensor, *, check_finite: bool = True) -> CovarianceAccumulator:
+        """Add a batch ``x: (B, D)``. Validation happens before any state changes, so a bad batch leaves it intact."""
+        check_features(x, self.n_features, finite=check_finite)
+        if x.shape[0] == 0:
+            return self
+        xb = x.to(device=self.mean.device, dtype=FIT_DTYPE)
+        b_mean = xb.mean(dim=0)
+        centred = xb - b_mean
+        self._merge_moments(x.shape[0], b_mean, centred.T @ centred)
+        return self
+
+    def merge(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
+        """Add the statistics of ``other`` (exact: the result equals one accumulator fed both streams)."""
+        if other.n_features != self.n_features:
+            raise ValueError(f"cannot merge accumulators of {other.n_features} and {self.n_features} features")
+        if other._count:
+            self._merge_moments(other._count, other.mean.to(self.mean.device),
+                                other.scatter.to(self.scatter.device))
+        return self
+
+    def _merge_moments(self, n_b: int, mean_b: Tensor, scatter_b: Tensor) -> None:
+        n_a = self._count
+        n = n_a + n_b
+        delta = mean_b - self.mean
+        # Build the new state out of place, then assign: nothing is half-updated if an op raises.
+        new_mean = self.mean + delta * (n_b / n)
+        new_scatter = self.scatter + scatter_b + torch.outer(delta, delta) * (n_a * n_b / n)
+        self.mean, self.scatter = new_mean, new_scatter
+        self.n_samples = self.n_samples + n_b
+        self._count = n
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch hook
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._count = int(self.n_samples)
+
+    def covariance(self) -> Tensor:
+        """Unbiased covariance (D, D), float64."""
+        if self._count < 2:
+            raise ValueError(f"need at least 2 samples to estimate a covariance, got {self._count}")
+        return self.scatter / (self._count - 1)
+
+
+class GramAccumulator(nn.Module):
+    """Rows ``X: (N, D)`` kept in their own dtype plus their float64 Gram matrix ``X X^T: (N, N)``.
+
+    For N << D. The Gram matrix grows by one block row per batch, so its cost is spread over feature extraction
+    and no D x D matrix is ever formed. Centring is exact at solve time: ``Xc Xc^T = G - a 1^T - 1 a^T + c 1 1^T``
+    with ``a = G 1 / N`` and ``c = 1^T G 1 / N^2`` (float64 keeps this cancellation harmless).
+    """
+
+    rows: Tensor
+    gram: Tensor
+
+    def __init__(self, n_features: int, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if n_features < 1:
+            raise ValueError(f"n_features must be >= 1, got {n_features}")
+        self.n_features = n_features
+        self.register_buffer("rows", torch.empty(0, n_features, dtype=dtype, device=device))
+        self.register_buffer("gram", torch.empty(0, 0, dtype=FIT_DTYPE, device=device))
+
+    @property
+    def n_samples(self) -> int:
+        return self.rows.shape[0]
+
+    def update(self, x: Tensor, *, check_finite: bool = True) -> GramAccumulator:
+        """Append a batch ``x: (B, D)``; cost O(B * N * D). A bad batch leaves the state unchanged."""
+        check_features(x, self.n_features, finite=check_finite)
+        if x.shape[0] == 0:
+            return self
+        new = x.to(device=self.rows.device, dtype=self.rows.dtype)
+        cross = _gram_block(new, self.rows)  # (B, N_old)
+        own = _gram_block(new, new)  # (B, B)
+        top = torch.cat([self.gram, cross.T], dim=1)
+        bottom = torch.cat([cross, own], dim=1)
+        gram = torch.cat([top, bottom], dim=0)
+        self.rows = torch.cat([self.rows, new], dim=0)
+        self.gram = gram
+        return self
+
+    def merge(self, other: GramAccumulator) -> GramAccumulator:
+        """Append all rows of ``other`` (exact)."""
+        if other.n_features != self.n_features:
+            raise ValueError(f"cannot merge accumulators of {other.n_features} and {self.n_features} features")
+        if other.n_samples == 0:
+            return self
+        new = other.rows.to(device=self.rows.device, dtype=self.rows.dtype)
+        cross = _gram_block(new, self.rows)
+        top = torch.cat([self.gram, cross.T], dim=1)
+        bottom = torch.cat([cross, other.gram.to(self.gram.device)], dim=1)
+        self.gram = torch.cat([top, bottom], dim=0)
+        self.rows = torch.cat([self.rows, new], dim=0)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch hook
+        # Buffers grow with the data: take the incoming shapes before the default copy.
+        for name in ("rows", "gram"):
+            if prefix + name in state_dict:
+                src = state_dict[prefix + name]
+                setattr(self, name, torch.empty_like(src, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def to_covariance(self) -> CovarianceAccumulator:
+        """The same statistics as a covariance accumulator (when N has outgrown D)."""
+        acc = CovarianceAccumulator(self.n_features, device=self.rows.device)
+        for start in range(0, self.n_samples, 4096):
+            acc.update(self.rows[start:start + 4096], check_finite=False)
+        return acc
+
+
+def _gram_block(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b.T`` in float64, (A, B), formed over column chunks so the float64 copies stay small."""
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=FIT_DTYPE, device=a.device)
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return out
+    for start in range(0, a.shape[1], _COLUMN_CHUNK):
+        cols = slice(start, start + _COLUMN_CHUNK)
+        ad = a[:, cols].to(FIT_DTYPE)
+        bd = ad if b is a else b[:, cols].to(FIT_DTYPE)
+        out.addmm_(ad, bd.T)
+    return out
+
+
+class Subspace(nn.Module):
+    """A fitted linear subspace and its feature reconstruction error.
+
+    Buffers (saved in ``state_dict``):
+        mean: (D,) float64, the training mean.
+        components: (k, D) orthonormal rows, in the dtype of the fitted data (scoring dtype).
+        explained_variance: (k,) float64, variance along each component.
+        singular_values: (k,) float64.
+        total_variance: () float64, the sum of all variances (for the explained-variance ratio).
+        n_samples: () int64, the number of rows fitted.
+
+    ``load_state_dict`` adopts the shapes of the incoming buffers, so ``Subspace().load_state_dict(sd)`` works.
+    """
+
+    mean: Tensor
+    components: Tensor
+    explained_variance: Tensor
+    singular_values: Tensor
+    total_variance: Tensor
+    n_samples: Tensor
+
+    def __init__(self, mean: Tensor | None = None, components: Tensor | None = None,
+                 explained_variance: Tensor | None = None, singular_values: Tensor | None = None,
+                 total_variance: Tensor | None = None, n_samples: int = 0) -> None:
+        super().__init__()
+        dev = mean.device if mean is not None else None
+        self.register_buffer("mean", mean if mean is not None else torch.empty(0, dtype=FIT_DTYPE))
+        self.register_buffer("components", components if components is not None else torch.empty(0, 0))
+        self.register_buffer("explained_variance", explained_variance if explained_variance is not None
+                             else torch.empty(0, dtype=FIT_DTYPE))
+        self.register_buffer("singular_values", singular_values if singular_values is not None
+                             else torch.empty(0, dtype=FIT_DTYPE))
+        self.register_buffer("total_variance", total_variance if total_variance is not None
+                             else torch.zeros((), dtype=FIT_DTYPE, device=dev))
+        self.register_buffer("n_samples", torch.tensor(n_samples, dtype=torch.int64, device=dev))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch hook
+        for name, buf in self._buffers.items():
+            src = state_dict.get(prefix + name)
+            if src is not None and buf is not None and src.shape != buf.shape:
+                self._buffers[name] = torch.empty(src.shape, dtype=src.dtype, device=buf.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def n_features(self) -> int:
+        return self.components.shape[1]
+
+    @property
+    def n_components(self) -> int:
+        return self.components.shape[0]
+
+    @property
+    def explained_variance_ratio(self) -> Tensor:
+        """(k,) float64."""
+        return self.explained_variance / self.total_variance
+
+    def _centred(self, x: Tensor) -> Tensor:
+        """(B, D) -> a fresh centred copy in the scoring dtype (never a view of the input)."""
+        if x.ndim != 2 or x.shape[1] != self.n_features:
+            raise ValueError(f"expected features of shape (N, {self.n_features}), got {tuple(x.shape)}")
+        return x.to(self.components.dtype) - self.mean.to(self.components.dtype)
+
+    def project(self, x: Tensor) -> Tensor:
+        """Coordinates in the subspace: ``(x - mean) W^T``, x: (B, D) -> (B, k)."""
+        return self._centred(x) @ self.components.T
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Projection back to feature space: ``mean + (x - mean) W^T W``, (B, D) -> (B, D)."""
+        z = self.project(x)
+        return torch.addmm(self.mean.to(z.dtype), z, self.components)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        """Feature vectors from subspace coordinates, (B, k) -> (B, D)."""
+        z = z.to(self.components.dtype)
+        return torch.addmm(self.mean.to(z.dtype), z, self.components)
+
+    def residual(self, x: Tensor) -> Tensor:
+        """``(x - mean) - (x - mean) W^T W``, (B, D) -> (B, D)."""
+        r = self._centred(x)
+        z = r @ self.components.T
+        return r.addmm_(z, self.components, alpha=-1)  # in place on our own temporary, not on x
+
+    def error_map(self, x: Tensor) -> Tensor:
+        """Per-element squared reconstruction error, (B, D) -> (B, D) (reshape to (B, C, H, W) for maps)."""
+        return self.residual(x).square_()
+
+    def fre(self, x: Tensor) -> Tensor:
+        """Feature reconstruction error ``||(x - mean) - (x - mean) W^T W||^2`` per row, (B, D) -> (B,)."""
+        r = self.residual(x)
+        return torch.linalg.vector_norm(r, dim=1).square_()
+
+    forward = fre
+
+
+def _spectrum_from_eigh(evals: Tensor, n_samples: int) -> Tensor:
+    """Descending, non-negative eigenvalues (eigh returns ascending ones with rounding below zero)."""
+    return evals.flip(0).clamp_min(0.0) / max(n_samples - 1, 1)
+
+
+def fit_covariance(acc: CovarianceAccumulator, n_components: NComponents = None, *,
+                   dtype: torch.dtype = torch.float32) -> Subspace:
+    """Fit from streaming second moments: float64 ``eigh`` of the D x D covariance.
+
+    Args:
+        acc: accumulated statistics of N >= 2 rows.
+        n_components: see ``select_n_components``.
+        dtype: dtype of the fitted components (the data's dtype; scoring runs in it).
+    """
+    n = acc._count
+    if n < 2:
+        raise ValueError(f"need at least 2 samples to fit a subspace, got {n}")
+    evals, evecs = torch.linalg.eigh(acc.scatter)  # float64, ascending
+    variance = _spectrum_from_eigh(evals, n)
+    total = variance.sum()
+    k = select_n_components(variance, n_components, n, acc.n_features)
+    components = _flip_signs(evecs[:, -k:].flip(1).T)
+    ev = variance[:k]
+    return Subspace(
+        mean=acc.mean.clone(),
+        components=components.to(dtype),
+        explained_variance=ev,
+        singular_values=torch.sqrt(ev * (n - 1)),
+        total_variance=total,
+        n_samples=n,
+    )
+
+
+def fit_gram(rows: Tensor, n_components: NComponents = None, *, gram: Tensor | None = None) -> Subspace:
+    """Fit from the N x N Gram matrix of ``rows: (N, D)`` (N < D). No D x D matrix is formed.
+
+    Args:
+        rows: (N, D) the training vectors (not modified).
+        n_components: see ``select_n_components``.
+        gram: optional precomputed float64 ``rows @ rows.T`` (from a ``GramAccumulator``).
+
+    Returns:
+        A ``Subspace`` whose components have the dtype of ``rows``.
+    """
+    n, d = rows.shape
+    if n < 2:
+        raise ValueError(f"need at least 2 samples to fit a subspace, got {n}")
+    mean = _column_mean(rows)
+    if gram is None:
+        gram = _gram_block(rows, rows)
+    # Exact centring of the uncentred Gram matrix, in float64.
+    a = gram.mean(dim=1)
+    c = a.mean()
+    gc = gram - a[:, None] - a[None, :] + c
+    gc = (gc + gc.T) * 0.5  # exact symmetry for eigh
+    evals, evecs = torch.linalg.eigh(gc)
+    sq = evals.flip(0).clamp_min(0.0)  # squared singular values of the centred rows, descending, length N
+    variance = sq / (n - 1)
+    total = variance.sum()
+    k = select_n_components(variance, n_components, n, d)
+    u = evecs.flip(1)[:, :k]  # (N, k)
+    s = torch.sqrt(sq[:k])
+    components = _components_from_u(rows, mean, u, s)
+    return Subspace(
+        mean=mean,
+        components=_flip_signs(components).to(rows.dtype),
+        explained_variance=variance[:k],
+        singular_values=s,
+        total_variance=total,
+        n_samples=n,
+    )
+
+
+def _column_mean(rows: Tensor) -> Tensor:
+    """(N, D) -> (D,) float64 mean, over column chunks."""
+    out = torch.empty(rows.shape[1], dtype=FIT_DTYPE, device=rows.device)
+    for start in range(0, rows.shape[1], _COLUMN_CHUNK):
+        out[start:start + _COLUMN_CHUNK] = rows[:, start:start + _COLUMN_CHUNK].to(FIT_DTYPE).mean(dim=0)
+    return out
+
+
+def _components_from_u(rows: Tensor, mean: Tensor, u: Tensor, s: Tensor) -> Tensor:
+    """Right singular vectors ``V = U^T Xc / s`` (k, D) in float64, over column chunks of the centred rows.
+
+    Directions with (numerically) zero singular value are not determined by the data; they are completed to an
+    orthonormal set so that a full basis still reconstructs exactly.
+    """
+    k = u.shape[1]
+    d = rows.shape[1]
+    # Eigenvalues of the Gram matrix carry rounding of about N * eps * lambda_max: below that a singular
+    # value (its square root) is noise and its direction undetermined.
+    eps = torch.finfo(FIT_DTYPE).eps
+    good = s.square() > s[0].square() * max(rows.shape) * eps * 10 if k else s > 0
+    safe_s = torch.where(good, s, torch.ones_like(s))
+    v = torch.empty(k, d, dtype=FIT_DTYPE, device=rows.device)
+    for start in range(0, d, _COLUMN_CHUNK):
+        cols = slice(start, start + _COLUMN_CHUNK)
+        xc = rows[:, cols].to(FIT_DTYPE) - mean[cols]
+        v[:, cols] = (u.T @ xc) / safe_s[:, None]
+    n_good = int(good.sum())
+    if n_good < k:
+        v[n_good:] = _complete_basis(v[:n_good], k - n_good)
+    return v
+
+
+def _complete_basis(basis: Tensor, m: int) -> Tensor:
+    """m unit vectors orthogonal to the rows of ``basis: (r, D)`` and to each other, deterministically."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    cand = torch.randn(m, basis.shape[1], generator=gen, dtype=FIT_DTYPE).to(basis.device)
+    for _ in range(2):  # classical Gram-Schmidt twice is orthogonal to working precision
+        cand = cand - (cand @ basis.T) @ basis
+    q, _ = torch.linalg.qr(cand.T)
+    return q.T
+
+
+def fit_rows(x: Tensor, n_components: NComponents = None, *, solver: Solver = "auto") -> Subspace:
+    """One-shot fit of ``x: (N, D)`` with the solver chosen by shape: Gram when N < D, else covariance."""
+    check_features(x)
+    if x.shape[0] < 2:
+        raise ValueError(f"need at least 2 samples to fit a subspace, got {x.shape[0]}")
+    solver = resolve_solver(solver, x.shape[0], x.shape[1])
+    if solver == "gram":
+        return fit_gram(x, n_components)
+    acc = CovarianceAccumulator(x.shape[1], device=x.device)
+    for start in range(0, x.shape[0], 4096):
+        acc.update(x[start:start + 4096], check_finite=False)
+    return fit_covariance(acc, n_components, dtype=x.dtype)
+
+
+def resolve_solver(solver: str, n_samples: int, n_features: int) -> str:
+    """'auto' -> 'gram' when N < D (the N x N problem is smaller), else 'covariance'."""
+    if solver not in ("auto", "covariance", "gram"):
+        raise ValueError(f"solver must be 'auto', 'covariance' or 'gram', got {solver!r}")
+    if solver == "auto":
+        return "gram" if n_samples < n_features else "covariance"
+    return solver
