@@ -1,0 +1,444 @@
+"""Image files and the MVTec AD folder layout.
+
+Images are decoded with PIL exactly as the reference pipeline does (any mode -> RGB, LANCZOS resize to a square, no
+crop) and returned as ``uint8`` CHW tensors; conversion to float and ImageNet normalisation happen later, on the
+device. The MVTec AD layout is::
+
+    <root>/<category>/train/good/*                          normal training images
+    <root>/<category>/test/good/*                           normal test images (label 0)
+    <root>/<category>/test/<defect>/*                       anomalous test images (label 1)
+    <root>/<category>/ground_truth/<defect>/<stem>_mask.png pixel masks (0 = normal, > 0 = anomalous)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageReadError",
+    "load_image",
+    "load_mask",
+    "image_size",
+    "list_images",
+    "list_categories",
+    "TestSample",
+    "MVTecCategory",
+    "ImageDataset",
+    "make_loader",
+]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+"""Suffixes recognised as images, compared case-insensitively."""
+
+_LAYOUT = "<root>/<category>/train/good/*, <root>/<category>/test/<defect>/* (good = normal)"
+
+# Everything PIL raises for a missing, unreadable, corrupt, truncated or oversized file.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class ImageReadError(ValueError):
+    """An image or mask file cannot be read; the message names the file.
+
+    Constructible from the message alone, so that a DataLoader worker re-raises it with its own type.
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+
+
+def _check_size(value: int, what: str = "size (pixels per side)") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return value
+
+
+def _decode(
+    path: str | os.PathLike, convert: Callable[[Image.Image], Image.Image], what: str = "image"
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Opens ``path``, applies ``convert`` (PIL image -> 8-bit PIL image).
+
+    Returns ``uint8 (C, H', W')`` of the converted image and the file's own ``(H, W)``.
+
+    Any failure to open, decode (corrupt or truncated data) or convert becomes an ``ImageReadError`` naming the file.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _pil_to_uint8(convert(img)), (img.height, img.width)
+    except _DECODE_ERRORS as exc:
+        raise ImageReadError(f"cannot read {what} {os.fspath(path)}: {exc}", path) from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> ``RGB``: PIL's own conversion (alpha dropped), 16-bit grey rescaled to 8 bits."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16"):
+        # PIL's I;16 -> RGB conversion clips at 255; map 0..65535 to 0..255 instead (rounded).
+        img = img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids PIL's palette-transparency warning; colours are unchanged
+    return img.convert("RGB")
+
+
+def _pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """8-bit PIL image with C bands -> ``uint8 (C, H, W)`` tensor (without numpy)."""
+    width, height = img.size
+    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return data.view(height, width, len(img.getbands())).permute(2, 0, 1).contiguous()
+
+
+def _read_image(path: str | os.PathLike, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``load_image`` plus the original ``(H, W)`` of the file."""
+    _check_size(size)
+    return _decode(path, lambda img: _to_rgb(img).resize((size, size), Image.Resampling.LANCZOS))
+
+
+def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """Reads an image as the reference pipeline does: any mode -> RGB, LANCZOS resize to ``size x size``, no crop.
+
+    16-bit greyscale (``I;16*``) is rescaled to 8 bits (``round(v / 257)``); alpha is dropped, not composited; EXIF orientation is
+    ignored (as in the reference).
+
+    Args:
+        path: an image file (.png, .jpg, .jpeg, .bmp, .tif, .tiff or anything else PIL decodes).
+        size: side of the square output, pixels.
+
+    Returns:
+        ``uint8 (3, size, size)`` tensor, not normalised.
+
+    Raises:
+        ImageReadError: the file is missing, unreadable, corrupt or truncated (the message names it).
+        ValueError: ``size`` is not a positive int.
+    """
+    return _read_image(path, size)[0]
+
+
+def load_mask(path: str | os.PathLike, size: int | None = None) -> torch.Tensor:
+    """Reads a ground-truth mask: NEAREST resize to ``size x size``, any value > 0 is anomalous.
+
+    Args:
+        path: a mask image file (any mode; modes other than ``L`` go through PIL's conversion to ``L``).
+        size: side of the square output; ``None`` keeps the file's own ``(H, W)``.
+
+    Returns:
+        ``bool (size, size)`` tensor, or ``bool (H, W)`` when ``size`` is None; True = anomalous pixel.
+
+    Raises:
+        ImageReadError: the file is missing, unreadable, corrupt or truncated.
+        ValueError: ``size`` is not a positive int or None.
+    """
+    if size is not None:
+        _check_size(size)
+
+    def convert(img: Image.Image) -> Image.Image:
+        if size is not None:
+            img = img.resize((size, size), Image.Resampling.NEAREST)
+        return img if img.mode == "L" else img.convert("L")
+
+    return _decode(path, convert, "mask")[0][0] > 0
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """Original ``(H, W)`` of an image file, read from its header (no full decode).
+
+    Raises:
+        ImageReadError: the file is missing or not an image.
+    """
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except _DECODE_ERRORS as exc:
+        raise ImageReadError(f"cannot read image {os.fspath(path)}: {exc}", path) from exc
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _image_files(folder: Path, recursive: bool) -> list[Path]:
+    """Image files under an existing ``folder``, sorted by relative path; may be empty. Hidden files are skipped."""
+    if not recursive:
+        return sorted(p for p in folder.iterdir() if p.is_file() and _is_image(p.name))
+    found: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath, f) for f in filenames if _is_image(f))
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        state = "is not a folder" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"{what} {path} {state}; expected the MVTec AD layout {_LAYOUT}")
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Image files in a plain folder, sorted (deterministic); hidden files and folders are skipped.
+
+    Args:
+        folder: a folder of images.
+        recursive: also list images in subfolders.
+
+    Returns:
+        Paths whose suffix is in ``IMAGE_EXTENSIONS`` (any case), sorted by path relative to ``folder``.
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist or is not a folder.
+        ValueError: ``folder`` holds no image.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"image folder {folder} {state}")
+    paths = _image_files(folder, recursive)
+    if not paths:
+        where = "or its subfolders " if recursive else ""
+        raise ValueError(
+            f"no images in {folder} {where}(looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, any case)"
+        )
+    return paths
+
+
+def list_categories(root: str | os.PathLike) -> list[str]:
+    """Names of the category folders under an MVTec AD style root: those holding ``train/good``, sorted.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist or is not a folder.
+        ValueError: no subfolder of ``root`` holds ``train/good`` (the message says when ``root`` itself is a
+            category folder).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        state = "is not a folder" if root.exists() else "does not exist"
+        raise FileNotFoundError(f"data root {root} {state}; expected the MVTec AD layout {_LAYOUT}")
+    names = sorted(d.name for d in root.iterdir() if (d / "train" / "good").is_dir())
+    if not names:
+        hint = (
+            f"; {root} itself looks like a category folder, pass its parent {root.parent} as root"
+            if (root / "train" / "good").is_dir()
+            else ""
+        )
+        raise ValueError(f"no category folder under {root}: expected the MVTec AD layout {_LAYOUT}{hint}")
+    return names
+
+
+@dataclass(frozen=True)
+class TestSample:
+    """One test image of a category.
+
+    Attributes:
+        path: the image file.
+        label: 0 = normal (``test/good``), 1 = anomalous.
+        defect: the name of its ``test/`` subfolder (``"good"`` for normal images).
+        mask: ``ground_truth/<defect>/<stem>_mask.png``, or None for normal images and when the file is absent.
+    """
+
+    __test__ = False  # not a pytest class
+
+    path: Path
+    label: int
+    defect: str
+    mask: Path | None
+
+
+@dataclass(frozen=True)
+class MVTecCategory:
+    """The files of one category in the MVTec AD layout, in sorted, deterministic order.
+
+    Build with ``MVTecCategory.load(root, category)``.
+
+    Attributes:
+        root: the category folder ``<root>/<category>``.
+        name: the category name.
+        train: normal training images (``train/good``), sorted.
+        test: test samples sorted by (defect folder, file name), ``good`` included.
+    """
+
+    root: Path
+    name: str
+    train: tuple[Path, ...]
+    test: tuple[TestSample, ...]
+
+    @classmethod
+    def load(cls, root: str | os.PathLike, category: str) -> MVTecCategory:
+        """Reads the layout of ``<root>/<category>`` (file names only; no image is decoded).
+
+        Args:
+            root: the data root holding category folders.
+            category: a category folder name, e.g. ``"bottle"``.
+
+        Raises:
+            FileNotFoundError: the category, ``train/good`` or ``test`` folder is missing (the message names it).
+            ValueError: ``train/good`` or ``test`` holds no image.
+        """
+        folder = Path(root) / category
+        _require_dir(folder, "category folder")
+        train_dir = folder / "train" / "good"
+        _require_dir(train_dir, "training folder")
+        test_dir = folder / "test"
+        _require_dir(test_dir, "test folder")
+
+        train = tuple(_image_files(train_dir, recursive=False))
+        if not train:
+            raise ValueError(f"no training images in {train_dir} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        test: list[TestSample] = []
+        for defect_dir in sorted(d for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            defect = defect_dir.name
+            for path in _image_files(defect_dir, recursive=False):
+                mask = None
+                if defect != "good":
+                    candidate = folder / "ground_truth" / defect / f"{path.stem}_mask.png"
+                    mask = candidate if candidate.is_file() else None
+                test.append(TestSample(path, 0 if defect == "good" else 1, defect, mask))
+        if not test:
+            raise ValueError(f"no test images in the subfolders of {test_dir} (expected {test_dir}/<defect>/*)")
+        return cls(folder, category, train, tuple(test))
+
+    @property
+    def test_paths(self) -> list[Path]:
+        """Test image paths, in ``test`` order."""
+        return [s.path for s in self.test]
+
+    @property
+    def test_labels(self) -> torch.Tensor:
+        """``int64 (M,)`` test labels, 0 = normal, 1 = anomalous."""
+        return torch.tensor([s.label for s in self.test], dtype=torch.int64)
+
+    @property
+    def defect_types(self) -> list[str]:
+        """Defect folder name of each test image (``"good"`` for normal ones)."""
+        return [s.defect for s in self.test]
+
+    @property
+    def mask_paths(self) -> list[Path | None]:
+        """Mask path of each test image, None for normal images and missing masks."""
+        return [s.mask for s in self.test]
+
+
+class ImageDataset(Dataset):
+    """Decodes image files to ``uint8`` tensors of one square size.
+
+    Items are dicts (the default collate stacks them into a batch):
+        - ``"image"``: ``uint8 (3, size, size)``;
+        - ``"index"``: ``int``, the position in ``paths``;
+        - ``"orig_size"``: ``int64 (2,)``, the file's own ``(H, W)``;
+        - ``"label"``: ``int``, only when ``labels`` were given.
+
+    Args:
+        paths: image files.
+        size: side of the square images, pixels.
+        labels: optional per-image labels, same length as ``paths``.
+
+    Raises:
+        ValueError: ``size`` is not a positive int or ``labels`` has the wrong length.
+    """
+
+    def __init__(
+        self, paths: Sequence[str | os.PathLike], size: int, labels: Sequence[int] | torch.Tensor | None = None
+    ) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.size = _check_size(size)
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+            if labels.numel() != len(self.paths):
+                raise ValueError(f"got {labels.numel()} labels for {len(self.paths)} images; pass one per image")
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        image, (height, width) = _read_image(self.paths[index], self.size)
+        item: dict[str, torch.Tensor | int] = {
+            "image": image,
+            "index": index,
+            "orig_size": torch.tensor([height, width], dtype=torch.int64),
+        }
+        if self.labels is not None:
+            item["label"] = int(self.labels[index])
+        return item
+
+
+class _Loader(DataLoader):
+    """A DataLoader that stops its worker processes as soon as iteration fails.
+
+    Otherwise the failed iterator is only freed by the cyclic garbage collector (the re-raised exception's traceback
+    refers to it), which closes its queues before running its destructor, so each worker waits out its join
+    timeout (5 s) at some later, random point.
+    """
+
+    def __iter__(self):  # type: ignore[override]
+        iterator = super().__iter__()
+        try:
+            yield from iterator
+        except Exception:
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if callable(shutdown):
+                shutdown()
+            self._iterator = None  # a persistent iterator is dead now: the next epoch starts a new one
+            raise
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    device: torch.device | str,
+    num_workers: int | None = None,
+    shuffle: bool = False,
+) -> DataLoader:
+    """A DataLoader that decodes images in worker processes.
+
+    Args:
+        dataset: e.g. an ``ImageDataset``.
+        batch_size: images per batch.
+        device: where batches will go; memory is pinned when it is CUDA.
+        num_workers: worker processes; None = ``min(4, available CPUs, number of batches)``, and 0 (decode in the
+            main process) when the dataset fits in one batch.
+        shuffle: reshuffle every epoch (off for feature extraction, which must be deterministic).
+
+    Returns:
+        A DataLoader keeping its workers alive between epochs (``persistent_workers``) when it has any.
+        An ``ImageReadError`` raised in a worker reaches the caller as ``ImageReadError`` naming the file.
+
+    Raises:
+        ValueError: ``batch_size`` is not a positive int or ``num_workers`` is negative.
+    """
+    _check_size(batch_size, "batch_size")
+    device = torch.device(device)
+    if num_workers is None:
+        n_batches = math.ceil(len(dataset) / batch_size)
+        num_workers = 0 if n_batches <= 1 else min(4, _cpu_count(), n_batches)
+    elif num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 (0 = load in the main process), got {num_workers}")
+    return _Loader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
