@@ -111,7 +111,7 @@ class PCA:
         if self.n_components is not None:
             select_n_components(torch.ones(1), self.n_components, t.shape[0], t.shape[1])  # range check
         t = t.to(self._target_device(t))
-        self._subspace = fit_rows(t, self.n_components, solver=self.solver)
+        self._subspace = fit_rows(t, self.n_components, solver=self.solver, check_finite=False)  # checked above
         self._acc = None
         self._numpy = _is_numpy(X)
         self._dtype = t.dtype
