@@ -15,6 +15,8 @@ from torch import nn
 from fre_torch.backbones import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    LITE_MEAN,
+    LITE_STD,
     BackboneSpec,
     EfficientNetLite0,
     FeatureExtractor,
@@ -80,7 +82,10 @@ def test_default_layers_match_reference_table(
     info = spec.layers[layer]
     assert spec.default_layers == (layer,)
     assert (info.channels, info.stride, spec.input_size) == (channels, stride, input_size)
-    assert (spec.mean, spec.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    if name == "efficientnet_lite0":  # the Lite weights' own scaling, (x - 127) / 128
+        assert (spec.mean, spec.std) == (LITE_MEAN, LITE_STD)
+    else:
+        assert (spec.mean, spec.std) == (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def test_reference_feature_dimensions() -> None:
@@ -305,7 +310,8 @@ def test_lite0_classifies_real_bottles() -> None:
     files = sorted(BOTTLE_TRAIN.glob("*.png"))[:16]
     pixels = [Image.open(f).convert("RGB").resize((224, 224), Image.LANCZOS).tobytes() for f in files]
     images = torch.frombuffer(bytearray(b"".join(pixels)), dtype=torch.uint8).view(len(files), 224, 224, 3)
-    x = (images.permute(0, 3, 1, 2).float() - 127.0) / 128.0
+    x = normalize(images.permute(0, 3, 1, 2), get_backbone_spec("efficientnet_lite0"))
+    torch.testing.assert_close(x, (images.permute(0, 3, 1, 2).float() - 127.0) / 128.0)  # the spec's scaling
     with torch.inference_mode():
         top5 = lite0_pretrained()(x).topk(5, dim=1).indices
     hits = (top5[:, :, None] == bottles).any(dim=(1, 2))

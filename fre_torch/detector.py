@@ -1,0 +1,403 @@
+"""``FREDetector``: backbone features -> streaming subspace fits -> feature reconstruction error per image.
+
+The detector owns no I/O beyond ``save``/``load``: images arrive as uint8 tensors (or a DataLoader of them, see
+``fre_torch.data.make_loader``), are normalised and run through the backbone on ``device`` under the precision
+policy, embedded into one vector per image and layer, and streamed into the engine's accumulators. Nothing keeps a
+Python list of embeddings: the Gram path stores the (N, D) rows it needs in one tensor, the covariance path only
+D x D moments.
+
+Embedding: every requested layer's map ``(B, C, h, w)`` is brought to one grid, the first layer's map
+average-pooled by ``pool`` (the reference: 2), by adaptive average pooling, and flattened in C x H x W order (the
+reference's vector).
+
+Fusion (default): one subspace per layer; the image score is ``sum_l FRE_l / r_l`` where ``r_l`` is layer l's
+residual variance on the training set (the variance its subspace leaves out, i.e. the expected FRE of a normal
+image). Dividing by it puts layers of very different scales in the same unit, so each depth counts equally. With
+``normalize_scores=False`` and one layer (the reference configuration) the score is the plain FRE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, FeatureExtractor, build_feature_extractor, get_backbone_spec, normalize
+from .precision import autocast
+from .subspace import (
+    CovarianceAccumulator,
+    GramAccumulator,
+    Subspace,
+    fit_covariance,
+    fit_gram,
+    resolve_solver,
+    select_n_components,
+)
+
+__all__ = ["DEFAULT_LAYERS", "DetectorConfig", "FREDetector", "ModelFileError", "embed"]
+
+_FORMAT = "fre_torch.detector"
+_VERSION = 1
+
+
+class ModelFileError(ValueError):
+    """A model file is missing, corrupt, or not a fre_torch detector."""
+
+
+# Default layers per backbone: the reference layer plus the end of the deepest spatial stage. Anomalies range from
+# local texture flaws (mid-level features) to structural ones (deep features); two depths cover both, and their
+# maps share the reference's grid (stride-16 map pooled by 2 = stride-32 map).
+DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
+    "efficientnet_lite0": ("blocks.8", "blocks.14"),
+    "efficientnet_b5": ("features.6", "features.7"),
+    "resnet18": ("layer3", "layer4"),
+    "resnet50": ("layer3", "layer4"),
+    "wide_resnet50_2": ("layer3", "layer4"),
+}
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Everything that defines a detector, validated on construction.
+
+    Args:
+        backbone: a name from ``fre_torch.list_backbones()``.
+        layers: layer names of that backbone; empty = ``DEFAULT_LAYERS`` (else the backbone's default layer).
+        input_size: square input side in pixels; 0 = the backbone's default.
+        pool: average-pooling kernel of the first layer's map; it sets the common grid (the reference uses 2).
+        n_components: int, float in (0, 1) (explained-variance fraction, scikit-learn's rule) or None.
+        solver: 'auto', 'gram' or 'covariance' (see ``fre_torch.subspace``).
+        normalization: 'native' (the mean/std the backbone's weights were trained with) or 'imagenet' (the
+            reference pipeline's ImageNet mean/std, whatever the backbone).
+        normalize_scores: divide each layer's FRE by its training residual variance before summing.
+    """
+
+    backbone: str = "efficientnet_lite0"
+    layers: tuple[str, ...] = ()
+    input_size: int = 0
+    pool: int = 2
+    n_components: int | float | None = 0.97
+    solver: str = "auto"
+    normalization: str = "native"
+    normalize_scores: bool = True
+
+    def __post_init__(self) -> None:
+        spec = get_backbone_spec(self.backbone)  # ValueError naming the known backbones
+        layers = tuple(self.layers) if self.layers else DEFAULT_LAYERS.get(self.backbone, spec.default_layers)
+        unknown = [name for name in layers if name not in spec.layers]
+        if unknown:
+            raise ValueError(f"{self.backbone} has no layer(s) {unknown}; choose from {', '.join(spec.layers)}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers must be distinct, got {list(layers)}")
+        object.__setattr__(self, "layers", layers)
+        if not self.input_size:
+            object.__setattr__(self, "input_size", spec.input_size)
+        if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or self.input_size < 32:
+            raise ValueError(f"input_size must be an int >= 32 pixels, got {self.input_size!r}")
+        if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1:
+            raise ValueError(f"pool must be an int >= 1, got {self.pool!r}")
+        first = -(-self.input_size // spec.layers[layers[0]].stride)
+        if self.pool > first:
+            raise ValueError(f"pool={self.pool} is larger than the {first}x{first} map of {layers[0]} at "
+                             f"{self.input_size} px; use a smaller pool or a larger input_size")
+        if self.normalization not in ("native", "imagenet"):
+            raise ValueError(f"normalization must be 'native' or 'imagenet', got {self.normalization!r}")
+        resolve_solver(self.solver, 1, 1)
+        select_n_components(torch.ones(1), self.n_components, 2 ** 31 - 1, 2 ** 31 - 1)  # range check only
+
+    @property
+    def spec(self) -> BackboneSpec:
+        """The backbone spec, with the ImageNet mean/std when ``normalization='imagenet'``."""
+        spec = get_backbone_spec(self.backbone)
+        if self.normalization == "imagenet":
+            spec = dataclasses.replace(spec, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return spec
+
+    @property
+    def grid(self) -> int:
+        """Side of the common feature grid: the first layer's map pooled by ``pool``."""
+        return -(-self.input_size // self.spec.layers[self.layers[0]].stride) // self.pool
+
+    @property
+    def layer_features(self) -> tuple[int, ...]:
+        """D of each layer's vector (C x grid x grid), known before anything runs."""
+        return tuple(self.spec.layers[name].channels * self.grid * self.grid for name in self.layers)
+
+    @classmethod
+    def reference(cls, backbone: str = "efficientnet_b5") -> DetectorConfig:
+        """The reference run_mvtec.py configuration: the backbone's one default layer, pool 2, ImageNet
+        normalisation, PCA(0.97) with scikit-learn's rule, the plain FRE as score."""
+        spec = get_backbone_spec(backbone)
+        return cls(backbone=backbone, layers=tuple(spec.default_layers), input_size=spec.input_size, pool=2,
+                   n_components=0.97, solver="auto", normalization="imagenet", normalize_scores=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DetectorConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = set(d) - known
+        if extra:
+            raise ValueError(f"unknown detector settings {sorted(extra)}")
+        return cls(**{**d, "layers": tuple(d.get("layers", ()))})
+
+
+def embed(maps: Sequence[Tensor], grid: int) -> list[Tensor]:
+    """Per-image vectors from feature maps, one per layer.
+
+    Args:
+        maps: one ``(B, C_l, h_l, w_l)`` map per layer.
+        grid: side of the common grid; each map is adaptive-average-pooled to ``grid x grid`` (for the reference
+            layer at pool 2 this is exactly ``avg_pool2d(kernel=2)``).
+
+    Returns:
+        ``[(B, C_l * grid * grid)]`` float32 rows in the reference's C x H x W order.
+    """
+    out = []
+    for m in maps:
+        m = m.float()
+        if m.shape[-2:] != (grid, grid):
+            h, w = m.shape[-2:]
+            if h % grid == 0 and w % grid == 0:
+                m = F.avg_pool2d(m, (h // grid, w // grid))  # the reference's pooling, exactly
+            else:
+                m = F.adaptive_avg_pool2d(m, grid)
+        out.append(m.contiguous().flatten(1))  # NCHW order whatever the memory format was
+    return out
+
+
+def _batches(data: Any, batch_size: int) -> Iterator[Tensor]:
+    """uint8 image batches ``(B, 3, H, W)`` from a tensor, a sequence of tensors, or a loader of dicts/tensors."""
+    if isinstance(data, Tensor):
+        if data.ndim == 3:
+            data = data.unsqueeze(0)
+        for start in range(0, data.shape[0], batch_size):
+            yield data[start:start + batch_size]
+        return
+    for item in data:
+        if isinstance(item, dict):
+            item = item["image"]
+        elif isinstance(item, (tuple, list)):
+            item = item[0]
+        yield item if item.ndim == 4 else item.unsqueeze(0)
+
+
+def _length(data: Any) -> int | None:
+    if isinstance(data, Tensor):
+        return 1 if data.ndim == 3 else data.shape[0]
+    dataset = getattr(data, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    return len(data) if hasattr(data, "__len__") else None
+
+
+class FREDetector(nn.Module):
+    """Anomaly detector by feature reconstruction error.
+
+    Args:
+        config: what to extract and how to fit.
+        device: where the backbone and the subspaces run ('cpu' or 'cuda').
+        pretrained: load the backbone's pretrained weights (False = random weights, for tests and speed runs).
+        weights: a local weights file for the backbone instead of the registry's source.
+
+    Fitted state (buffers): ``subspaces`` (one ``Subspace`` per layer) and ``scales`` (L,) float64, the divisor of
+    each layer's FRE (its training residual variance, or 1).
+
+    Typical use::
+
+        det = FREDetector(DetectorConfig("efficientnet_lite0"), device="cpu").fit(train_loader)
+        scores = det.score(test_loader)        # (N,) float32, higher = more anomalous
+        det.save("model.pt"); det2 = FREDetector.load("model.pt", device="cpu")
+    """
+
+    scales: Tensor
+
+    def __init__(self, config: DetectorConfig | None = None, *, device: torch.device | str = "cpu",
+                 pretrained: bool = True, weights: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        self.config = config or DetectorConfig()
+        self.device = _check_device(device)
+        self.pretrained = pretrained
+        self.weights = None if weights is None else str(weights)
+        extractor = build_feature_extractor(self.config.backbone, list(self.config.layers),
+                                            pretrained=pretrained, weights=weights)
+        self.extractor: FeatureExtractor = extractor.to(self.device, memory_format=torch.channels_last)
+        self.subspaces = nn.ModuleList()
+        self.register_buffer("scales", torch.ones(0, dtype=torch.float64, device=self.device))
+        self._weights_id = _weights_identity(self.config.backbone, pretrained, weights)
+
+    @property
+    def is_fitted(self) -> bool:
+        return len(self.subspaces) == len(self.config.layers)
+
+    # ------------------------------------------------------------------------------------------------ features
+    @torch.inference_mode()
+    def features(self, images: Tensor) -> list[Tensor]:
+        """uint8 images ``(B, 3, H, W)`` (any device) -> per-layer float32 vectors ``[(B, D_l)]`` on the device.
+
+        Images not at ``input_size`` are resized on the device (bilinear, antialiased); the data reader already
+        delivers the reference's LANCZOS-resized squares, so this only matters for raw tensors.
+        """
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 RGB images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        x = normalize(images.to(self.device, non_blocking=True), self.config.spec)
+        size = self.config.input_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device):
+            maps = self.extractor(x)
+        return embed(list(maps.values()), self.config.grid)
+
+    # ------------------------------------------------------------------------------------------------ fitting
+    def fit(self, data: Any, *, batch_size: int = 32) -> FREDetector:
+        """Fit one subspace per layer on normal images.
+
+        Args:
+            data: uint8 images ``(N, 3, H, W)``, or an iterable (e.g. ``make_loader``) of such batches or of dicts
+                with an ``"image"`` entry.
+            batch_size: batch size when ``data`` is a tensor.
+        """
+        n = _length(data)
+        accs: list[GramAccumulator | CovarianceAccumulator] = []
+        for d in self.config.layer_features:
+            solver = resolve_solver(self.config.solver, n if n is not None else d, d)
+            accs.append(GramAccumulator(d, device=self.device) if solver == "gram"
+                        else CovarianceAccumulator(d, device=self.device))
+        for batch in _batches(data, batch_size):
+            # No per-batch host sync: finiteness is checked once, on the accumulated statistics.
+            for acc, rows in zip(accs, self.features(batch)):
+                acc.update(rows, check_finite=False)
+        subspaces = [self._solve(acc) for acc in accs]
+        residual = torch.stack([s.total_variance - s.explained_variance.sum() for s in subspaces])
+        scales = residual.clamp_min(torch.finfo(torch.float64).tiny) if self.config.normalize_scores \
+            else torch.ones_like(residual)
+        self.subspaces = nn.ModuleList(subspaces)
+        self.scales = scales
+        return self
+
+    def _solve(self, acc: GramAccumulator | CovarianceAccumulator) -> Subspace:
+        n_seen = acc.n_samples if isinstance(acc, GramAccumulator) else acc._count
+        if n_seen < 2:
+            raise ValueError(f"need at least 2 training images, got {n_seen}")
+        stats = acc.gram if isinstance(acc, GramAccumulator) else acc.scatter
+        if not bool(torch.isfinite(stats).all()):
+            raise ValueError("the backbone produced NaN or Inf features on the training images; "
+                             "check the weights file and the input images")
+        if isinstance(acc, GramAccumulator):
+            return fit_gram(acc.rows, self.config.n_components, gram=acc.gram)
+        return fit_covariance(acc, self.config.n_components, dtype=torch.float32)
+
+    # ------------------------------------------------------------------------------------------------ scoring
+    def score_features(self, features: Sequence[Tensor]) -> Tensor:
+        """Fused score ``sum_l FRE_l / scale_l`` from per-layer vectors ``[(B, D_l)]`` -> (B,) float32."""
+        self._fitted()
+        total = None
+        for sub, rows, scale in zip(self.subspaces, features, self.scales):
+            fre = sub.fre(rows) / scale.to(rows.dtype)
+            total = fre if total is None else total + fre
+        return total
+
+    @torch.inference_mode()
+    def score(self, data: Any, *, batch_size: int = 32) -> Tensor:
+        """Image anomaly scores ``(N,)`` float32 on ``self.device`` (higher = more anomalous)."""
+        self._fitted()
+        # One small (B,) tensor per batch, joined at the end: no host sync inside the loop.
+        return torch.cat([self.score_features(self.features(batch)) for batch in _batches(data, batch_size)])
+
+    def _fitted(self) -> None:
+        if not self.is_fitted:
+            raise ValueError("this detector is not fitted yet; call fit(...) or FREDetector.load(path)")
+
+    # ------------------------------------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write config + fitted subspaces (not the backbone weights, which are re-created from their source).
+
+        The file loads with ``torch.load(weights_only=True)``: tensors and plain Python values only. It is written
+        to a temporary name and renamed, so an interrupted save leaves no half-written file.
+        """
+        self._fitted()
+        path = Path(path)
+        payload = {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "config": self.config.to_dict(),
+            "pretrained": self.pretrained,
+            "weights_id": self._weights_id,
+            "subspaces": [{k: v.detach().cpu() for k, v in s.state_dict().items()} for s in self.subspaces],
+            "scales": self.scales.detach().cpu(),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu",
+             weights: str | os.PathLike | None = None) -> FREDetector:
+        """Re-create a saved detector on ``device``; it scores identically to the saved one on the same device."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # corrupt or foreign file: never unpickle arbitrary objects
+            raise ModelFileError(f"{path} is not a readable fre_torch model file ({type(err).__name__}); "
+                                 "re-create it with FREDetector.save or `cli.py fit`") from err
+        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+            raise ModelFileError(f"{path} is not a fre_torch detector file")
+        if payload.get("version") != _VERSION:
+            raise ModelFileError(f"{path} has model-file version {payload.get('version')}; this fre_torch reads "
+                                 f"version {_VERSION}")
+        config = DetectorConfig.from_dict(payload["config"])
+        saved_id = str(payload.get("weights_id", ""))
+        if weights is None and saved_id.startswith("file:"):
+            raise ModelFileError(f"{path} was fitted with a local backbone weights file "
+                                 f"({saved_id[5:]}); pass the same file with weights=")
+        det = cls(config, device=device, pretrained=bool(payload.get("pretrained", True)), weights=weights)
+        if det._weights_id != saved_id:
+            raise ModelFileError(f"{path} was fitted with backbone weights {saved_id!r}, "
+                                 f"but these are {det._weights_id!r}")
+        subspaces = []
+        for state, d in zip(payload["subspaces"], config.layer_features):
+            sub = Subspace()
+            sub.load_state_dict(state)
+            if sub.n_features != d:
+                raise ModelFileError(f"{path}: a subspace has {sub.n_features} features, the config implies {d}")
+            subspaces.append(sub.to(det.device))
+        if len(subspaces) != len(config.layers):
+            raise ModelFileError(f"{path}: {len(subspaces)} subspaces for {len(config.layers)} layers")
+        det.subspaces = nn.ModuleList(subspaces)
+        det.scales = payload["scales"].to(det.device)
+        return det
+
+
+def _check_device(device: torch.device | str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but CUDA is not available here; use device 'cpu'")
+    return dev
+
+
+def _weights_identity(backbone: str, pretrained: bool, weights: str | os.PathLike | None) -> str:
+    """A string naming the exact backbone weights, stored in model files so a mismatch is caught at load."""
+    if weights is not None:
+        digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
+        return f"file:{Path(weights).name}:{digest}"
+    return f"{backbone}:{'pretrained' if pretrained else 'random'}"
+
