@@ -1,8 +1,11 @@
 """fre_torch: anomaly detection by Feature Reconstruction Error, in PyTorch.
 
-The engine (``PCA``, ``Subspace`` and the streaming accumulators) imports only torch.
+The engine (``PCA``, ``Subspace`` and the streaming accumulators) imports only torch; ``FREDetector`` adds
+the backbones (torchvision) on top.
 """
 
+from .backbones import WeightsUnavailableError, get_backbone_spec, list_backbones
+from .detector import DetectorConfig, FREDetector, ModelFileError
 from .pca import PCA
 from .subspace import CovarianceAccumulator, GramAccumulator, Subspace, fit_covariance, fit_gram, fit_rows
 
@@ -10,6 +13,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PCA",
+    "DetectorConfig",
+    "FREDetector",
+    "ModelFileError",
+    "WeightsUnavailableError",
+    "get_backbone_spec",
+    "list_backbones",
     "Subspace",
     "CovarianceAccumulator",
     "GramAccumulator",
