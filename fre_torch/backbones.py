@@ -45,6 +45,7 @@ __all__ = [
     "WeightsUnavailableError",
     "build_backbone",
     "build_feature_extractor",
+    "fold_batchnorm",
     "get_backbone_spec",
     "list_backbones",
     "normalize",
@@ -607,6 +608,7 @@ def build_feature_extractor(
     *,
     pretrained: bool = True,
     weights: WeightsPath | None = None,
+    fuse_batchnorm: bool = True,
 ) -> FeatureExtractor:
     """Build a registered backbone and keep it only up to the last requested layer.
 
@@ -615,6 +617,8 @@ def build_feature_extractor(
         layers: Layer names from ``get_backbone_spec(name).layers``; ``None`` means the spec's default layers.
         pretrained: Load the spec's pretrained weights; ``False`` builds random weights, explicitly.
         weights: A local state-dict file to load instead (``torch.load(weights_only=True)``, strict key match).
+        fuse_batchnorm: Fold BatchNorm into the preceding convolutions (see :func:`fold_batchnorm`); the outputs
+            equal the unfused model's up to float rounding.
 
     Returns:
         A :class:`FeatureExtractor` in eval mode with gradients off, on the CPU, float32.
@@ -627,8 +631,45 @@ def build_feature_extractor(
     """
     spec = get_backbone_spec(name)
     model = build_backbone(name, pretrained=pretrained, weights=weights)
+    if fuse_batchnorm:
+        fold_batchnorm(model)
     # Frozen: the extractor never trains, and parameters without grad keep autograd from recording the backbone.
     return FeatureExtractor(spec, model.requires_grad_(False), layers)
+
+
+# (conv, bn) attribute pairs that run back to back in the registered architectures' forward methods: Lite0 (stem,
+# MBConv, head) and torchvision ResNets. nn.Sequential children (torchvision EfficientNet's Conv2dNormActivation,
+# ResNet downsample) are paired by position.
+_CONV_BN_PAIRS = (
+    ("_conv_stem", "_bn0"), ("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"),
+    ("_conv_head", "_bn1"), ("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"),
+)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm into the convolution before it, in place; the BN becomes ``nn.Identity``.
+
+    At inference BN is an affine map per channel, so ``bn(conv(x)) = conv'(x)`` with rescaled weights and a bias:
+    one memory pass fewer per convolution (about a quarter of Lite0's CPU time), equal up to float rounding.
+    Only call it on a frozen model: folded BNs no longer update statistics.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    for parent in list(model.modules()):
+        children = parent._modules
+        if isinstance(parent, nn.Sequential):
+            keys = list(children)
+            pairs = list(zip(keys, keys[1:]))
+        else:
+            pairs = [(c, b) for c, b in _CONV_BN_PAIRS if c in children and b in children]
+        for conv_name, bn_name in pairs:
+            conv, bn = children[conv_name], children[bn_name]
+            if (type(bn) is nn.BatchNorm2d and isinstance(conv, nn.Conv2d) and bn.track_running_stats
+                    and conv.out_channels == bn.num_features):
+                children[conv_name] = fuse_conv_bn_eval(conv, bn)
+                children[bn_name] = nn.Identity()
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -429,3 +429,24 @@ def test_normalize_bit_identical_to_torchvision() -> None:
 def test_normalize_rejects_bad_input(images: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="uint8"):
         normalize(images, get_backbone_spec("resnet18"))
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_folded_batchnorm_matches_unfused(name: str) -> None:
+    """fold_batchnorm (the default) changes no feature beyond float rounding, and leaves no BatchNorm behind."""
+    torch.manual_seed(0)
+    plain = build_feature_extractor(name, pretrained=False, fuse_batchnorm=False)
+    spec = get_backbone_spec(name)
+    model = copy.deepcopy(build_backbone(name, pretrained=False))
+    missing, unexpected = model.load_state_dict(plain.body.state_dict(), strict=False)  # same weights as `plain`
+    assert not unexpected
+    from fre_torch.backbones import fold_batchnorm
+
+    fused = FeatureExtractor(spec, fold_batchnorm(model), plain.layers)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 3, 80, 80, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        a, b = plain(x), fused(x)
+    for layer in plain.layers:
+        scale = a[layer].abs().max()
+        assert float((a[layer] - b[layer]).abs().max() / scale) < 1e-4, layer
