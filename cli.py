@@ -164,9 +164,27 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         # Library errors carry the fix in their message; one line, no traceback.
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _one_line(err: BaseException) -> str:
+    """The first line of an error's own message.
+
+    An error raised in a DataLoader worker is re-raised by torch with the worker's whole traceback as its message
+    ("Caught ImageReadError in DataLoader worker process 1.", "Original Traceback ...", ..., "mod.Type: message"):
+    its first line would not say what went wrong, so take the original message after the last traceback frame.
+    """
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].startswith("Caught ") and " in DataLoader worker process " in lines[0]:
+        frames = [i for i, line in enumerate(lines) if line.startswith(" ")]
+        if frames and frames[-1] + 1 < len(lines):
+            head = lines[frames[-1] + 1].strip()
+            _, sep, message = head.partition(": ")
+            return message.strip() if sep and message.strip() else head
+    return lines[0].strip()
 
 
 if __name__ == "__main__":

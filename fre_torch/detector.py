@@ -46,6 +46,7 @@ __all__ = ["DEFAULT_LAYERS", "DetectorConfig", "FREDetector", "ModelFileError", 
 
 _FORMAT = "fre_torch.detector"
 _VERSION = 1
+_MIN_RESIDUAL_FRACTION = 1e-6  # floor of a layer's score scale, as a fraction of its total variance
 
 
 class ModelFileError(ValueError):
@@ -212,7 +213,7 @@ class FREDetector(nn.Module):
         weights: a local weights file for the backbone instead of the registry's source.
 
     Fitted state (buffers): ``subspaces`` (one ``Subspace`` per layer) and ``scales`` (L,) float64, the divisor of
-    each layer's FRE (its training residual variance, or 1).
+    each layer's FRE (its training residual variance, floored at 1e-6 of the layer's total variance; or 1).
 
     Typical use::
 
@@ -280,9 +281,14 @@ class FREDetector(nn.Module):
             for acc, rows in zip(accs, self.features(batch)):
                 acc.update(rows, check_finite=False)
         subspaces = [self._solve(acc) for acc in accs]
+        total = torch.stack([s.total_variance for s in subspaces])
         residual = torch.stack([s.total_variance - s.explained_variance.sum() for s in subspaces])
-        scales = residual.clamp_min(torch.finfo(torch.float64).tiny) if self.config.normalize_scores \
-            else torch.ones_like(residual)
+        # With few training images the subspace can keep every direction they span (k = N - 1): the residual is then
+        # 0 up to rounding and FRE / residual is inf for every test image. Floor it at a millionth of the layer's
+        # total variance (still scale-free; far above float64 rounding, far below any residual a 0.97 cut leaves),
+        # and at the smallest float64 for a constant training set.
+        floor = (total * _MIN_RESIDUAL_FRACTION).clamp_min(torch.finfo(torch.float64).tiny)
+        scales = torch.maximum(residual, floor) if self.config.normalize_scores else torch.ones_like(residual)
         self.subspaces = nn.ModuleList(subspaces)
         self.scales = scales
         return self

@@ -1,0 +1,241 @@
+"""cli.py end to end on generated data: the table, the JSON document, and bad input -> exit 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cli
+from conftest import REPO
+from fre_torch.detector import DetectorConfig
+from fre_torch.evaluate import METRICS
+from fre_torch.synthetic import write_synthetic_mvtec
+
+CATEGORY_KEYS = {*METRICS, "n_train", "n_test", "fit_seconds", "test_images_per_second"}
+LITE = ["--model", "efficientnet_lite0"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two categories, 12 training and 12 test images each (4 normal, 4 per defect type)."""
+    return write_synthetic_mvtec(tmp_path_factory.mktemp("cli") / "ds", n_train=12, n_test_good=4, n_test_defect=4,
+                                 size=64)
+
+
+@pytest.fixture
+def corrupt_dataset(tmp_path: Path) -> tuple[Path, Path]:
+    """One small category whose first defective test image is garbage bytes."""
+    root = write_synthetic_mvtec(tmp_path / "bad_ds", categories=("texture",), n_train=4, n_test_good=2,
+                                 n_test_defect=2, size=64)
+    bad = root / "texture" / "test" / "scratch" / "000.png"
+    bad.write_bytes(bytes(range(256)) * 4)
+    return root, bad
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _table_rows(out: str) -> dict[str, list[str]]:
+    """First cell -> the other cells, for the table's data rows (header and separators dropped)."""
+    rows = {}
+    for line in out.splitlines():
+        cells = line.split()
+        if cells and not set(line.strip()) <= {"-"} and cells[0] not in ("category", "wrote", "synthetic"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _check_document(doc: dict, categories: list[str], n_train: int, n_test: int, extra: set[str]) -> None:
+    assert set(doc) == {"categories", "mean", "config"}
+    assert list(doc["categories"]) == categories
+    for name, r in doc["categories"].items():
+        assert set(r) == CATEGORY_KEYS, name
+        for metric in METRICS:
+            assert 0.0 <= r[metric] <= 1.0, (name, metric, r[metric])
+        assert (r["n_train"], r["n_test"]) == (n_train, n_test)
+        assert isinstance(r["n_train"], int) and isinstance(r["n_test"], int)
+        assert r["fit_seconds"] > 0 and math.isfinite(r["fit_seconds"])
+        assert r["test_images_per_second"] > 0 and math.isfinite(r["test_images_per_second"])
+    assert set(doc["mean"]) == set(METRICS)
+    for metric in METRICS:
+        expected = sum(r[metric] for r in doc["categories"].values()) / len(categories)
+        assert doc["mean"][metric] == pytest.approx(expected)
+    fields = set(DetectorConfig().to_dict())
+    assert set(doc["config"]) == fields | {"device", "batch_size"} | extra
+    DetectorConfig.from_dict({k: v for k, v in doc["config"].items() if k in fields})  # a valid configuration
+
+
+def _check_error(code: int, out: str, err: str, *needles: str) -> None:
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    assert "Traceback" not in err and "Traceback" not in out
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# evaluate
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_all_categories(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_json = tmp_path / "out" / "out.json"
+    code, out, err = _run(["evaluate", "--dataset_directory", str(dataset), *LITE, "--object_category", "all",
+                           "--json", str(out_json), "--batch_size", "8"], capsys)
+    assert code == 0, err
+    assert err == ""
+    rows = _table_rows(out)
+    assert list(rows) == ["object", "texture", "mean"]
+    assert all(len(cells) == 7 for name, cells in rows.items() if name != "mean")
+    assert f"wrote {out_json}" in out
+    assert sorted(p.name for p in out_json.parent.iterdir()) == ["out.json"]  # no .partial left behind
+    doc = json.loads(out_json.read_text(encoding="utf-8"))
+    _check_document(doc, ["object", "texture"], 12, 12, {"reference"})
+    assert doc["config"]["backbone"] == "efficientnet_lite0" and doc["config"]["batch_size"] == 8
+    assert doc["config"]["reference"] is False and doc["config"]["device"] == "cpu"
+    # The table shows the JSON's numbers.
+    for name, r in doc["categories"].items():
+        assert rows[name][:3] == [f"{r[m]:.4f}" for m in METRICS]
+    assert rows["mean"] == [f"{doc['mean'][m]:.4f}" for m in METRICS]
+    # Generated defects are easy: the default detector finds them even from 12 training images.
+    assert doc["mean"]["image_auroc"] >= 0.9
+
+
+@pytest.mark.parametrize("categories", [["texture"], ["texture", "object"]], ids=["one", "several"])
+def test_evaluate_selected_categories(categories: list[str], dataset: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out_json = tmp_path / "out.json"
+    code, out, err = _run(["evaluate", "--dataset_directory", str(dataset), *LITE, "--object_category", *categories,
+                           "--json", str(out_json), "--batch_size", "16", "--workers", "0", "--reference"], capsys)
+    assert code == 0, err
+    assert list(_table_rows(out)) == [*categories, "mean"]
+    doc = json.loads(out_json.read_text(encoding="utf-8"))
+    _check_document(doc, categories, 12, 12, {"reference"})
+    assert doc["config"]["reference"] is True and doc["config"]["layers"] == ["blocks.8"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input: exit 2, one line on stderr, no traceback, no output file
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--dataset_directory", "{tmp}/absent", *LITE], ["dataset directory not found", "absent"]),
+        (["--dataset_directory", "{ds}", "--model", "nonet"], ["unknown model 'nonet'", "efficientnet_lite0"]),
+        (["--dataset_directory", "{ds}", *LITE, "--object_category", "texture", "carpet"],
+         ["unknown category carpet", "object, texture"]),
+        (["--dataset_directory", "{tmp}/empty", *LITE], ["no category folder"]),
+        (["--dataset_directory", "{ds}", *LITE, "--pca", "1.5"], ["--pca 1.5"]),
+        (["--dataset_directory", "{ds}", *LITE, "--pca", "0"], ["--pca"]),
+        (["--dataset_directory", "{ds}", *LITE, "--batch_size", "0"], ["--batch_size"]),
+        (["--dataset_directory", "{ds}", *LITE, "--layers", "blocks.99"], ["blocks.99"]),
+        (["--dataset_directory", "{ds}", *LITE, "--weights", "{tmp}/absent.pt"], ["absent.pt"]),
+    ],
+    ids=["missing-dir", "unknown-model", "unknown-category", "no-categories", "pca-1.5", "pca-0", "batch-0",
+         "unknown-layer", "missing-weights-file"],
+)
+def test_evaluate_bad_input(args: list[str], needles: list[str], dataset: Path, tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    out_json = tmp_path / "out.json"
+    argv = ["evaluate", *[a.format(tmp=tmp_path, ds=dataset) for a in args], "--json", str(out_json)]
+    _check_error(*_run(argv, capsys), *needles)
+    assert not out_json.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_evaluate_gpu_without_cuda(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_json = tmp_path / "out.json"
+    _check_error(*_run(["evaluate", "--dataset_directory", str(dataset), *LITE, "--gpu", "--json", str(out_json)],
+                       capsys), "CUDA is not available")
+    assert not out_json.exists()
+
+
+# TORCH_HOME in an empty folder and every download refused at once, even on a machine with internet access.
+_NO_NETWORK = dict.fromkeys(("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"), "http://127.0.0.1:9")
+
+
+def _offline_env(torch_home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    return {**env, **_NO_NETWORK, "TORCH_HOME": str(torch_home)}
+
+
+def test_torchvision_weights_not_cached(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    for key in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {**_NO_NETWORK, "TORCH_HOME": str(tmp_path / "torch_home")}.items():
+        monkeypatch.setenv(key, value)
+    out_json = tmp_path / "out.json"
+    _check_error(*_run(["evaluate", "--dataset_directory", str(dataset), "--model", "resnet18", "--json",
+                        str(out_json)], capsys),
+                 "--weights", str(tmp_path / "torch_home" / "hub" / "checkpoints"))
+    assert not out_json.exists()
+
+
+def test_corrupt_image_names_the_file(corrupt_dataset: tuple[Path, Path], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    root, bad = corrupt_dataset
+    out_json = tmp_path / "out.json"
+    # batch_size 2: several batches, so the images are decoded in DataLoader worker processes.
+    for workers in (["--workers", "0"], []):
+        _check_error(*_run(["evaluate", "--dataset_directory", str(root), *LITE, "--batch_size", "2", *workers,
+                            "--json", str(out_json)], capsys), "cannot read image", str(bad))
+        assert not out_json.exists()
+        assert not out_json.with_name("out.json.partial").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# As a program: python cli.py ...
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _subprocess(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "cli.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_program_weights_not_cached(dataset: Path, tmp_path: Path) -> None:
+    env = _offline_env(tmp_path / "torch_home")
+    out_json = tmp_path / "out.json"
+    proc = _subprocess(["evaluate", "--dataset_directory", str(dataset), "--model", "resnet18", "--json",
+                        str(out_json)], env)
+    _check_error(proc.returncode, proc.stdout, proc.stderr, "--weights",
+                 str(tmp_path / "torch_home" / "hub" / "checkpoints"))
+    assert not out_json.exists()
+
+
+def test_program_corrupt_image(corrupt_dataset: tuple[Path, Path], tmp_path: Path) -> None:
+    root, bad = corrupt_dataset
+    out_json = tmp_path / "out.json"
+    proc = _subprocess(["evaluate", "--dataset_directory", str(root), *LITE, "--batch_size", "2", "--json",
+                        str(out_json)])
+    _check_error(proc.returncode, proc.stdout, proc.stderr, "cannot read image", str(bad))
+    assert not out_json.exists()
+
+
+def test_program_demo(tmp_path: Path) -> None:
+    out_json = tmp_path / "demo.json"
+    proc = _subprocess(["demo", "--json", str(out_json)])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # not a terminal: no progress bar, and no warning or traceback
+    rows = _table_rows(proc.stdout)
+    assert list(rows) == ["object", "texture", "mean"]
+    doc = json.loads(out_json.read_text(encoding="utf-8"))
+    _check_document(doc, ["object", "texture"], 40, 30, {"demo"})
+    assert doc["config"]["demo"] is True
