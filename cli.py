@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--layers", nargs="+", default=None, help="backbone layers (default: per backbone)")
     ev.add_argument("--input_size", type=int, default=0, help="square input side (default: per backbone)")
     ev.add_argument("--pool", type=int, default=2, help="average-pool kernel of the first layer (default 2)")
+    ev.add_argument("--fusion", choices=["sum", "concat"], default="sum",
+                    help="several layers: one subspace each, normalised scores summed (default), or one subspace "
+                         "on the concatenated vectors")
     ev.add_argument("--pca", type=float, default=0.97,
                     help="explained-variance fraction in (0, 1), or an integer number of components")
     ev.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -135,7 +138,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         config = DetectorConfig.reference(args.model)
     else:
         config = DetectorConfig(backbone=args.model, layers=tuple(args.layers or ()), input_size=args.input_size,
-                                pool=args.pool, n_components=_n_components(args.pca))
+                                pool=args.pool, n_components=_n_components(args.pca), fusion=args.fusion)
     return _run_evaluate(Path(args.dataset_directory), list(args.object_category), config, device,
                          args.batch_size, args.workers, args.weights, args.json, {"reference": args.reference})
 

@@ -10,10 +10,11 @@ Embedding: every requested layer's map ``(B, C, h, w)`` is brought to one grid, 
 average-pooled by ``pool`` (the reference: 2), by adaptive average pooling, and flattened in C x H x W order (the
 reference's vector).
 
-Fusion (default): one subspace per layer; the image score is ``sum_l FRE_l / r_l`` where ``r_l`` is layer l's
+Fusion (default ``fusion='sum'``): one subspace per layer; the image score is ``sum_l FRE_l / r_l`` where ``r_l`` is layer l's
 residual variance on the training set (the variance its subspace leaves out, i.e. the expected FRE of a normal
 image). Dividing by it puts layers of very different scales in the same unit, so each depth counts equally. With
 ``normalize_scores=False`` and one layer (the reference configuration) the score is the plain FRE.
+``fusion='concat'`` instead concatenates the layers' vectors into one and fits a single subspace to it.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class DetectorConfig:
         normalization: 'native' (the mean/std the backbone's weights were trained with) or 'imagenet' (the
             reference pipeline's ImageNet mean/std, whatever the backbone).
         normalize_scores: divide each layer's FRE by its training residual variance before summing.
+        fusion: 'sum' (one subspace per layer, scores summed) or 'concat' (one subspace on the concatenation).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -89,6 +91,7 @@ class DetectorConfig:
     solver: str = "auto"
     normalization: str = "native"
     normalize_scores: bool = True
+    fusion: str = "sum"
 
     def __post_init__(self) -> None:
         spec = get_backbone_spec(self.backbone)  # ValueError naming the known backbones
@@ -109,6 +112,8 @@ class DetectorConfig:
         if self.pool > first:
             raise ValueError(f"pool={self.pool} is larger than the {first}x{first} map of {layers[0]} at "
                              f"{self.input_size} px; use a smaller pool or a larger input_size")
+        if self.fusion not in ("sum", "concat"):
+            raise ValueError(f"fusion must be 'sum' or 'concat', got {self.fusion!r}")
         if self.normalization not in ("native", "imagenet"):
             raise ValueError(f"normalization must be 'native' or 'imagenet', got {self.normalization!r}")
         resolve_solver(self.solver, 1, 1)
@@ -129,8 +134,9 @@ class DetectorConfig:
 
     @property
     def layer_features(self) -> tuple[int, ...]:
-        """D of each layer's vector (C x grid x grid), known before anything runs."""
-        return tuple(self.spec.layers[name].channels * self.grid * self.grid for name in self.layers)
+        """D of each fitted subspace's vectors (C x grid x grid per layer, or their sum with 'concat')."""
+        dims = tuple(self.spec.layers[name].channels * self.grid * self.grid for name in self.layers)
+        return (sum(dims),) if self.fusion == "concat" else dims
 
     @classmethod
     def reference(cls, backbone: str = "efficientnet_b5") -> DetectorConfig:
@@ -240,7 +246,7 @@ class FREDetector(nn.Module):
 
     @property
     def is_fitted(self) -> bool:
-        return len(self.subspaces) == len(self.config.layers)
+        return len(self.subspaces) == len(self.config.layer_features)
 
     # ------------------------------------------------------------------------------------------------ features
     @torch.inference_mode()
@@ -259,7 +265,8 @@ class FREDetector(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device):
             maps = self.extractor(x)
-        return embed(list(maps.values()), self.config.grid)
+        rows = embed(list(maps.values()), self.config.grid)
+        return [torch.cat(rows, dim=1)] if self.config.fusion == "concat" and len(rows) > 1 else rows
 
     # ------------------------------------------------------------------------------------------------ fitting
     def fit(self, data: Any, *, batch_size: int = 32) -> FREDetector:
@@ -383,8 +390,9 @@ class FREDetector(nn.Module):
             if sub.n_features != d:
                 raise ModelFileError(f"{path}: a subspace has {sub.n_features} features, the config implies {d}")
             subspaces.append(sub.to(det.device))
-        if len(subspaces) != len(config.layers):
-            raise ModelFileError(f"{path}: {len(subspaces)} subspaces for {len(config.layers)} layers")
+        if len(subspaces) != len(config.layer_features):
+            raise ModelFileError(f"{path}: {len(subspaces)} subspaces where the config implies "
+                                 f"{len(config.layer_features)}")
         det.subspaces = nn.ModuleList(subspaces)
         det.scales = payload["scales"].to(det.device)
         return det

@@ -305,3 +305,21 @@ def test_magnetic_tile_default_beats_reference(magnetic_default: dict) -> None:
 
 def test_magnetic_tile_reference_matches_measured(magnetic_reference: dict) -> None:
     assert magnetic_reference["image_auroc"] == pytest.approx(0.977, abs=0.002)
+
+
+def test_concat_fusion_is_one_subspace_on_the_concatenated_vectors() -> None:
+    """fusion='concat': the score is the plain FRE of one PCA(0.97) on [layer_1 | layer_2] (scikit-learn parity)."""
+    g = torch.Generator().manual_seed(3)
+    train = torch.randint(0, 256, (24, 3, 64, 64), dtype=torch.uint8, generator=g)
+    test = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8, generator=g)
+    cfg = DetectorConfig("efficientnet_lite0", input_size=64, pool=2, fusion="concat", normalize_scores=False)
+    assert cfg.layer_features == (sum(DetectorConfig("efficientnet_lite0", input_size=64).layer_features),)
+    det = FREDetector(cfg, device="cpu").fit(train)
+    (f_train,) = det.features(train)
+    (f_test,) = det.features(test)
+    ref = SkPCA(0.97).fit(f_train.double().numpy())
+    x = f_test.double().numpy()
+    expected = ((x - ref.inverse_transform(ref.transform(x))) ** 2).sum(axis=1)
+    got = det.score(test).double().numpy()
+    assert det.subspaces[0].n_components == ref.n_components_
+    assert abs(got - expected).max() / abs(expected).max() < 1e-4
