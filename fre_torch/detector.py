@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, FeatureExtractor, build_feature_extractor, get_backbone_spec, normalize
-from .precision import autocast
+from .precision import autocast, check_device
 from .subspace import (
     CovarianceAccumulator,
     GramAccumulator,
@@ -234,7 +234,7 @@ class FREDetector(nn.Module):
                  pretrained: bool = True, weights: str | os.PathLike | None = None) -> None:
         super().__init__()
         self.config = config or DetectorConfig()
-        self.device = _check_device(device)
+        self.device = check_device(device)
         self.pretrained = pretrained
         self.weights = None if weights is None else str(weights)
         extractor = build_feature_extractor(self.config.backbone, list(self.config.layers),
@@ -396,16 +396,6 @@ class FREDetector(nn.Module):
         det.subspaces = nn.ModuleList(subspaces)
         det.scales = payload["scales"].to(det.device)
         return det
-
-
-def _check_device(device: torch.device | str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but CUDA is not available here; use device 'cpu'")
-    return dev
 
 
 def _weights_identity(backbone: str, pretrained: bool, weights: str | os.PathLike | None) -> str:

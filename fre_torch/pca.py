@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .precision import check_device
 from .subspace import (
     CovarianceAccumulator,
     GramAccumulator,
@@ -38,15 +39,7 @@ def _is_numpy(x: Any) -> bool:
 
 
 def _resolve_device(device: torch.device | str | None) -> torch.device | None:
-    if device is None:
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but CUDA is not available on this machine; use device='cpu'")
-    return dev
+    return None if device is None else check_device(device)
 
 
 class PCA:

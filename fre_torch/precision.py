@@ -13,7 +13,9 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-__all__ = ["FIT_DTYPE", "SCORE_DTYPE", "BACKBONE_CUDA_DTYPE", "autocast", "score_dtype_for"]
+__all__ = [
+    "FIT_DTYPE", "SCORE_DTYPE", "BACKBONE_CUDA_DTYPE", "autocast", "check_device", "score_dtype_for",
+]
 
 FIT_DTYPE: torch.dtype = torch.float64
 SCORE_DTYPE: torch.dtype = torch.float32
@@ -31,3 +33,14 @@ def autocast(device: torch.device | str) -> AbstractContextManager:
 def score_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """Scoring dtype for data of ``dtype``: float64 stays float64, everything else is scored in float32."""
     return torch.float64 if dtype == torch.float64 else SCORE_DTYPE
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device``; ``ValueError`` with the fix for a bad name or CUDA that is not there."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but CUDA is not available on this machine; use device 'cpu'")
+    return dev
