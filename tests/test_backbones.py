@@ -206,7 +206,8 @@ def test_requested_order_kept_and_attributes() -> None:
 
 def test_stays_in_eval_mode() -> None:
     torch.manual_seed(0)
-    fx = build_feature_extractor("resnet18", ["layer1"], pretrained=False)
+    # unfused, so there are BatchNorm statistics that training mode could change
+    fx = build_feature_extractor("resnet18", ["layer1"], pretrained=False, fuse_batchnorm=False)
     parent = nn.Sequential(fx)
     parent.train()  # e.g. a model training a head on top of the frozen features
     assert not any(m.training for m in fx.modules())
@@ -218,7 +219,7 @@ def test_stays_in_eval_mode() -> None:
 
 def test_extractor_deepcopy_and_pickle() -> None:
     torch.manual_seed(0)
-    fx = build_feature_extractor("efficientnet_lite0", ["blocks.3"], pretrained=False)
+    fx = build_feature_extractor("efficientnet_lite0", ["blocks.3"], pretrained=False, fuse_batchnorm=False)
     x = image_batch(32, 32)
     for clone in (copy.deepcopy(fx), pickle.loads(pickle.dumps(fx))):
         assert clone.spec is fx.spec
@@ -320,7 +321,7 @@ def test_lite0_classifies_real_bottles() -> None:
 
 
 def test_lite0_weights_file_argument() -> None:
-    fx = build_feature_extractor("efficientnet_lite0", weights=lite0_weights_file())
+    fx = build_feature_extractor("efficientnet_lite0", weights=lite0_weights_file(), fuse_batchnorm=False)
     ref = FeatureExtractor(get_backbone_spec("efficientnet_lite0"), lite0_pretrained(), ["blocks.8"])
     x = synthetic_pattern(96)
     with torch.inference_mode():
@@ -358,7 +359,7 @@ def test_cached_weights_used_without_network(offline_hub: Path) -> None:
     offline_hub.mkdir(parents=True)
     model = random_model("resnet18")
     torch.save(model.state_dict(), offline_hub / "resnet18-f37072fd.pth")
-    fx = build_feature_extractor("resnet18")
+    fx = build_feature_extractor("resnet18", fuse_batchnorm=False)  # bit-exact weights check
     ref = FeatureExtractor(get_backbone_spec("resnet18"), model, ["layer3"])
     x = image_batch(64, 64)
     with torch.inference_mode():
@@ -374,7 +375,7 @@ def test_download_fills_cache(offline_hub: Path, monkeypatch: pytest.MonkeyPatch
         torch.save(model.state_dict(), dst)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
-    fx = build_feature_extractor("resnet18", ["layer1"])
+    fx = build_feature_extractor("resnet18", ["layer1"], fuse_batchnorm=False)
     assert calls == [("https://download.pytorch.org/models/resnet18-f37072fd.pth", "f37072fd")]
     assert (offline_hub / "resnet18-f37072fd.pth").is_file()
     x = image_batch(32, 32)
@@ -387,7 +388,7 @@ def test_local_weights_file(tmp_path: Path, offline_hub: Path) -> None:
     model = random_model("resnet18")
     path = tmp_path / "resnet18.pt"
     torch.save(model.state_dict(), path)
-    fx = build_feature_extractor("resnet18", ["layer2", "layer3"], weights=path)
+    fx = build_feature_extractor("resnet18", ["layer2", "layer3"], weights=path, fuse_batchnorm=False)
     ref = FeatureExtractor(get_backbone_spec("resnet18"), model, ["layer2", "layer3"])
     x = image_batch(64, 64)
     with torch.inference_mode():
