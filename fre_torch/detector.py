@@ -43,7 +43,7 @@ from .subspace import (
     select_n_components,
 )
 
-__all__ = ["DEFAULT_LAYERS", "DetectorConfig", "FREDetector", "ModelFileError", "embed"]
+__all__ = ["DEFAULT_LAYERS", "DetectorConfig", "FREDetector", "ModelFileError", "embed", "upsample_maps"]
 
 _FORMAT = "fre_torch.detector"
 _VERSION = 1
@@ -322,6 +322,31 @@ class FREDetector(nn.Module):
             total = fre if total is None else total + fre
         return total
 
+    def maps_from_features(self, features: Sequence[Tensor]) -> Tensor:
+        """Anomaly maps on the feature grid from per-layer vectors ``[(B, D_l)]`` -> ``(B, grid, grid)`` float32.
+
+        Each layer's squared reconstruction error is reshaped to ``(B, C_l, grid, grid)``, summed over channels and
+        divided by the layer's scale; layers are summed (they share the grid). The sum of a map over its grid is
+        the image's score (up to rounding: scores use the one-product FRE, maps the explicit residual). A feature
+        vector inside the fitted subspace gives a map of exactly zero up to rounding.
+        """
+        self._fitted()
+        g = self.config.grid
+        total = None
+        for sub, rows, scale in zip(self.subspaces, features, self.scales):
+            err = sub.error_map(rows).view(rows.shape[0], -1, g, g).sum(dim=1) / scale.to(rows.dtype)
+            total = err if total is None else total + err
+        return total
+
+    @torch.inference_mode()
+    def anomaly_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 images ``(B, 3, H, W)`` -> (scores ``(B,)``, maps ``(B, grid, grid)``), both float32 on the device.
+
+        Use ``upsample_maps`` to bring the maps to each image's own size.
+        """
+        feats = self.features(images)
+        return self.score_features(feats), self.maps_from_features(feats)
+
     @torch.inference_mode()
     def score(self, data: Any, *, batch_size: int = 32) -> Tensor:
         """Image anomaly scores ``(N,)`` float32 on ``self.device`` (higher = more anomalous)."""
@@ -405,3 +430,18 @@ def _weights_identity(backbone: str, pretrained: bool, weights: str | os.PathLik
         return f"file:{Path(weights).name}:{digest}"
     return f"{backbone}:{'pretrained' if pretrained else 'random'}"
 
+
+def upsample_maps(maps: Tensor, sizes: Sequence[tuple[int, int]] | tuple[int, int]) -> list[Tensor] | Tensor:
+    """Resize grid maps ``(B, g, g)`` to image sizes (bilinear, antialiased, as the reference).
+
+    Args:
+        maps: ``(B, g, g)`` anomaly maps.
+        sizes: one ``(H, W)`` for all (returns a ``(B, H, W)`` tensor) or one per map (returns a list of
+            ``(H_i, W_i)`` tensors, for images of different sizes).
+    """
+    if isinstance(sizes, tuple) and len(sizes) == 2 and all(isinstance(v, int) for v in sizes):
+        return F.interpolate(maps[:, None], size=sizes, mode="bilinear", antialias=True, align_corners=False)[:, 0]
+    if len(sizes) != maps.shape[0]:
+        raise ValueError(f"got {len(sizes)} sizes for {maps.shape[0]} maps")
+    return [F.interpolate(m[None, None], size=tuple(int(v) for v in hw), mode="bilinear", antialias=True,
+                          align_corners=False)[0, 0] for m, hw in zip(maps, sizes)]

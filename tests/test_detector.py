@@ -323,3 +323,27 @@ def test_concat_fusion_is_one_subspace_on_the_concatenated_vectors() -> None:
     got = det.score(test).double().numpy()
     assert det.subspaces[0].n_components == ref.n_components_
     assert abs(got - expected).max() / abs(expected).max() < 1e-4
+
+
+def test_maps_sum_to_scores_and_vanish_inside_the_subspace() -> None:
+    """The fused map summed over its grid is the image score; a vector in the subspace has a zero map."""
+    from fre_torch.detector import upsample_maps
+
+    g = torch.Generator().manual_seed(5)
+    train = torch.randint(0, 256, (30, 3, 64, 64), dtype=torch.uint8, generator=g)
+    test = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8, generator=g)
+    det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=64), device="cpu").fit(train)
+    scores, maps = det.anomaly_maps(test)
+    grid = det.config.grid
+    assert maps.shape == (5, grid, grid) and bool((maps >= 0).all())
+    torch.testing.assert_close(maps.sum(dim=(1, 2)), scores, rtol=1e-4, atol=0)
+    torch.testing.assert_close(scores, det.score(test), rtol=0, atol=0)
+    # rows reconstructed from subspace coordinates lie in the subspace: their maps are zero
+    feats = det.features(test)
+    inside = [sub.reconstruct(rows) for sub, rows in zip(det.subspaces, feats)]
+    zero = det.maps_from_features(inside)
+    assert float(zero.abs().max()) < 1e-5 * float(maps.abs().max())
+    # resizing to the images' own sizes
+    assert upsample_maps(maps, (100, 80)).shape == (5, 100, 80)
+    sized = upsample_maps(maps, [(30, 40), (64, 64), (10, 90), (7, 7), (200, 100)])
+    assert [tuple(m.shape) for m in sized] == [(30, 40), (64, 64), (10, 90), (7, 7), (200, 100)]
