@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--fusion", choices=["sum", "concat"], default="sum",
                     help="several layers: one subspace each, normalised scores summed (default), or one subspace "
                          "on the concatenated vectors")
+    ev.add_argument("--kernel", choices=["rbf", "laplacian"], default=None,
+                    help="kernel FRE (nonlinear, image scores only) instead of linear FRE")
+    ev.add_argument("--kernel_features", type=int, default=4096, help="explicit kernel features M (default 4096)")
+    ev.add_argument("--kernel_method", choices=["rff", "nystroem"], default="rff",
+                    help="random Fourier features (default) or Nystroem landmarks")
     ev.add_argument("--pca", type=float, default=0.97,
                     help="explained-variance fraction in (0, 1), or an integer number of components")
     ev.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -138,7 +143,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         config = DetectorConfig.reference(args.model)
     else:
         config = DetectorConfig(backbone=args.model, layers=tuple(args.layers or ()), input_size=args.input_size,
-                                pool=args.pool, n_components=_n_components(args.pca), fusion=args.fusion)
+                                pool=args.pool, n_components=_n_components(args.pca), fusion=args.fusion,
+                                kernel=args.kernel, kernel_features=args.kernel_features,
+                                kernel_method=args.kernel_method)
     return _run_evaluate(Path(args.dataset_directory), list(args.object_category), config, device,
                          args.batch_size, args.workers, args.weights, args.json, {"reference": args.reference})
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, FeatureExtractor, build_feature_extractor, get_backbone_spec, normalize
 from .precision import autocast, check_device
 from .subspace import (
+    check_features,
     CovarianceAccumulator,
     GramAccumulator,
     Subspace,
@@ -81,6 +82,10 @@ class DetectorConfig:
             reference pipeline's ImageNet mean/std, whatever the backbone).
         normalize_scores: divide each layer's FRE by its training residual variance before summing.
         fusion: 'sum' (one subspace per layer, scores summed) or 'concat' (one subspace on the concatenation).
+        kernel: None (linear FRE) or 'rbf' / 'laplacian': FRE in a kernel feature space (``fre_torch.kernel``),
+            bandwidth by the median heuristic on the training vectors. Image scores only: maps need linear mode.
+        kernel_features: M, the number of explicit kernel features (random Fourier features or landmarks).
+        kernel_method: 'rff' (random Fourier features) or 'nystroem' (M k-center landmarks; needs N >= M).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -92,6 +97,9 @@ class DetectorConfig:
     normalization: str = "native"
     normalize_scores: bool = True
     fusion: str = "sum"
+    kernel: str | None = None
+    kernel_features: int = 4096
+    kernel_method: str = "rff"
 
     def __post_init__(self) -> None:
         spec = get_backbone_spec(self.backbone)  # ValueError naming the known backbones
@@ -112,6 +120,13 @@ class DetectorConfig:
         if self.pool > first:
             raise ValueError(f"pool={self.pool} is larger than the {first}x{first} map of {layers[0]} at "
                              f"{self.input_size} px; use a smaller pool or a larger input_size")
+        if self.kernel not in (None, "rbf", "laplacian"):
+            raise ValueError(f"kernel must be None, 'rbf' or 'laplacian', got {self.kernel!r}")
+        if self.kernel_method not in ("rff", "nystroem"):
+            raise ValueError(f"kernel_method must be 'rff' or 'nystroem', got {self.kernel_method!r}")
+        if isinstance(self.kernel_features, bool) or not isinstance(self.kernel_features, int) \
+                or self.kernel_features < 1:
+            raise ValueError(f"kernel_features must be an int >= 1, got {self.kernel_features!r}")
         if self.fusion not in ("sum", "concat"):
             raise ValueError(f"fusion must be 'sum' or 'concat', got {self.fusion!r}")
         if self.normalization not in ("native", "imagenet"):
@@ -277,6 +292,8 @@ class FREDetector(nn.Module):
                 with an ``"image"`` entry.
             batch_size: batch size when ``data`` is a tensor.
         """
+        if self.config.kernel is not None:
+            return self._fit_kernel(data, batch_size)
         n = _length(data)
         accs: list[GramAccumulator | CovarianceAccumulator] = []
         for d in self.config.layer_features:
@@ -288,17 +305,51 @@ class FREDetector(nn.Module):
             for acc, rows in zip(accs, self.features(batch)):
                 acc.update(rows, check_finite=False)
         subspaces = [self._solve(acc) for acc in accs]
+        self.subspaces = nn.ModuleList(subspaces)
+        self.scales = self._scales(subspaces)
+        return self
+
+    def _scales(self, subspaces: Sequence[Subspace]) -> Tensor:
         total = torch.stack([s.total_variance for s in subspaces])
         residual = torch.stack([s.total_variance - s.explained_variance.sum() for s in subspaces])
+        if not self.config.normalize_scores:
+            return torch.ones_like(residual)
         # With few training images the subspace can keep every direction they span (k = N - 1): the residual is then
         # 0 up to rounding and FRE / residual is inf for every test image. Floor it at a millionth of the layer's
         # total variance (still scale-free; far above float64 rounding, far below any residual a 0.97 cut leaves),
         # and at the smallest float64 for a constant training set.
         floor = (total * _MIN_RESIDUAL_FRACTION).clamp_min(torch.finfo(torch.float64).tiny)
-        scales = torch.maximum(residual, floor) if self.config.normalize_scores else torch.ones_like(residual)
-        self.subspaces = nn.ModuleList(subspaces)
-        self.scales = scales
+        return torch.maximum(residual, floor)
+
+    def _fit_kernel(self, data: Any, batch_size: int) -> FREDetector:
+        """Kernel mode: the bandwidth (median heuristic) and landmarks come from ALL training vectors, so their rows
+        are gathered into one preallocated tensor per layer, then fitted in one shot."""
+        from .kernel import KernelFRE
+
+        n = _length(data)
+        if n is None:
+            raise ValueError("kernel mode needs a sized training set (a tensor, a list or a DataLoader)")
+        rows = [torch.empty(n, d, device=self.device) for d in self.config.layer_features]
+        start = 0
+        for batch in _batches(data, batch_size):
+            for buf, r in zip(rows, self.features(batch)):
+                buf[start:start + r.shape[0]] = r
+            start += batch.shape[0]
+        if start != n:
+            raise ValueError(f"the training loader yielded {start} images but reports {n}")
+        for r in rows:
+            check_features(r, name="training features")  # one sync per layer, after the loop
+        models = [self._kernel_model().fit(r) for r in rows]
+        self.subspaces = nn.ModuleList(models)
+        self.scales = self._scales([m.fitted_subspace() for m in models])
         return self
+
+    def _kernel_model(self) -> nn.Module:
+        from .kernel import KernelFRE
+
+        c = self.config
+        return KernelFRE(c.n_components, kernel=c.kernel, method=c.kernel_method, kernel_features=c.kernel_features,
+                         device=self.device)
 
     def _solve(self, acc: GramAccumulator | CovarianceAccumulator) -> Subspace:
         n_seen = acc.n_samples if isinstance(acc, GramAccumulator) else acc._count
@@ -317,8 +368,9 @@ class FREDetector(nn.Module):
         """Fused score ``sum_l FRE_l / scale_l`` from per-layer vectors ``[(B, D_l)]`` -> (B,) float32."""
         self._fitted()
         total = None
-        for sub, rows, scale in zip(self.subspaces, features, self.scales):
-            fre = sub.fre(rows) / scale.to(rows.dtype)
+        kernel = self.config.kernel is not None
+        for model, rows, scale in zip(self.subspaces, features, self.scales):
+            fre = (model.score(rows) if kernel else model.fre(rows)) / scale.to(rows.dtype)
             total = fre if total is None else total + fre
         return total
 
@@ -331,6 +383,9 @@ class FREDetector(nn.Module):
         vector inside the fitted subspace gives a map of exactly zero up to rounding.
         """
         self._fitted()
+        if self.config.kernel is not None:
+            raise ValueError("anomaly maps need the linear mode: kernel FRE is computed on whole-image vectors, whose "
+                             "kernel features have no spatial layout; fit with kernel=None for maps")
         g = self.config.grid
         total = None
         for sub, rows, scale in zip(self.subspaces, features, self.scales):
@@ -410,6 +465,11 @@ class FREDetector(nn.Module):
                                  f"but these are {det._weights_id!r}")
         subspaces = []
         for state, d in zip(payload["subspaces"], config.layer_features):
+            if config.kernel is not None:
+                model = det._kernel_model()
+                model.load_state_dict(state)
+                subspaces.append(model.to(det.device))
+                continue
             sub = Subspace()
             sub.load_state_dict(state)
             if sub.n_features != d:

@@ -347,3 +347,35 @@ def test_maps_sum_to_scores_and_vanish_inside_the_subspace() -> None:
     assert upsample_maps(maps, (100, 80)).shape == (5, 100, 80)
     sized = upsample_maps(maps, [(30, 40), (64, 64), (10, 90), (7, 7), (200, 100)])
     assert [tuple(m.shape) for m in sized] == [(30, 40), (64, 64), (10, 90), (7, 7), (200, 100)]
+
+
+@pytest.mark.parametrize("method", ["rff", "nystroem"])
+def test_kernel_mode_round_trip_and_no_maps(tmp_path, method: str) -> None:
+    """Kernel FRE on the detector: fused scores equal the per-layer KernelFRE scores over their scales, a saved
+    model scores identically, and maps are refused with the reason."""
+    from fre_torch.kernel import KernelFRE
+
+    g = torch.Generator().manual_seed(7)
+    train = torch.randint(0, 256, (40, 3, 64, 64), dtype=torch.uint8, generator=g)
+    test = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8, generator=g)
+    cfg = DetectorConfig("efficientnet_lite0", input_size=64, kernel="rbf", kernel_features=32, kernel_method=method)
+    det = FREDetector(cfg, device="cpu").fit(train)
+    scores = det.score(test)
+    feats_train, feats_test = det.features(train), det.features(test)
+    expected = 0
+    for rows, rows_test in zip(feats_train, feats_test):
+        ref = KernelFRE(0.97, kernel="rbf", method=method, kernel_features=32).fit(rows)
+        sub = ref.fitted_subspace()
+        expected = expected + ref.score(rows_test) / (sub.total_variance - sub.explained_variance.sum()).float()
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=0)
+    path = det.save(tmp_path / "kernel.pt")
+    assert torch.equal(FREDetector.load(path).score(test), scores)
+    with pytest.raises(ValueError, match="linear mode"):
+        det.anomaly_maps(test)
+
+
+@pytest.mark.parametrize("kwargs", [{"kernel": "poly"}, {"kernel": "rbf", "kernel_method": "svd"},
+                                    {"kernel": "rbf", "kernel_features": 0}])
+def test_bad_kernel_settings(kwargs) -> None:
+    with pytest.raises(ValueError, match="kernel"):
+        DetectorConfig(**kwargs)
