@@ -403,6 +403,13 @@ class FREDetector(nn.Module):
         return self.score_features(feats), self.maps_from_features(feats)
 
     @torch.inference_mode()
+    def score_and_maps(self, data: Any, *, batch_size: int = 32) -> tuple[Tensor, Tensor]:
+        """Scores ``(N,)`` and grid maps ``(N, grid, grid)`` for a tensor or loader of images, in one pass."""
+        self._fitted()
+        scores, maps = zip(*(self.anomaly_maps(batch) for batch in _batches(data, batch_size)))
+        return torch.cat(scores), torch.cat(maps)
+
+    @torch.inference_mode()
     def score(self, data: Any, *, batch_size: int = 32) -> Tensor:
         """Image anomaly scores ``(N,)`` float32 on ``self.device`` (higher = more anomalous)."""
         self._fitted()

@@ -16,13 +16,17 @@ from typing import Any
 
 import torch
 
-from .data import ImageDataset, MVTecCategory, make_loader
-from .detector import DetectorConfig, FREDetector
-from .metrics import aupr, auroc, f1_max
+from .data import ImageDataset, MVTecCategory, image_size, load_mask, make_loader
+from .detector import DetectorConfig, FREDetector, upsample_maps
+from .metrics import aupr, auroc, f1_max, pixel_auroc, pixel_f1_max, pro
 
-__all__ = ["evaluate_category", "summarize", "write_json", "METRICS"]
+__all__ = ["evaluate_category", "format_table", "summarize", "write_json", "METRICS", "PIXEL_METRICS"]
 
 METRICS = ("image_auroc", "image_aupr", "image_f1_max")
+PIXEL_METRICS = ("pixel_auroc", "pro", "pixel_f1_max")
+# Pixel metrics are computed at the images' own size when a category's test images share one; a set of mixed sizes
+# (e.g. Magnetic Tile) is compared at this common square size instead, maps bilinear and masks nearest.
+MIXED_SIZE_EVAL = 256
 
 Progress = Callable[[int], None]
 
@@ -65,8 +69,12 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
     _sync(device)
     fit_seconds = time.perf_counter() - t0
 
+    segment = detector.config.kernel is None and any(m is not None for m in cat.mask_paths)
     t0 = time.perf_counter()
-    scores = detector.score(_Counted(test, progress))
+    if segment:
+        scores, grid_maps = detector.score_and_maps(_Counted(test, progress))
+    else:
+        scores = detector.score(_Counted(test, progress))
     _sync(device)
     test_seconds = time.perf_counter() - t0
 
@@ -74,7 +82,8 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
     if not bool(torch.isfinite(scores_cpu).all()):
         raise ValueError(f"{category}: the detector produced NaN/Inf scores; check the input images and weights")
     labels = cat.test_labels
-    return {
+    pixel = _pixel_metrics(cat, grid_maps) if segment else {}
+    return {**pixel,
         "image_auroc": float(auroc(scores_cpu, labels)),
         "image_aupr": float(aupr(scores_cpu, labels)),
         "image_f1_max": float(f1_max(scores_cpu, labels)),
@@ -87,11 +96,36 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
     }
 
 
+def _pixel_metrics(cat: MVTecCategory, grid_maps: torch.Tensor) -> dict[str, float]:
+    """Pixel AUROC, PRO (FPR <= 0.3) and pixel F1-max of the upsampled maps against the ground-truth masks."""
+    sizes = {image_size(p) for p in cat.test_paths}
+    if len(sizes) == 1:
+        (h, w), square = next(iter(sizes)), None
+    else:
+        (h, w), square = (MIXED_SIZE_EVAL, MIXED_SIZE_EVAL), MIXED_SIZE_EVAL
+    maps = upsample_maps(grid_maps.float(), (h, w)).cpu()
+    masks = torch.zeros(len(cat.test), h, w, dtype=torch.bool)
+    for i, path in enumerate(cat.mask_paths):
+        if path is not None:
+            mask = load_mask(path, square)
+            if mask.shape != (h, w):
+                raise ValueError(f"mask {path} is {tuple(mask.shape)}, its image is {(h, w)}")
+            masks[i] = mask
+    if not bool(masks.any()):
+        return {}
+    return {"pixel_auroc": float(pixel_auroc(maps, masks)), "pro": float(pro(maps, masks)),
+            "pixel_f1_max": float(pixel_f1_max(maps, masks))}
+
+
 def summarize(results: dict[str, dict[str, Any]], config: DetectorConfig, extra: dict[str, Any]) -> dict[str, Any]:
     """The JSON document: per-category metrics (without raw scores), their mean, and the configuration."""
-    keep = METRICS + ("n_train", "n_test", "fit_seconds", "test_images_per_second")
-    categories = {name: {k: r[k] for k in keep} for name, r in results.items()}
+    keep = METRICS + PIXEL_METRICS + ("n_train", "n_test", "fit_seconds", "test_images_per_second")
+    categories = {name: {k: r[k] for k in keep if k in r} for name, r in results.items()}
     mean = {k: sum(r[k] for r in categories.values()) / len(categories) for k in METRICS} if categories else {}
+    for k in PIXEL_METRICS:  # averaged over the categories that have masks
+        have = [r[k] for r in categories.values() if k in r]
+        if have:
+            mean[k] = sum(have) / len(have)
     return {"categories": categories, "mean": mean, "config": {**config.to_dict(), **extra}}
 
 
@@ -105,8 +139,11 @@ def write_json(path: str | os.PathLike, document: dict[str, Any]) -> Path:
     return path
 
 
-def format_table(results: dict[str, dict[str, Any]], columns: Sequence[str] = METRICS) -> str:
-    """A plain-text table, one row per category and a mean row."""
+def format_table(results: dict[str, dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A plain-text table, one row per category and a mean row (pixel columns when every category has them)."""
+    if columns is None:
+        pixel = bool(results) and all(all(k in r for k in PIXEL_METRICS) for r in results.values())
+        columns = METRICS + (PIXEL_METRICS if pixel else ())
     head = ["category", *[c.replace("image_", "") for c in columns], "n_train", "n_test", "fit_s", "test_img/s"]
     rows = []
     for name, r in results.items():

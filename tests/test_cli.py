@@ -15,10 +15,12 @@ import torch
 import cli
 from conftest import REPO
 from fre_torch.detector import DetectorConfig
-from fre_torch.evaluate import METRICS
+from fre_torch.evaluate import METRICS, PIXEL_METRICS
 from fre_torch.synthetic import write_synthetic_mvtec
 
-CATEGORY_KEYS = {*METRICS, "n_train", "n_test", "fit_seconds", "test_images_per_second"}
+# The synthetic categories have masks, so the pixel metrics are reported too.
+CATEGORY_KEYS = {*METRICS, *PIXEL_METRICS, "n_train", "n_test", "fit_seconds", "test_images_per_second"}
+ALL_METRICS = (*METRICS, *PIXEL_METRICS)
 LITE = ["--model", "efficientnet_lite0"]
 
 
@@ -60,14 +62,14 @@ def _check_document(doc: dict, categories: list[str], n_train: int, n_test: int,
     assert list(doc["categories"]) == categories
     for name, r in doc["categories"].items():
         assert set(r) == CATEGORY_KEYS, name
-        for metric in METRICS:
+        for metric in ALL_METRICS:
             assert 0.0 <= r[metric] <= 1.0, (name, metric, r[metric])
         assert (r["n_train"], r["n_test"]) == (n_train, n_test)
         assert isinstance(r["n_train"], int) and isinstance(r["n_test"], int)
         assert r["fit_seconds"] > 0 and math.isfinite(r["fit_seconds"])
         assert r["test_images_per_second"] > 0 and math.isfinite(r["test_images_per_second"])
-    assert set(doc["mean"]) == set(METRICS)
-    for metric in METRICS:
+    assert set(doc["mean"]) == set(ALL_METRICS)
+    for metric in ALL_METRICS:
         expected = sum(r[metric] for r in doc["categories"].values()) / len(categories)
         assert doc["mean"][metric] == pytest.approx(expected)
     fields = set(DetectorConfig().to_dict())
@@ -98,7 +100,7 @@ def test_evaluate_all_categories(dataset: Path, tmp_path: Path, capsys: pytest.C
     assert err == ""
     rows = _table_rows(out)
     assert list(rows) == ["object", "texture", "mean"]
-    assert all(len(cells) == 7 for name, cells in rows.items() if name != "mean")
+    assert all(len(cells) == 10 for name, cells in rows.items() if name != "mean")
     assert f"wrote {out_json}" in out
     assert sorted(p.name for p in out_json.parent.iterdir()) == ["out.json"]  # no .partial left behind
     doc = json.loads(out_json.read_text(encoding="utf-8"))
@@ -107,8 +109,8 @@ def test_evaluate_all_categories(dataset: Path, tmp_path: Path, capsys: pytest.C
     assert doc["config"]["reference"] is False and doc["config"]["device"] == "cpu"
     # The table shows the JSON's numbers.
     for name, r in doc["categories"].items():
-        assert rows[name][:3] == [f"{r[m]:.4f}" for m in METRICS]
-    assert rows["mean"] == [f"{doc['mean'][m]:.4f}" for m in METRICS]
+        assert rows[name][:6] == [f"{r[m]:.4f}" for m in ALL_METRICS]
+    assert rows["mean"] == [f"{doc['mean'][m]:.4f}" for m in ALL_METRICS]
     # Generated defects are easy: the default detector finds them even from 12 training images.
     assert doc["mean"]["image_auroc"] >= 0.9
 
