@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference", action="store_true",
                     help="run the reference configuration exactly (one layer, pool 2, ImageNet normalisation, "
                          "plain FRE)")
+    ev.add_argument("--pixel_metrics", choices=["auto", "off"], default="auto",
+                    help="auto: maps and pixel AUROC / PRO / pixel F1-max where masks exist; off: image metrics only")
     ev.add_argument("--json", default=None, help="write the results as JSON to this path")
     ev.add_argument("--list_models", action="store_true", help="print the available backbones and exit")
 
@@ -96,7 +98,8 @@ def _n_components(value: float) -> int | float:
 
 
 def _run_evaluate(root: Path, categories: list[str], config, device: str, batch_size: int,
-                  workers: int | None, weights: str | None, json_path: str | None, extra: dict) -> int:
+                  workers: int | None, weights: str | None, json_path: str | None, extra: dict,
+                  pixel_metrics: bool = True) -> int:
     from fre_torch.data import MVTecCategory, list_categories
     from fre_torch.detector import FREDetector
     from fre_torch.evaluate import evaluate_category, format_table, summarize, write_json
@@ -118,7 +121,7 @@ def _run_evaluate(root: Path, categories: list[str], config, device: str, batch_
         bar = _Progress(len(cat.train) + len(cat.test), name)
         try:
             results[name] = evaluate_category(detector, root, name, batch_size=batch_size, num_workers=workers,
-                                              progress=bar)
+                                              progress=bar, pixel_metrics=pixel_metrics)
         finally:
             bar.close()
     print(format_table(results))
@@ -147,7 +150,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                 kernel=args.kernel, kernel_features=args.kernel_features,
                                 kernel_method=args.kernel_method)
     return _run_evaluate(Path(args.dataset_directory), list(args.object_category), config, device,
-                         args.batch_size, args.workers, args.weights, args.json, {"reference": args.reference})
+                         args.batch_size, args.workers, args.weights, args.json, {"reference": args.reference},
+                         pixel_metrics=args.pixel_metrics == "auto")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

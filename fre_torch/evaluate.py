@@ -51,12 +51,18 @@ def _sync(device: torch.device) -> None:
 
 
 def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: str, *, batch_size: int = 32,
-                      num_workers: int | None = None, progress: Progress | None = None) -> dict[str, Any]:
+                      num_workers: int | None = None, progress: Progress | None = None,
+                      pixel_metrics: bool = True) -> dict[str, Any]:
     """Fit ``detector`` on ``<root>/<category>/train/good`` and evaluate it on ``test/*``.
+
+    Args:
+        pixel_metrics: also compute maps and pixel AUROC / PRO / pixel F1-max when the category has masks (and
+            the detector is linear).
 
     Returns:
         ``{"image_auroc", "image_aupr", "image_f1_max", "n_train", "n_test", "fit_seconds",
-        "test_images_per_second"}`` plus ``"scores"`` (list, test order) and ``"labels"``.
+        "test_images_per_second"}``, ``"pixel_auroc", "pro", "pixel_f1_max"`` when computed, plus ``"scores"``
+        (list, test order) and ``"labels"``.
     """
     cat = MVTecCategory.load(root, category)
     size = detector.config.input_size
@@ -69,7 +75,7 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
     _sync(device)
     fit_seconds = time.perf_counter() - t0
 
-    segment = detector.config.kernel is None and any(m is not None for m in cat.mask_paths)
+    segment = pixel_metrics and detector.config.kernel is None and any(m is not None for m in cat.mask_paths)
     t0 = time.perf_counter()
     if segment:
         scores, grid_maps = detector.score_and_maps(_Counted(test, progress))
