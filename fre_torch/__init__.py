@@ -6,6 +6,7 @@ the backbones (torchvision) on top.
 
 from .backbones import WeightsUnavailableError, get_backbone_spec, list_backbones
 from .detector import DetectorConfig, FREDetector, ModelFileError
+from .kernel import ExactKernelFRE, KernelFRE
 from .pca import PCA
 from .subspace import CovarianceAccumulator, GramAccumulator, Subspace, fit_covariance, fit_gram, fit_rows
 
@@ -13,6 +14,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PCA",
+    "KernelFRE",
+    "ExactKernelFRE",
     "DetectorConfig",
     "FREDetector",
     "ModelFileError",
