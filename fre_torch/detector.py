@@ -38,8 +38,7 @@ from .subspace import (
     CovarianceAccumulator,
     GramAccumulator,
     Subspace,
-    fit_covariance,
-    fit_gram,
+    fit_accumulator,
     resolve_solver,
     select_n_components,
 )
@@ -324,8 +323,6 @@ class FREDetector(nn.Module):
     def _fit_kernel(self, data: Any, batch_size: int) -> FREDetector:
         """Kernel mode: the bandwidth (median heuristic) and landmarks come from ALL training vectors, so their rows
         are gathered into one preallocated tensor per layer, then fitted in one shot."""
-        from .kernel import KernelFRE
-
         n = _length(data)
         if n is None:
             raise ValueError("kernel mode needs a sized training set (a tensor, a list or a DataLoader)")
@@ -352,16 +349,11 @@ class FREDetector(nn.Module):
                          device=self.device)
 
     def _solve(self, acc: GramAccumulator | CovarianceAccumulator) -> Subspace:
-        n_seen = acc.n_samples if isinstance(acc, GramAccumulator) else acc._count
-        if n_seen < 2:
-            raise ValueError(f"need at least 2 training images, got {n_seen}")
         stats = acc.gram if isinstance(acc, GramAccumulator) else acc.scatter
         if not bool(torch.isfinite(stats).all()):
             raise ValueError("the backbone produced NaN or Inf features on the training images; "
                              "check the weights file and the input images")
-        if isinstance(acc, GramAccumulator):
-            return fit_gram(acc.rows, self.config.n_components, gram=acc.gram)
-        return fit_covariance(acc, self.config.n_components, dtype=torch.float32)
+        return fit_accumulator(acc, self.config.n_components, what="training images")
 
     # ------------------------------------------------------------------------------------------------ scoring
     def score_features(self, features: Sequence[Tensor]) -> Tensor:

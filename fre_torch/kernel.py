@@ -38,8 +38,7 @@ from .subspace import (
     NComponents,
     Subspace,
     check_features,
-    fit_covariance,
-    fit_gram,
+    fit_accumulator,
     resolve_solver,
     select_n_components,
 )
@@ -600,13 +599,7 @@ class KernelFRE(nn.Module):
         acc = self._acc
         if self.subspace is not None or acc is None:
             return
-        n = acc.n_samples if isinstance(acc, GramAccumulator) else acc._count
-        if n < 2:
-            raise ValueError(f"need at least 2 samples to fit, got {n}; call partial_fit with more data")
-        if isinstance(acc, GramAccumulator):
-            self.subspace = fit_gram(acc.rows, self.n_components, gram=acc.gram)
-        else:
-            self.subspace = fit_covariance(acc, self.n_components, dtype=self._map_dtype())
+        self.subspace = fit_accumulator(acc, self.n_components, dtype=self._map_dtype())
 
     def fitted_subspace(self) -> Subspace:
         """The ``Subspace`` of the mapped training rows (solving pending statistics first)."""

@@ -23,8 +23,7 @@ from .subspace import (
     NComponents,
     Subspace,
     check_features,
-    fit_covariance,
-    fit_gram,
+    fit_accumulator,
     fit_rows,
     resolve_solver,
     select_n_components,
@@ -146,14 +145,7 @@ class PCA:
         if self._subspace is None:
             if self._acc is None:
                 raise ValueError("this PCA is not fitted yet; call fit(X) or partial_fit(X) first")
-            acc = self._acc
-            n = acc.n_samples if isinstance(acc, GramAccumulator) else acc._count
-            if n < 2:
-                raise ValueError(f"need at least 2 samples to fit, got {n}; call partial_fit with more data")
-            if isinstance(acc, GramAccumulator):
-                self._subspace = fit_gram(acc.rows, self.n_components, gram=acc.gram)
-            else:
-                self._subspace = fit_covariance(acc, self.n_components, dtype=self._dtype or torch.float32)
+            self._subspace = fit_accumulator(self._acc, self.n_components, dtype=self._dtype or torch.float32)
         return self._subspace
 
     # ----------------------------------------------------------------------------------------------- scoring

@@ -29,6 +29,7 @@ __all__ = [
     "Subspace",
     "check_features",
     "fit_covariance",
+    "fit_accumulator",
     "fit_gram",
     "fit_rows",
     "resolve_solver",
@@ -497,6 +498,18 @@ def _complete_basis(basis: Tensor, m: int) -> Tensor:
         cand = cand - (cand @ basis.T) @ basis
     q, _ = torch.linalg.qr(cand.T)
     return q.T
+
+
+def fit_accumulator(acc: GramAccumulator | CovarianceAccumulator, n_components: NComponents = None, *,
+                    dtype: torch.dtype = torch.float32, what: str = "samples") -> Subspace:
+    """Solve streaming statistics of either kind (the Gram rows keep their own dtype; ``dtype`` is for the
+    covariance path). ``ValueError`` below 2 samples, naming ``what`` was counted."""
+    n = acc.n_samples if isinstance(acc, GramAccumulator) else acc._count
+    if n < 2:
+        raise ValueError(f"need at least 2 {what} to fit, got {n}")
+    if isinstance(acc, GramAccumulator):
+        return fit_gram(acc.rows, n_components, gram=acc.gram)
+    return fit_covariance(acc, n_components, dtype=dtype)
 
 
 def fit_rows(x: Tensor, n_components: NComponents = None, *, solver: Solver = "auto",
