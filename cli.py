@@ -149,6 +149,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                 pool=args.pool, n_components=_n_components(args.pca), fusion=args.fusion,
                                 kernel=args.kernel, kernel_features=args.kernel_features,
                                 kernel_method=args.kernel_method)
+    if args.kernel is not None and args.pixel_metrics == "auto":
+        print("note: pixel metrics need the linear mode (kernel FRE scores whole images); reporting image metrics",
+              file=sys.stderr)
     return _run_evaluate(Path(args.dataset_directory), list(args.object_category), config, device,
                          args.batch_size, args.workers, args.weights, args.json, {"reference": args.reference},
                          pixel_metrics=args.pixel_metrics == "auto")

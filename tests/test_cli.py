@@ -241,3 +241,11 @@ def test_program_demo(tmp_path: Path) -> None:
     doc = json.loads(out_json.read_text(encoding="utf-8"))
     _check_document(doc, ["object", "texture"], 40, 30, {"demo"})
     assert doc["config"]["demo"] is True
+
+
+def test_kernel_evaluate_says_maps_need_linear_mode(dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(["evaluate", "--dataset_directory", str(dataset), *LITE, "--object_category", "texture",
+                           "--kernel", "rbf", "--kernel_features", "64", "--batch_size", "8"], capsys)
+    assert code == 0, err
+    assert "pixel metrics need the linear mode" in err
+    assert list(_table_rows(out)) == ["texture", "mean"]
