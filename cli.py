@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""fre_torch command line: ``evaluate`` (the reference run_mvtec.py, and better) and ``demo``.
+"""fre_torch command line: ``evaluate`` (the reference run_mvtec.py, and better), ``fit`` / ``predict`` on your
+own images, and ``demo``.
 
     python cli.py demo
     python cli.py evaluate --dataset_directory ../shared/data/mvtec_bottle --object_category bottle \\
@@ -80,6 +81,31 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="write the results as JSON to this path")
     ev.add_argument("--list_models", action="store_true", help="print the available backbones and exit")
 
+    fit = sub.add_parser("fit", help="fit on a folder of normal images and save a model file with a threshold")
+    fit.add_argument("--train_dir", required=True, help="folder of normal images (searched recursively)")
+    fit.add_argument("--out", required=True, help="model file to write")
+    fit.add_argument("--model", default="efficientnet_lite0", help="backbone (default efficientnet_lite0)")
+    fit.add_argument("--layers", nargs="+", default=None)
+    fit.add_argument("--input_size", type=int, default=0)
+    fit.add_argument("--pca", type=float, default=0.97)
+    fit.add_argument("--holdout", type=float, default=0.2,
+                     help="fraction of the normal images held out to set the threshold (default 0.2)")
+    fit.add_argument("--quantile", type=float, default=0.99,
+                     help="threshold = this quantile of the held-out scores (default 0.99: ~1%% flagged)")
+    fit.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    fit.add_argument("--batch_size", type=int, default=32)
+    fit.add_argument("--workers", type=int, default=None)
+    fit.add_argument("--weights", default=None, help="local backbone weights file (state dict)")
+
+    pr = sub.add_parser("predict", help="score images with a saved model; writes predictions.csv")
+    pr.add_argument("--model_file", required=True)
+    pr.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
+    pr.add_argument("--out", default=".", help="folder for predictions.csv (default: current folder)")
+    pr.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    pr.add_argument("--batch_size", type=int, default=32)
+    pr.add_argument("--workers", type=int, default=None)
+    pr.add_argument("--weights", default=None, help="the local backbone weights file the model was fitted with")
+
     demo = sub.add_parser("demo", help="generate a small synthetic MVTec-layout dataset and evaluate it")
     demo.add_argument("--out", default=None, help="folder for the dataset (default: a temporary folder)")
     demo.add_argument("--seed", type=int, default=0)
@@ -157,6 +183,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                          pixel_metrics=args.pixel_metrics == "auto")
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    from fre_torch.backbones import list_backbones
+    from fre_torch.detector import DetectorConfig
+    from fre_torch.predict import fit_folder
+
+    if args.model not in list_backbones():
+        raise CliError(f"unknown model {args.model!r}; available: {', '.join(list_backbones())}")
+    if not Path(args.train_dir).is_dir():
+        raise CliError(f"training folder not found: {args.train_dir}")
+    if args.batch_size < 1:
+        raise CliError(f"--batch_size must be >= 1, got {args.batch_size}")
+    config = DetectorConfig(backbone=args.model, layers=tuple(args.layers or ()), input_size=args.input_size,
+                            n_components=_n_components(args.pca))
+    det = fit_folder(args.train_dir, config, device=args.device, holdout=args.holdout, quantile=args.quantile,
+                     batch_size=args.batch_size, num_workers=args.workers, weights=args.weights)
+    path = det.save(args.out)
+    size_mb = path.stat().st_size / 2**20
+    print(f"wrote {path} ({size_mb:.1f} MB): {args.model} {list(config.layers)}, threshold {float(det.threshold):.4g} "
+          f"= the {args.quantile:g} quantile of {det.calibration_scores.numel()} held-out normal images")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fre_torch.detector import FREDetector
+    from fre_torch.predict import predict_paths, resolve_inputs, write_predictions_csv
+
+    det = FREDetector.load(args.model_file, device=args.device, weights=args.weights)
+    paths = resolve_inputs(args.paths)
+    bar = _Progress(len(paths), "predict")
+    try:
+        rows = predict_paths(det, paths, batch_size=args.batch_size, num_workers=args.workers, progress=bar)
+    finally:
+        bar.close()
+    out = write_predictions_csv(rows, args.out)
+    flagged = sum(1 for r in rows if r["is_anomalous"])
+    failed = sum(1 for r in rows if r["error"])
+    print(f"wrote {out}: {len(rows)} images, {flagged} anomalous, {failed} unreadable")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fre_torch.detector import DetectorConfig
     from fre_torch.synthetic import write_synthetic_mvtec
@@ -172,7 +238,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"evaluate": cmd_evaluate, "demo": cmd_demo}[args.command](args)
+        commands = {"evaluate": cmd_evaluate, "fit": cmd_fit, "predict": cmd_predict, "demo": cmd_demo}
+        return commands[args.command](args)
     except CliError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -256,6 +256,10 @@ class FREDetector(nn.Module):
         self.extractor: FeatureExtractor = extractor.to(self.device, memory_format=torch.channels_last)
         self.subspaces = nn.ModuleList()
         self.register_buffer("scales", torch.ones(0, dtype=torch.float64, device=self.device))
+        # Calibration on held-out normal images (see ``calibrate``): their sorted scores and the threshold.
+        self.register_buffer("calibration_scores", torch.empty(0, dtype=torch.float32, device=self.device))
+        self.register_buffer("threshold", torch.full((), float("nan"), dtype=torch.float32, device=self.device))
+        self.threshold_quantile: float | None = None
         self._weights_id = _weights_identity(self.config.backbone, pretrained, weights)
 
     @property
@@ -394,6 +398,36 @@ class FREDetector(nn.Module):
         feats = self.features(images)
         return self.score_features(feats), self.maps_from_features(feats)
 
+    # ------------------------------------------------------------------------------------------------ threshold
+    def calibrate(self, held_out: Any, *, quantile: float = 0.99, batch_size: int = 32) -> FREDetector:
+        """Set the decision threshold from normal images the subspaces were NOT fitted on.
+
+        The threshold is the ``quantile`` of their scores (linear interpolation, ``torch.quantile``), so about
+        ``1 - quantile`` of normal images are flagged; no anomalous example and no test label is used. The sorted
+        held-out scores are kept for ``calibrated_score``.
+        """
+        if not 0.0 < quantile < 1.0:
+            raise ValueError(f"quantile must lie in (0, 1), got {quantile}; e.g. 0.99 flags about 1 % of normal images")
+        scores = self.score(held_out, batch_size=batch_size).float()
+        if scores.numel() < 2:
+            raise ValueError(f"need at least 2 held-out normal images to set a threshold, got {scores.numel()}")
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError("held-out normal images produced NaN/Inf scores; check the images and weights")
+        self.calibration_scores = torch.sort(scores).values
+        self.threshold = torch.quantile(scores, quantile)
+        self.threshold_quantile = float(quantile)
+        return self
+
+    def calibrated_score(self, scores: Tensor) -> Tensor:
+        """Fraction of held-out normal scores at or above each score, (N,) -> (N,) in [0, 1]: a p-value-like
+        number that reads the same for every model (small = unusual)."""
+        if self.calibration_scores.numel() == 0:
+            raise ValueError("this detector has no calibration; fit it with a held-out split (cli.py fit) or call "
+                             "calibrate(held_out_normal_images)")
+        ref = self.calibration_scores
+        below = torch.searchsorted(ref, scores.to(ref.dtype).contiguous(), right=False)
+        return (ref.numel() - below).to(torch.float32) / ref.numel()
+
     @torch.inference_mode()
     def score_and_maps(self, data: Any, *, batch_size: int = 32) -> tuple[Tensor, Tensor]:
         """Scores ``(N,)`` and grid maps ``(N, grid, grid)`` for a tensor or loader of images, in one pass."""
@@ -429,6 +463,9 @@ class FREDetector(nn.Module):
             "weights_id": self._weights_id,
             "subspaces": [{k: v.detach().cpu() for k, v in s.state_dict().items()} for s in self.subspaces],
             "scales": self.scales.detach().cpu(),
+            "calibration_scores": self.calibration_scores.detach().cpu(),
+            "threshold": self.threshold.detach().cpu(),
+            "threshold_quantile": self.threshold_quantile,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
@@ -479,6 +516,10 @@ class FREDetector(nn.Module):
                                  f"{len(config.layer_features)}")
         det.subspaces = nn.ModuleList(subspaces)
         det.scales = payload["scales"].to(det.device)
+        if "calibration_scores" in payload:
+            det.calibration_scores = payload["calibration_scores"].to(det.device)
+            det.threshold = payload["threshold"].to(det.device)
+            det.threshold_quantile = payload.get("threshold_quantile")
         return det
 
 
