@@ -9,7 +9,6 @@ import gc
 import json
 import sys
 
-import numpy as np
 import torch
 
 from benchmarks.common import best_of, current_rss_bytes, low_rank_features, peak_rss_bytes, reset_peak_rss
