@@ -39,6 +39,7 @@ from .subspace import (
     Subspace,
     check_features,
     fit_accumulator,
+    make_room,
     resolve_solver,
     select_n_components,
 )
@@ -558,9 +559,7 @@ class KernelFRE(nn.Module):
         step = _row_chunk(max(m, x.shape[1]))
         for start in range(0, x.shape[0], step):
             phi = self.feature_map(x[start:start + step].to(dev))
-            if (self.solver == "auto" and isinstance(acc, GramAccumulator)
-                    and acc.n_samples + phi.shape[0] >= m):
-                acc = acc.to_covariance()  # N has outgrown M: the M x M statistics are now the smaller ones
+            acc = make_room(acc, phi.shape[0], self.solver)
             acc.update(phi, check_finite=False)
         object.__setattr__(self, "_acc", acc)
         self.subspace = None  # solved lazily on first use

@@ -24,6 +24,7 @@ from .subspace import (
     Subspace,
     check_features,
     fit_accumulator,
+    make_room,
     fit_rows,
     resolve_solver,
     select_n_components,
@@ -121,10 +122,7 @@ class PCA:
             self._acc = self._new_accumulator(t.shape[1], dev, t.dtype)
             self._numpy = _is_numpy(X)
             self._dtype = t.dtype
-        acc = self._acc
-        if (self.solver == "auto" and isinstance(acc, GramAccumulator)
-                and acc.n_samples + t.shape[0] >= acc.n_features):
-            acc = acc.to_covariance()  # N has outgrown D: the D x D statistics are now the smaller ones
+        acc = make_room(self._acc, t.shape[0], self.solver)
         acc.update(t.to(dev), check_finite=False)  # already checked above
         self._acc = acc
         self._subspace = None  # solved lazily on first use

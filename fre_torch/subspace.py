@@ -30,6 +30,7 @@ __all__ = [
     "check_features",
     "fit_covariance",
     "fit_accumulator",
+    "make_room",
     "fit_gram",
     "fit_rows",
     "resolve_solver",
@@ -498,6 +499,15 @@ def _complete_basis(basis: Tensor, m: int) -> Tensor:
         cand = cand - (cand @ basis.T) @ basis
     q, _ = torch.linalg.qr(cand.T)
     return q.T
+
+
+def make_room(acc: GramAccumulator | CovarianceAccumulator, n_new: int,
+              solver: str) -> GramAccumulator | CovarianceAccumulator:
+    """The accumulator to take ``n_new`` more rows: with ``solver='auto'`` a Gram accumulator whose N would reach
+    D becomes the equivalent covariance one (the D x D statistics are then the smaller)."""
+    if solver == "auto" and isinstance(acc, GramAccumulator) and acc.n_samples + n_new >= acc.n_features:
+        return acc.to_covariance()
+    return acc
 
 
 def fit_accumulator(acc: GramAccumulator | CovarianceAccumulator, n_components: NComponents = None, *,
