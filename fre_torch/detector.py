@@ -43,7 +43,8 @@ from .subspace import (
     select_n_components,
 )
 
-__all__ = ["DEFAULT_LAYERS", "DetectorConfig", "FREDetector", "ModelFileError", "embed", "upsample_maps"]
+__all__ = ["DEFAULT_LAYERS", "DetectorConfig", "FREDetector", "MAP_SCALE_QUANTILE", "ModelFileError", "embed",
+           "upsample_maps"]
 
 _FORMAT = "fre_torch.detector"
 _VERSION = 1
@@ -260,6 +261,9 @@ class FREDetector(nn.Module):
         self.register_buffer("calibration_scores", torch.empty(0, dtype=torch.float32, device=self.device))
         self.register_buffer("threshold", torch.full((), float("nan"), dtype=torch.float32, device=self.device))
         self.threshold_quantile: float | None = None
+        # Heatmap colour scale: a high quantile of normal images' grid-map values (``set_map_scale``), so a heatmap's
+        # colours mean the same thing on every image and are never set from test scores.
+        self.register_buffer("map_scale", torch.full((), float("nan"), dtype=torch.float32, device=self.device))
         self._weights_id = _weights_identity(self.config.backbone, pretrained, weights)
 
     @property
@@ -404,11 +408,16 @@ class FREDetector(nn.Module):
 
         The threshold is the ``quantile`` of their scores (linear interpolation, ``torch.quantile``), so about
         ``1 - quantile`` of normal images are flagged; no anomalous example and no test label is used. The sorted
-        held-out scores are kept for ``calibrated_score``.
+        held-out scores are kept for ``calibrated_score``. In linear mode the same pass sets ``map_scale`` (the
+        heatmap colour scale) from the held-out maps.
         """
         if not 0.0 < quantile < 1.0:
             raise ValueError(f"quantile must lie in (0, 1), got {quantile}; e.g. 0.99 flags about 1 % of normal images")
-        scores = self.score(held_out, batch_size=batch_size).float()
+        if self.config.kernel is None:
+            scores, maps = self.score_and_maps(held_out, batch_size=batch_size)
+        else:
+            scores, maps = self.score(held_out, batch_size=batch_size), None
+        scores = scores.float()
         if scores.numel() < 2:
             raise ValueError(f"need at least 2 held-out normal images to set a threshold, got {scores.numel()}")
         if not bool(torch.isfinite(scores).all()):
@@ -416,6 +425,18 @@ class FREDetector(nn.Module):
         self.calibration_scores = torch.sort(scores).values
         self.threshold = torch.quantile(scores, quantile)
         self.threshold_quantile = float(quantile)
+        if maps is not None:
+            self.map_scale = _map_quantile(maps)
+        return self
+
+    @torch.inference_mode()
+    def set_map_scale(self, normal: Any, *, batch_size: int = 32) -> FREDetector:
+        """Set ``map_scale``, the value shown as full colour in heatmaps, from normal images: the
+        ``MAP_SCALE_QUANTILE`` of their grid-map values. Prefer images the subspaces were not fitted on (``calibrate``
+        does this with the held-out split); on the training images themselves the residuals are slightly smaller,
+        so the colours saturate a little earlier."""
+        _, maps = self.score_and_maps(normal, batch_size=batch_size)
+        self.map_scale = _map_quantile(maps)
         return self
 
     def calibrated_score(self, scores: Tensor) -> Tensor:
@@ -466,6 +487,7 @@ class FREDetector(nn.Module):
             "calibration_scores": self.calibration_scores.detach().cpu(),
             "threshold": self.threshold.detach().cpu(),
             "threshold_quantile": self.threshold_quantile,
+            "map_scale": self.map_scale.detach().cpu(),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
@@ -520,7 +542,22 @@ class FREDetector(nn.Module):
             det.calibration_scores = payload["calibration_scores"].to(det.device)
             det.threshold = payload["threshold"].to(det.device)
             det.threshold_quantile = payload.get("threshold_quantile")
+        if "map_scale" in payload:
+            det.map_scale = payload["map_scale"].to(det.device)
         return det
+
+
+MAP_SCALE_QUANTILE = 0.999
+
+
+def _map_quantile(maps: Tensor) -> Tensor:
+    """The ``MAP_SCALE_QUANTILE`` of all values of grid maps ``(N, g, g)`` -> 0-dim float32 (exact, via kthvalue;
+    torch.quantile refuses more than 16M elements)."""
+    flat = maps.detach().float().flatten()
+    if flat.numel() == 0 or not bool(torch.isfinite(flat).all()):
+        raise ValueError("cannot set the heatmap scale: no maps, or NaN/Inf in the normal images' maps")
+    k = max(1, min(flat.numel(), int(round(MAP_SCALE_QUANTILE * flat.numel()))))
+    return flat.kthvalue(k).values.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def _weights_identity(backbone: str, pretrained: bool, weights: str | os.PathLike | None) -> str:
