@@ -1,0 +1,163 @@
+"""Out-of-fold scores of the training images: an honest threshold and heatmap scale when no held-out split exists.
+
+``cli.py evaluate`` fits on every ``train/good`` image, so it has no normal image the model has not seen. Scoring
+the training images themselves is useless for a threshold: the subspace is fitted to them and typically keeps
+nearly as many components as there are images, so their residuals are far smaller than those of new normal images
+(MVTec bottle, EfficientNet-Lite0: median training score 1.9 against 26 on normal test images; a threshold at their
+0.99 quantile flagged every normal test image). Cross-fitting fixes this at almost the cost of one pass: the
+training features are extracted once, then each of ``k`` folds is scored by a detector fitted, on those cached
+features, to the other ``k - 1`` folds. Every training image thus gets a score (and a map) from a model that never
+saw it. The fold models see ``(k - 1) / k`` of the images, so their scores of unseen images run a little higher
+than the full model's would: a threshold from them errs on the side of fewer false positives.
+
+Data-parallel mode (``fre_torch.distributed``): each rank passes its shard and cuts it into the same number of folds;
+fold ``f`` of the whole set is the union of the ranks' folds ``f``, which the fold fits merge as any fit does, and the
+out-of-fold scores and maps are gathered (in rank order) before the quantiles.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .detector import FREDetector, _map_quantile
+from .distributed import gather_rows, is_distributed, rank
+
+__all__ = ["CROSS_FIT_FOLDS", "CrossFit", "cross_fit"]
+
+CROSS_FIT_FOLDS = 5
+"""Folds of ``cross_fit``: each fold model sees 80 % of the training images."""
+
+
+@dataclass(frozen=True)
+class CrossFit:
+    """Out-of-fold results on ``N`` training images.
+
+    Attributes:
+        scores: ``(N,)`` float32, each image scored by the fold model that did not see it (input order; all ranks'
+            images in rank order in data-parallel mode).
+        maps: ``(N, g, g)`` float32 grid maps likewise, or None in kernel mode.
+        threshold: the ``quantile`` of ``scores`` (``torch.quantile``, linear interpolation).
+        quantile: that quantile.
+        map_scale: ``MAP_SCALE_QUANTILE`` of all values of ``maps`` (as ``FREDetector.set_map_scale``), or None.
+        folds: the number of folds used.
+    """
+
+    scores: Tensor
+    maps: Tensor | None
+    threshold: float
+    quantile: float
+    map_scale: float | None
+    folds: int
+
+
+class _IndexBatches:
+    """Batches of row indices, shaped ``(B, 1, 1, 1)`` like image batches, standing in for the images of a fold.
+
+    ``FREDetector.fit`` / ``score`` take any iterable of 4-d batches and size it from ``.dataset``; a fold detector
+    whose ``features`` looks rows up in the cache then runs its own, unchanged fitting and scoring on them.
+    """
+
+    def __init__(self, index: Tensor, batch_size: int) -> None:
+        self.index, self.batch_size = index, batch_size
+        self.dataset = range(index.numel())
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for start in range(0, self.index.numel(), self.batch_size):
+            yield self.index[start:start + self.batch_size].view(-1, 1, 1, 1)
+
+
+def _extract(detector: FREDetector, data: Any, batch_size: int) -> list[Tensor]:
+    """Per-layer feature rows ``[(N, D_l)]`` of every image in ``data`` (a uint8 ``(N, 3, H, W)`` tensor or an
+    iterable of such batches or of dicts with ``"image"``), on the detector's device."""
+    if isinstance(data, Tensor):
+        data = [data[s:s + batch_size] for s in range(0, data.shape[0], batch_size)]
+    parts: list[list[Tensor]] = []
+    for item in data:
+        images = item["image"] if isinstance(item, dict) else item
+        parts.append(detector.features(images))  # stays on the device: no host sync per batch
+    if not parts:
+        raise ValueError("no training images to cross-fit")
+    return [torch.cat(layer) for layer in zip(*parts)]
+
+
+def _fold_detector(detector: FREDetector, cache: Sequence[Tensor]) -> FREDetector:
+    """A copy of ``detector`` (backbone shared, not copied; the original untouched) that reads cached rows."""
+    # The memo shares the backbone and the already fitted subspaces with the original instead of copying them; the
+    # fold's fit then replaces its own ``subspaces`` and buffers, never the original's.
+    memo = {id(detector.extractor): detector.extractor, id(detector.subspaces): detector.subspaces}
+    fold = copy.deepcopy(detector, memo)
+
+    def cached_features(index: Tensor) -> list[Tensor]:
+        rows = index.reshape(-1).to(cache[0].device)
+        return [layer[rows] for layer in cache]
+
+    fold.features = cached_features  # type: ignore[method-assign]  # instance attribute: this copy only
+    return fold
+
+
+def cross_fit(detector: FREDetector, data: Any, *, folds: int = CROSS_FIT_FOLDS, quantile: float = 0.99,
+              seed: int = 0, batch_size: int = 32) -> CrossFit:
+    """Out-of-fold scores, maps, threshold and heatmap scale of the training images, ``detector`` unchanged.
+
+    Args:
+        detector: its configuration, backbone and device are used; it need not be fitted and is not modified.
+        data: the training images: uint8 ``(N, 3, H, W)`` or an iterable (e.g. ``make_loader``) of such batches or
+            of dicts with ``"image"``; read once.
+        folds: ``k``; a seeded random permutation is cut into ``min(k, N)`` folds of near-equal size.
+        quantile: the threshold's quantile of the out-of-fold scores, in (0, 1).
+        seed: seeds the fold assignment.
+        batch_size: rows per batch in the fold fits and scoring.
+
+    Raises:
+        ValueError: fewer than 4 images, a bad ``folds`` or ``quantile``, or NaN/Inf out-of-fold scores.
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must lie in (0, 1), got {quantile}; e.g. 0.99 flags about 1 % of normal images")
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"folds must be an int >= 2, got {folds!r}")
+    cache = _extract(detector, data, batch_size)
+    n = cache[0].shape[0]
+    counts = gather_rows(torch.tensor([n]))  # data-parallel: every rank's count in rank order (identity otherwise)
+    n_total = int(counts.sum())
+    if n_total < 4:
+        raise ValueError(f"cross-fitting needs at least 4 training images (each fold model fits on the others), "
+                         f"got {n_total}; add training images")
+    k = min(folds, n_total)  # the same on every rank: each fold fit is a collective in data-parallel mode
+    # Folds are drawn over the GLOBAL image order, so a data-parallel run holds out exactly the images one process
+    # would: global position p of the seeded permutation goes to fold p mod k; this rank owns a contiguous slice.
+    order = torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))
+    fold_of = torch.empty(n_total, dtype=torch.int64)
+    fold_of[order] = torch.arange(n_total) % k
+    offset = int(counts[:rank()].sum()) if is_distributed() else 0
+    fold_of = fold_of[offset:offset + n]
+    linear = detector.config.kernel is None
+    scores = torch.empty(n, dtype=torch.float32, device=cache[0].device)
+    g = detector.config.grid
+    maps = torch.empty(n, g, g, dtype=torch.float32, device=cache[0].device) if linear else None
+    for f in range(k):
+        held = torch.nonzero(fold_of == f).flatten()
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[held] = False
+        fold = _fold_detector(detector, cache).fit(_IndexBatches(torch.arange(n)[keep], batch_size))
+        if held.numel() == 0:  # a data-parallel shard smaller than k: nothing of it held out in this fold
+            continue
+        rows = _IndexBatches(held, batch_size)
+        if linear:
+            fold_scores, fold_maps = fold.score_and_maps(rows)
+            maps[held.to(maps.device)] = fold_maps.float()
+        else:
+            fold_scores = fold.score(rows)
+        scores[held.to(scores.device)] = fold_scores.float()
+    scores_cpu = gather_rows(scores).cpu()  # data-parallel: all ranks' rows in order (identity otherwise)
+    if not bool(torch.isfinite(scores_cpu).all()):
+        raise ValueError("cross-fitting gave NaN/Inf scores on the training images; check the images and weights")
+    maps_cpu = gather_rows(maps).cpu() if maps is not None else None
+    map_scale = float(_map_quantile(maps_cpu)) if maps_cpu is not None else None
+    return CrossFit(scores=scores_cpu, maps=maps_cpu, threshold=float(torch.quantile(scores_cpu, quantile)),
+                    quantile=float(quantile), map_scale=map_scale, folds=k)

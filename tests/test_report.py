@@ -1,0 +1,162 @@
+"""evaluate --report: a static, offline HTML page; a threshold that never sees test labels; rendered in Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cli
+from fre_torch.crossfit import cross_fit
+from fre_torch.data import MVTecCategory, load_image
+from fre_torch.detector import DetectorConfig, FREDetector
+from fre_torch.evaluate import THRESHOLD_QUANTILE, evaluate_category
+from fre_torch.report import NORMAL_COLOUR, write_report
+from fre_torch.synthetic import write_synthetic_mvtec
+
+LITE = ["--model", "efficientnet_lite0", "--input_size", "64", "--device", "cpu", "--batch_size", "32"]
+
+
+class _Images(HTMLParser):
+    """Collects ``<img src>`` values and whether any script or external reference appears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.srcs: list[str] = []
+        self.scripts = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.srcs.append(dict(attrs)["src"] or "")
+        if tag == "script":
+            self.scripts += 1
+
+
+def _images(html: str) -> _Images:
+    parser = _Images()
+    parser.feed(html)
+    return parser
+
+
+def _resolve(index: Path, src: str) -> Path:
+    parsed = urlparse(src)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    assert not parsed.scheme and not parsed.netloc, src  # a relative file, nothing to fetch
+    return index.parent / unquote(parsed.path)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two categories, 8 training and 6 test images each (2 good, 2 per defect type)."""
+    return write_synthetic_mvtec(tmp_path_factory.mktemp("report") / "ds", n_train=8, n_test_good=2,
+                                 n_test_defect=2, size=64)
+
+
+@pytest.fixture(scope="module")
+def report(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("report_out")
+    argv = ["evaluate", "--dataset_directory", str(dataset), *LITE, "--report", str(out / "report"),
+            "--json", str(out / "results.json")]
+    assert cli.main(argv) == 0
+    return out / "report" / "index.html", json.loads((out / "results.json").read_text())
+
+
+def test_report_is_a_static_page_whose_images_exist(report: tuple[Path, dict]) -> None:
+    index, doc = report
+    html = index.read_text(encoding="utf-8")
+    parser = _images(html)
+    assert parser.scripts == 0 and "http://" not in html and "https://" not in html  # offline, no JS
+    for name in ("object", "texture"):
+        assert f"<h2>{name}</h2>" in html
+        assert "threshold" in doc["categories"][name]
+    # per category: the curves, the colour bar and 2 + 4 worst-image panels (2 good, 4 defective test images)
+    assert len(parser.srcs) == 2 * (2 + 2 + 4)
+    for src in parser.srcs:
+        path = _resolve(index, src)
+        assert path.is_file(), src
+        with Image.open(path) as img:
+            img.load()  # decodes
+            assert img.width > 0 and img.height > 0
+    assert not list(index.parent.rglob("*.partial"))
+
+
+def test_threshold_ignores_test_labels(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=64), device="cpu")
+    first = evaluate_category(det, dataset, "object", keep_maps=True)
+    true_labels = MVTecCategory.load(dataset, "object").test_labels
+    permuted = true_labels.roll(1)
+    assert not torch.equal(permuted, true_labels)
+    monkeypatch.setattr(MVTecCategory, "test_labels", property(lambda self: permuted.clone()))
+    second = evaluate_category(det, dataset, "object", keep_maps=True)
+    assert second["labels"] == permuted.tolist()  # the permutation took effect ...
+    assert second["image_auroc"] != first["image_auroc"]
+    assert second["threshold"] == first["threshold"]  # ... the threshold and the colour scale did not move
+    assert second["map_scale"] == first["map_scale"]
+    # it is the 0.99 quantile of the training images' out-of-fold scores: training images only
+    train = torch.stack([load_image(p, 64) for p in MVTecCategory.load(dataset, "object").train])
+    in_sample = det.score(train)
+    oof = cross_fit(det, train, quantile=THRESHOLD_QUANTILE)
+    assert torch.equal(det.score(train), in_sample)  # cross_fit leaves the detector's own fit alone
+    assert oof.threshold == pytest.approx(first["threshold"], rel=1e-5)
+    assert oof.threshold == pytest.approx(float(torch.quantile(oof.scores, THRESHOLD_QUANTILE)))
+    # in-sample training scores would be far lower (the subspace was fitted to them): why it is cross-fitted
+    assert float(torch.quantile(in_sample, THRESHOLD_QUANTILE)) < first["threshold"]
+    with pytest.raises(ValueError, match="at least 4"):
+        cross_fit(det, train[:3])
+
+
+def test_report_without_maps_and_bad_input(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # kernel mode carries no maps: curves and captions, no panels
+    results = {"k": {"scores": [0.1, 0.2, 0.9, 0.3], "labels": [0, 0, 1, 1], "threshold": 0.35,
+                     "threshold_quantile": 0.99, "image_auroc": 1.0, "n_train": 5,
+                     "paths": [str(p) for p in sorted((dataset / "object" / "test" / "scratch").glob("*.png"))] * 2,
+                     "mask_paths": [None] * 4, "grid_maps": None}}
+    index = write_report(tmp_path / "r", results)
+    html = index.read_text(encoding="utf-8")
+    assert "kernel FRE" in html and "<b class=\"bad\">false negative</b> scratch/001.png" in html
+    assert "<b class=\"bad\">false positive" not in html and "1 of 2 defective" in html
+    assert [Path(unquote(s)).name for s in _images(html).srcs] == ["curves.png"]
+    with pytest.raises(ValueError, match="keep_maps=True"):
+        write_report(tmp_path / "r2", {"k": {"scores": [0.1], "labels": [0]}})
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    with pytest.raises(ValueError, match=r"pip install -e \.\[report\]"):
+        write_report(tmp_path / "r3", results)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium not installed (apt-get install chromium); the report is not rendered")
+def test_report_renders_in_headless_chromium(report: tuple[Path, dict], tmp_path: Path) -> None:
+    index, _ = report
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    url = index.resolve().as_uri()
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", *flags, f"--screenshot={shot}", "--window-size=1280,2000", url],
+                   capture_output=True, timeout=180, check=True)
+    dom = subprocess.run(["chromium", *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180,
+                         check=True).stdout
+    with Image.open(shot) as img:
+        pixels = np.asarray(img.convert("RGB"))
+    assert pixels.shape[:2] == (2000, 1280)
+    colours = np.unique(pixels.reshape(-1, 3), axis=0)
+    assert len(colours) > 2000, len(colours)  # plots and image panels, not a blank or text-only page
+    # The histogram bars' colour exists only inside the PNGs (no CSS uses it): seeing it proves they were drawn.
+    target = np.array([int(NORMAL_COLOUR[i:i + 2], 16) for i in (1, 3, 5)])
+    assert int((np.abs(pixels.astype(int) - target).max(axis=2) <= 6).sum()) > 50
+    # The browser's DOM holds every image of the page, each pointing at a file that decodes.
+    srcs = _images(dom).srcs
+    assert len(srcs) == len(_images(index.read_text(encoding="utf-8")).srcs) > 0
+    for src in srcs:
+        with Image.open(_resolve(index, src)) as img:
+            img.load()
