@@ -4,7 +4,10 @@
   float32 matrices lose accuracy or fail on CUDA, and the cost is small next to feature extraction.
 - Fitted results are cast back to the dtype of the data they were fitted on (``type_as``), like scikit-learn.
 - Scoring runs in ``SCORE_DTYPE`` (float32) unless the caller passes float64 data.
-- Backbones run under bf16 autocast on CUDA and in float32 on the CPU (``autocast``).
+- Backbones run under bf16 autocast on CUDA and in float32 on the CPU (``autocast``, precision ``"auto"``).
+  bf16 keeps float32's exponent range, so activations never overflow as they can in fp16; its AUROC is checked
+  against float32 eager by ``benchmarks/gpu_check.py`` (target: within 0.002). ``"fp32"``, ``"bf16"`` and
+  ``"fp16"`` force one choice, e.g. to measure the others.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 __all__ = [
-    "FIT_DTYPE", "SCORE_DTYPE", "BACKBONE_CUDA_DTYPE", "autocast", "check_device", "score_dtype_for",
+    "FIT_DTYPE", "SCORE_DTYPE", "BACKBONE_CUDA_DTYPE", "PRECISIONS", "autocast", "backbone_dtype", "check_device",
+    "check_precision", "score_dtype_for",
 ]
 
 FIT_DTYPE: torch.dtype = torch.float64
@@ -22,12 +26,31 @@ SCORE_DTYPE: torch.dtype = torch.float32
 BACKBONE_CUDA_DTYPE: torch.dtype = torch.bfloat16
 
 
-def autocast(device: torch.device | str) -> AbstractContextManager:
-    """Backbone precision context: bf16 autocast on CUDA, a no-op (float32) elsewhere."""
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def backbone_dtype(device: torch.device | str, precision: str = "auto") -> torch.dtype:
+    """The dtype backbones compute in: ``"auto"`` = bf16 on CUDA, float32 elsewhere."""
+    check_precision(precision)
+    if precision == "auto":
+        return BACKBONE_CUDA_DTYPE if torch.device(device).type == "cuda" else torch.float32
+    return _DTYPES[precision]
+
+
+def autocast(device: torch.device | str, precision: str = "auto") -> AbstractContextManager:
+    """Backbone precision context: autocast to ``backbone_dtype``, a no-op (``nullcontext``) for float32."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=BACKBONE_CUDA_DTYPE)
-    return nullcontext()
+    dtype = backbone_dtype(device, precision)
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def score_dtype_for(dtype: torch.dtype) -> torch.dtype:

@@ -1,0 +1,278 @@
+"""The one prepared GPU check (issue #6) for a lent accelerator: speed of every stage and the AUROC of each precision.
+
+    python -m benchmarks.gpu_check --out "$OUT"                 # on the H200 (benchmarks/gpu_check.sh)
+    python -m benchmarks.gpu_check --out /tmp/g --device cpu --quick   # a dry run of the same code on a CPU
+
+Works offline on torch >= 2.4: images are generated here and backbones use ``pretrained=False`` (speed does not
+depend on weight values; the AUROC comparison is between precisions on the same random weights). Sections run in
+order within a time budget (``--budget``, default 420 s); each writes its figures to ``OUT/gpu_check.json`` as soon
+as it ends, so a run cut short still reports what it measured. The table printed last is the summary.
+
+Sections:
+  head      fit of PCA(0.97) on N=400 x D=65,536 float32 features already on the device (target <= 0.1 s).
+  backbone  images/s of backbone + FRE score from uint8 images already on the device: efficientnet_b5 at 456 px,
+            resnet18 and wide_resnet50_2 at 256 px; fp32 and bf16 eager, bf16 compiled; with the fraction of the
+            bf16 dense peak the backbone reaches (FLOPs counted by torch.utils.flop_counter).
+  auroc     image AUROC on a synthetic MVTec-layout task: fp32 eager vs bf16 eager vs bf16 compiled (target:
+            within 0.002).
+  e2e       end to end from 1024 x 1024 PNG files written here: DataLoader workers decode, the device resizes,
+            backbone + FRE (target >= 600 images/s with 16 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from fre_torch import PCA  # noqa: E402
+from fre_torch.data import ImageDataset, make_loader  # noqa: E402
+from fre_torch.detector import DetectorConfig, FREDetector  # noqa: E402
+from fre_torch.evaluate import evaluate_category  # noqa: E402
+from fre_torch.synthetic import write_synthetic_mvtec  # noqa: E402
+
+H200_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H200 SXM datasheet, dense (no sparsity)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device, repeat: int) -> float:
+    """Best wall time of ``repeat`` calls after one warm-up call, device-synchronised."""
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def section_head(device: torch.device, quick: bool) -> dict[str, Any]:
+    n, d = (400, 4096) if quick else (400, 65536)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    basis = torch.randn(48, d, generator=g) / d ** 0.5
+    x = (torch.randn(n, 48, generator=g) * torch.logspace(0.9, -0.3, 48)) @ basis + 0.02 * torch.randn(n, d, generator=g)
+    x = x.to(device)
+    pca = PCA(0.97, device=device)
+    seconds = _timed(lambda: pca.fit(x), device, repeat=5)
+    return {"n": n, "d": d, "fit_seconds": seconds, "n_components": int(pca.n_components_), "target_seconds": 0.1}
+
+
+def _detector(name: str, size: int, device: torch.device, precision: str, compile: bool) -> FREDetector:
+    torch.manual_seed(0)  # the same random backbone weights for every precision / compile variant
+    return FREDetector(DetectorConfig(name, input_size=size), device=device, pretrained=False, precision=precision,
+                       compile=compile)
+
+
+def _backbone_flops(det: FREDetector, size: int) -> float:
+    """FLOPs of one image through the (truncated) backbone, counted on the CPU in float32."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ext = det.extractor.to("cpu")
+    try:
+        with FlopCounterMode(display=False) as counter, torch.inference_mode():
+            ext(torch.zeros(1, 3, size, size))
+        return float(counter.get_total_flops())
+    finally:
+        det.extractor.to(det.device)
+
+
+def section_backbone(device: torch.device, quick: bool, deadline: float) -> dict[str, Any]:
+    cases = [("efficientnet_b5", 456, 128, 2000), ("resnet18", 256, 512, 10000), ("wide_resnet50_2", 256, 256, 4000)]
+    if quick:
+        cases = [("resnet18", 64, 8, None), ("efficientnet_lite0", 64, 8, None)]
+    variants = [("fp32", False), ("auto", False), ("auto", True)]
+    out: dict[str, Any] = {}
+    for name, size, batch, target in cases:
+        row: dict[str, Any] = {"input_size": size, "batch": batch, "target_images_per_s": target}
+        fit_imgs = torch.randint(0, 256, (max(64, batch), 3, size, size), dtype=torch.uint8, device=device,
+                                 generator=torch.Generator(device=device).manual_seed(1))
+        imgs = fit_imgs[:batch]
+        for precision, compile in variants:
+            if time.monotonic() > deadline:
+                row[f"{precision}{'_compiled' if compile else ''}"] = "skipped: time budget"
+                continue
+            key = f"{'bf16' if precision == 'auto' and device.type == 'cuda' else precision}" \
+                  f"{'_compiled' if compile else '_eager'}"
+            t0 = time.perf_counter()
+            det = _detector(name, size, device, precision, compile)
+            if compile:
+                det.warmup(batch)
+            det.fit(fit_imgs, batch_size=batch)
+            setup = time.perf_counter() - t0
+            reps = 3 if quick else 10
+            seconds = _timed(lambda: det.score(imgs, batch_size=batch), device, repeat=reps)
+            row[key] = {"images_per_s": batch / seconds, "setup_seconds": setup}
+            if "flops_per_image" not in row:
+                row["flops_per_image"] = _backbone_flops(det, size)
+            if device.type == "cuda" and key.startswith("bf16"):
+                row[key]["fraction_of_bf16_peak"] = row["flops_per_image"] * batch / seconds / (
+                    H200_BF16_DENSE_TFLOPS * 1e12)
+            del det
+        out[name] = row
+    return out
+
+
+def section_auroc(device: torch.device, quick: bool, work: Path) -> dict[str, Any]:
+    root = write_synthetic_mvtec(work / "synthetic", n_train=24 if quick else 60, n_test_good=10 if quick else 30,
+                                 n_test_defect=10 if quick else 30, size=128 if quick else 256, seed=0)
+    name, size = ("resnet18", 64) if quick else ("resnet18", 256)
+    out: dict[str, Any] = {"backbone": name, "input_size": size}
+    for label, precision, compile in [("fp32_eager", "fp32", False), ("bf16_eager", "auto", False),
+                                      ("bf16_compiled", "auto", True)]:
+        det = _detector(name, size, device, precision, compile)
+        per_cat = {}
+        for cat in ("texture", "object"):
+            r = evaluate_category(det, root, cat, batch_size=16, num_workers=0, pixel_metrics=False)
+            per_cat[cat] = r["image_auroc"]
+        out[label] = per_cat
+    ref = out["fp32_eager"]
+    out["max_abs_diff_vs_fp32"] = {k: max(abs(out[k][c] - ref[c]) for c in ref)
+                                   for k in ("bf16_eager", "bf16_compiled")}
+    out["target_max_abs_diff"] = 0.002
+    return out
+
+
+def _write_png(args: tuple[str, int, int]) -> None:
+    path, side, seed = args
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    base = 120 + 60 * np.sin(2 * np.pi * (xx * g.uniform(1, 4) + yy * g.uniform(1, 4)))
+    img = np.clip(base[..., None] + g.normal(0, 12, (side, side, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(path, compress_level=6)
+
+
+def section_e2e(device: torch.device, quick: bool, work: Path) -> dict[str, Any]:
+    n, side = (48, 256) if quick else (2048, 1024)
+    folder = work / "png"
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(folder / f"{i:05d}.png"), side, i) for i in range(n)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    with Pool(min(cores, 16)) as pool:
+        pool.map(_write_png, jobs, chunksize=8)
+    out: dict[str, Any] = {"images": n, "side": side, "cpu_cores": cores, "write_seconds": time.perf_counter() - t0,
+                           "target_images_per_s": None if quick else 600}
+    paths = [j[0] for j in jobs]
+    for name, size in ([("resnet18", 64)] if quick else [("resnet18", 256), ("efficientnet_lite0", 224)]):
+        det = _detector(name, size, device, "auto", False)
+        batch = 8 if quick else 128
+        fit = torch.randint(0, 256, (max(64, batch), 3, size, size), dtype=torch.uint8, device=device)
+        det.fit(fit, batch_size=batch)
+        for resize_on_device in (True, False):
+            loader = make_loader(ImageDataset(paths, size, resize=not resize_on_device), batch, device,
+                                 num_workers=max(1, min(cores, 16) - 1))
+            det.score(loader)  # warm-up epoch: workers start, cudnn picks its kernels
+            _sync(device)
+            t0 = time.perf_counter()
+            scores = det.score(loader)
+            _sync(device)
+            seconds = time.perf_counter() - t0
+            out[f"{name}_{'device' if resize_on_device else 'cpu'}_resize"] = {
+                "images_per_s": n / seconds, "finite": bool(torch.isfinite(scores).all())}
+    return out
+
+
+def _table(results: dict[str, Any]) -> str:
+    lines = ["| check | figure | target |", "|---|---|---|"]
+    head = results.get("head")
+    if isinstance(head, dict) and "fit_seconds" in head:
+        lines.append(f"| head fit N={head['n']} D={head['d']} | {head['fit_seconds']:.4f} s | <= 0.1 s |")
+    for name, row in (results.get("backbone") or {}).items():
+        if not isinstance(row, dict):
+            continue
+        for key, v in row.items():
+            if isinstance(v, dict) and "images_per_s" in v:
+                peak = f", {100 * v['fraction_of_bf16_peak']:.1f} % of bf16 peak" if "fraction_of_bf16_peak" in v else ""
+                lines.append(f"| {name} {row['input_size']} px {key} | {v['images_per_s']:.0f} img/s{peak} | "
+                             f"{row.get('target_images_per_s') or '-'} |")
+    auc = results.get("auroc")
+    if isinstance(auc, dict) and "max_abs_diff_vs_fp32" in auc:
+        for k, v in auc["max_abs_diff_vs_fp32"].items():
+            lines.append(f"| AUROC {k} vs fp32 eager | {v:.4f} | <= 0.002 |")
+    e2e = results.get("e2e")
+    if isinstance(e2e, dict):
+        for key, v in e2e.items():
+            if isinstance(v, dict) and "images_per_s" in v:
+                lines.append(f"| e2e PNG {e2e['side']} px {key} | {v['images_per_s']:.0f} img/s | "
+                             f"{e2e.get('target_images_per_s') or '-'} |")
+    for name, v in results.items():
+        if isinstance(v, dict) and "error" in v:
+            lines.append(f"| {name} | ERROR {v['error'][:80]} | |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a dry run of the code path")
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds; later sections are skipped past it")
+    ap.add_argument("--sections", nargs="+", default=["head", "backbone", "auroc", "e2e"])
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    deadline = start + args.budget
+    results: dict[str, Any] = {"env": {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__, "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_cores": os.cpu_count()}}
+    try:
+        import torchvision
+        results["env"]["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    work = Path(tempfile.mkdtemp(prefix="fre_gpu_check_"))
+    for name in args.sections:
+        if time.monotonic() > deadline:
+            results[name] = {"error": "skipped: time budget spent"}
+            continue
+        t0 = time.monotonic()
+        try:
+            if name == "head":
+                results[name] = section_head(device, args.quick)
+            elif name == "backbone":
+                results[name] = section_backbone(device, args.quick, deadline)
+            elif name == "auroc":
+                results[name] = section_auroc(device, args.quick, work)
+            elif name == "e2e":
+                results[name] = section_e2e(device, args.quick, work)
+            else:
+                results[name] = {"error": f"unknown section {name}"}
+        except Exception as err:  # one failing section must not lose the others' figures
+            results[name] = {"error": f"{type(err).__name__}: {err}"}
+        if isinstance(results[name], dict):
+            results[name]["section_seconds"] = time.monotonic() - t0
+        (out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"[{time.monotonic() - start:6.1f} s] {name} done", flush=True)
+    table = _table(results)
+    (out / "gpu_check.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The performance features (issue #6): preprocessed-image cache, backbone precision, torch.compile, device resize."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fre_torch.data import ImageDataset, PreprocessCache, _read_image, make_loader
+from fre_torch.detector import DetectorConfig, FREDetector
+from fre_torch.evaluate import evaluate_category
+from fre_torch.precision import autocast, backbone_dtype, check_precision
+from fre_torch.synthetic import write_synthetic_mvtec
+
+from conftest import REPO
+
+
+def _png(path: Path, seed: int, size: tuple[int, int] = (40, 56)) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    arr = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=g)
+    Image.fromarray(arr.numpy()).save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ cache
+def test_cache_hit_is_bit_identical_and_skips_decoding(tmp_path, monkeypatch):
+    img = _png(tmp_path / "a.png", 0)
+    cache = PreprocessCache(tmp_path / "cache")
+    first = cache.read(img, 32)
+    assert len(list((tmp_path / "cache").rglob("*.u8"))) == 1
+    expected = _read_image(img, 32)
+    assert torch.equal(first[0], expected[0]) and first[1] == expected[1] == (56, 40)
+
+    import fre_torch.data as data
+
+    def no_decode(*a, **k):
+        raise AssertionError("a cache hit must not decode")
+
+    monkeypatch.setattr(data, "_read_image", no_decode)
+    second = cache.read(img, 32)
+    assert torch.equal(second[0], expected[0]) and second[1] == (56, 40)
+
+
+def test_cache_is_keyed_by_content_and_size_never_stale(tmp_path):
+    img = tmp_path / "a.png"
+    cache = PreprocessCache(tmp_path / "cache")
+    _png(img, 0)
+    old = cache.read(img, 32)[0]
+    _png(img, 1)  # same name, new content: must not return the old entry
+    new = cache.read(img, 32)[0]
+    assert torch.equal(new, _read_image(img, 32)[0]) and not torch.equal(new, old)
+    other_size = cache.read(img, 24)[0]
+    assert other_size.shape == (3, 24, 24)
+    assert len(list((tmp_path / "cache").rglob("*.u8"))) == 3
+    assert cache.key(b"x", 32) != cache.key(b"x", 24) != cache.key(b"y", 24)
+
+
+def test_corrupt_entry_is_ignored_and_rewritten(tmp_path):
+    img = _png(tmp_path / "a.png", 0)
+    cache = PreprocessCache(tmp_path / "cache")
+    cache.read(img, 32)
+    (entry,) = (tmp_path / "cache").rglob("*.u8")
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated, e.g. a disk-full write by another tool
+    assert torch.equal(cache.read(img, 32)[0], _read_image(img, 32)[0])
+    assert entry.stat().st_size == 16 + 3 * 32 * 32
+
+
+def test_unwritable_cache_only_costs_speed(tmp_path):
+    img = _png(tmp_path / "a.png", 0)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="not a folder"):
+        PreprocessCache(blocker)
+    cache = PreprocessCache(blocker / "sub")  # its parent is a file: every write fails
+    assert torch.equal(cache.read(img, 32)[0], _read_image(img, 32)[0])
+
+
+def test_dataset_with_cache_matches_and_missing_file_names_it(tmp_path):
+    paths = [_png(tmp_path / f"{i}.png", i) for i in range(5)]
+    plain = ImageDataset(paths, 32)
+    cached = ImageDataset(paths, 32, cache=tmp_path / "cache")
+    for _ in range(2):  # cold, then warm
+        for i in range(5):
+            assert torch.equal(plain[i]["image"], cached[i]["image"])
+            assert torch.equal(plain[i]["orig_size"], cached[i]["orig_size"])
+    with pytest.raises(ValueError, match="missing.png"):
+        ImageDataset([tmp_path / "missing.png"], 32, cache=tmp_path / "cache")[0]
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    return write_synthetic_mvtec(tmp_path_factory.mktemp("syn"), categories=("object",), n_train=16,
+                                 n_test_good=4, n_test_defect=4, size=96, seed=3)
+
+
+def test_evaluate_with_cache_gives_the_same_scores(synthetic_root, tmp_path):
+    config = DetectorConfig("efficientnet_lite0", input_size=64)
+    base = evaluate_category(FREDetector(config), synthetic_root, "object", batch_size=8, num_workers=0)
+    runs = [evaluate_category(FREDetector(config), synthetic_root, "object", batch_size=8, num_workers=0,
+                              cache=tmp_path / "c") for _ in range(2)]
+    for r in runs:
+        assert r["scores"] == base["scores"]
+    assert len(list((tmp_path / "c").rglob("*.u8"))) == base["n_train"] + base["n_test"]  # one entry per image
+
+
+# ------------------------------------------------------------------------------------------------ device resize
+def test_device_resize_path(synthetic_root, tmp_path):
+    ds = ImageDataset([p for p in sorted((synthetic_root / "object" / "train" / "good").iterdir())], 64, resize=False)
+    assert ds[0]["image"].shape == (3, 96, 96)  # own size: the detector resizes on the device
+    config = DetectorConfig("efficientnet_lite0", input_size=64)
+    cpu = evaluate_category(FREDetector(config), synthetic_root, "object", batch_size=8, num_workers=0,
+                            resize="cpu")
+    dev = evaluate_category(FREDetector(config), synthetic_root, "object", batch_size=8, num_workers=0,
+                            resize="device")
+    # Bilinear-antialiased on the device vs LANCZOS in the loader: close, not identical.
+    a, b = torch.tensor(cpu["scores"]), torch.tensor(dev["scores"])
+    assert not torch.equal(a, b)
+    rank = lambda x: x.argsort().argsort().double()  # noqa: E731
+    assert float(torch.corrcoef(torch.stack([rank(a), rank(b)]))[0, 1]) > 0.9
+    with pytest.raises(ValueError, match="resize must be"):
+        evaluate_category(FREDetector(config), synthetic_root, "object", resize="gpu")
+
+
+def test_device_resize_refuses_mixed_sizes(tmp_path):
+    root = tmp_path / "mixed"
+    for split, n in (("train/good", 4), ("test/good", 2)):
+        (root / "cat" / split).mkdir(parents=True)
+        for i in range(n):
+            _png(root / "cat" / split / f"{i}.png", i, size=(40 + 8 * i, 48))
+    with pytest.raises(ValueError, match="one size"):
+        evaluate_category(FREDetector(DetectorConfig("efficientnet_lite0", input_size=64)), root, "cat",
+                          resize="device", num_workers=0)
+
+
+# ------------------------------------------------------------------------------------------------ precision
+def test_precision_policy():
+    assert backbone_dtype("cpu") == torch.float32
+    assert backbone_dtype("cuda") == torch.bfloat16
+    assert backbone_dtype("cpu", "bf16") == torch.bfloat16 and backbone_dtype("cuda", "fp16") == torch.float16
+    assert backbone_dtype("cuda", "fp32") == torch.float32
+    with pytest.raises(ValueError, match="precision must be"):
+        check_precision("int8")
+    with autocast("cpu"):
+        assert torch.ones(2, 2) @ torch.ones(2, 2) is not None and not torch.is_autocast_enabled("cpu")
+    with autocast("cpu", "bf16"):
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
+
+
+def test_bf16_backbone_ranks_like_fp32_and_fit_stays_float64():
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (24, 3, 64, 64), dtype=torch.uint8, generator=g)
+    test = imgs.clone()
+    test[:8, :, 20:40, 20:40] = 255  # bright squares: clearly anomalous
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=64), precision=precision)
+        det.fit(imgs[8:], batch_size=8)
+        assert all(s.components.dtype == torch.float32 and s.total_variance.dtype == torch.float64
+                   for s in det.subspaces)
+        scores[precision] = det.score(test, batch_size=8)
+    for s in scores.values():  # both precisions separate the defects from normal images
+        assert float(s[:8].min()) > float(s[8:].max())
+
+
+# ------------------------------------------------------------------------------------------------ compile
+def test_compiled_detector_matches_eager_with_a_padded_last_batch():
+    g = torch.Generator().manual_seed(1)
+    imgs = torch.randint(0, 256, (21, 3, 64, 64), dtype=torch.uint8, generator=g)
+    config = DetectorConfig("efficientnet_lite0", input_size=64)
+    eager = FREDetector(config).fit(imgs, batch_size=8)
+    compiled = FREDetector(config, compile=True).warmup(8).fit(imgs, batch_size=8)
+    assert compiled._static_batch == 8
+    a, b = eager.score(imgs[:13], batch_size=8), compiled.score(imgs[:13], batch_size=8)  # batches of 8 and 5
+    assert b.shape == (13,)
+    assert float(((a - b).abs() / a.abs().clamp_min(1e-12)).max()) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ gpu_check
+def test_gpu_check_script_runs_its_head_section_on_the_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path), "--device", "cpu",
+                           "--quick", "--sections", "head"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert doc["head"]["n_components"] >= 1 and doc["head"]["fit_seconds"] > 0
+    assert "| head fit N=400 D=4096 |" in proc.stdout.splitlines()[-1]
