@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """fre_torch command line: ``evaluate`` (the reference run_mvtec.py, and better), ``fit`` / ``predict`` on your
-own images, and ``demo``.
+own images, ``export`` (a saved model as one ONNX / TorchScript graph), and ``demo``.
 
     python cli.py demo
     python cli.py evaluate --dataset_directory ../shared/data/mvtec_bottle --object_category bottle \\
@@ -12,6 +12,7 @@ Bad input ends with exit code 2 and one readable line on stderr, never a traceba
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -29,7 +30,7 @@ class _Progress:
 
     def __init__(self, total: int, label: str) -> None:
         self.total, self.label, self.done = total, label, 0
-        self.enabled = sys.stderr.isatty()
+        self.enabled = sys.stderr.isatty() and _is_main()
         self.t0 = time.perf_counter()
 
     def __call__(self, n: int) -> None:
@@ -79,7 +80,21 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--pixel_metrics", choices=["auto", "off"], default="auto",
                     help="auto: maps and pixel AUROC / PRO / pixel F1-max where masks exist; off: image metrics only")
     ev.add_argument("--json", default=None, help="write the results as JSON to this path")
+    ev.add_argument("--save_heatmaps", default=None, metavar="DIR",
+                    help="write one PNG per test image to DIR/<category>/<defect>_<stem>.png: image | anomaly map "
+                         "overlay (fixed colour scale from cross-fitted training images) | ground-truth outline")
+    ev.add_argument("--report", default=None, metavar="DIR",
+                    help="write a static HTML report to DIR/index.html: curves, score histograms with the "
+                         "threshold, metrics, worst images (needs matplotlib: pip install -e .[report])")
     ev.add_argument("--list_models", action="store_true", help="print the available backbones and exit")
+    ev.add_argument("--scores_csv", default=None, metavar="PATH",
+                    help="write every test image's score to PATH (category,path,label,score; test order)")
+    _add_solver_and_distributed(ev)
+    _add_speed_flags(ev, cache=True)
+    ev.add_argument("--resize", choices=["auto", "cpu", "device"], default="auto",
+                    help="where images are resized: cpu (LANCZOS in the loader workers, the reference), device "
+                         "(after transfer; bilinear, antialiased; images of one size) or auto (device on CUDA when "
+                         "a category's images share one size)")
 
     fit = sub.add_parser("fit", help="fit on a folder of normal images and save a model file with a threshold")
     fit.add_argument("--train_dir", required=True, help="folder of normal images (searched recursively)")
@@ -96,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch_size", type=int, default=32)
     fit.add_argument("--workers", type=int, default=None)
     fit.add_argument("--weights", default=None, help="local backbone weights file (state dict)")
+    _add_solver_and_distributed(fit)
+    _add_speed_flags(fit, cache=True)
 
     pr = sub.add_parser("predict", help="score images with a saved model; writes predictions.csv")
     pr.add_argument("--model_file", required=True)
@@ -105,12 +122,68 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch_size", type=int, default=32)
     pr.add_argument("--workers", type=int, default=None)
     pr.add_argument("--weights", default=None, help="the local backbone weights file the model was fitted with")
+    _add_speed_flags(pr, cache=False)
+    pr.add_argument("--save_heatmaps", action="store_true",
+                    help="also write OUT/heatmaps/<folder>_<stem>.png per readable image: image | anomaly map "
+                         "overlay, coloured on the model's fixed scale")
+
+    ex = sub.add_parser("export", help="export a saved model as one ONNX or TorchScript graph (uint8 images -> "
+                                       "score, map), checked against torch before it is written")
+    ex.add_argument("--model_file", required=True)
+    ex.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    ex.add_argument("--out", required=True, help="the file to write")
+    ex.add_argument("--batch_size", type=int, default=8,
+                    help="batch of the trace example and the self-check (default 8); the graph takes any batch")
+    ex.add_argument("--weights", default=None, help="the local backbone weights file the model was fitted with")
+    ex.add_argument("--check_images", nargs="+", default=None,
+                    help="real image files, folders or globs to add to the self-check (a sample is enough)")
 
     demo = sub.add_parser("demo", help="generate a small synthetic MVTec-layout dataset and evaluate it")
     demo.add_argument("--out", default=None, help="folder for the dataset (default: a temporary folder)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", default=None)
     return p
+
+
+def _add_solver_and_distributed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--solver", choices=["auto", "gram", "covariance"], default="auto",
+                   help="subspace solver: Gram (N x N, when N < D), covariance (D x D, streaming) or auto (by shape)")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the ranks of torchrun (automatic when torchrun's environment is set): "
+                        "each rank reads a shard of the images, statistics are reduced exactly, rank 0 writes")
+    p.add_argument("--dist_timeout", type=float, default=None, metavar="SECONDS",
+                   help="distributed: how long a rank waits for the others before failing (default 600)")
+
+
+def _add_speed_flags(p: argparse.ArgumentParser, cache: bool) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone (static shapes, warmed up first); pays on CUDA, ~30 s to "
+                        "compile on a CPU")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="backbone precision (default auto: bf16 autocast on CUDA, fp32 on the CPU)")
+    if cache:
+        p.add_argument("--cache", default=None, metavar="DIR",
+                       help="keep decoded, resized images in DIR (keyed by file content and settings, never stale) "
+                            "so later runs skip decoding")
+
+
+def _is_main() -> bool:
+    """Rank 0, or not distributed: the process that prints and writes files."""
+    if "fre_torch.distributed" not in sys.modules:  # not imported yet: no process group can exist
+        return True
+    return sys.modules["fre_torch.distributed"].is_main_process()
+
+
+def _start_distributed(args: argparse.Namespace, device: str) -> str:
+    """Join torchrun's process group when asked (--distributed) or launched by torchrun; this rank's device."""
+    from fre_torch import distributed
+
+    if not (args.distributed or distributed.env_requests_distributed()):
+        return device
+    timeout = distributed.DEFAULT_TIMEOUT_S if args.dist_timeout is None else args.dist_timeout
+    if timeout <= 0:
+        raise CliError(f"--dist_timeout must be > 0 seconds, got {args.dist_timeout}")
+    return str(distributed.init_from_env(device, timeout=timeout))
 
 
 def _n_components(value: float) -> int | float:
@@ -125,8 +198,10 @@ def _n_components(value: float) -> int | float:
 
 def _run_evaluate(root: Path, categories: list[str], config, device: str, batch_size: int,
                   workers: int | None, weights: str | None, json_path: str | None, extra: dict,
-                  pixel_metrics: bool = True) -> int:
+                  pixel_metrics: bool = True, heatmap_dir: str | None = None, report_dir: str | None = None,
+                  scores_csv: str | None = None, speed: dict | None = None) -> int:
     from fre_torch.data import MVTecCategory, list_categories
+    from fre_torch.distributed import is_distributed, shard, world_size
     from fre_torch.detector import FREDetector
     from fre_torch.evaluate import evaluate_category, format_table, summarize, write_json
 
@@ -140,22 +215,65 @@ def _run_evaluate(root: Path, categories: list[str], config, device: str, batch_
         raise CliError(f"unknown category {', '.join(unknown)} in {root}; present: {', '.join(present) or 'none'}")
     if batch_size < 1:
         raise CliError(f"--batch_size must be >= 1, got {batch_size}")
-    detector = FREDetector(config, device=device, weights=weights)
+    speed = speed or {}
+    detector = FREDetector(config, device=device, weights=weights, compile=speed.get("compile", False),
+                           precision=speed.get("precision", "auto"))
+    if detector.compiled:
+        detector.warmup(batch_size)  # compile once, before the timed fit and test passes
     results = {}
+    # Heatmaps and the report take one more pass over the training images (map scale and threshold).
+    passes = 2 if heatmap_dir or report_dir else 1
+    score_rows: list[tuple[str, str, int, float]] = []
     for name in categories:
         cat = MVTecCategory.load(root, name)
-        bar = _Progress(len(cat.train) + len(cat.test), name)
+        # Data-parallel: this rank reads its shard only (all images otherwise).
+        n_train = len(shard(cat.train, unit=batch_size, what=f"{name} training images"))
+        bar = _Progress(passes * n_train + len(shard(cat.test, unit=batch_size, what=f"{name} test images")), name)
         try:
             results[name] = evaluate_category(detector, root, name, batch_size=batch_size, num_workers=workers,
-                                              progress=bar, pixel_metrics=pixel_metrics)
+                                              progress=bar, pixel_metrics=pixel_metrics,
+                                              heatmap_dir=Path(heatmap_dir) / name if heatmap_dir else None,
+                                              keep_maps=report_dir is not None, cache=speed.get("cache"),
+                                              resize=speed.get("resize", "auto"))
         finally:
             bar.close()
+        score_rows += [(name, str(p.relative_to(root)), int(label), score)
+                       for p, label, score in zip(cat.test_paths, cat.test_labels, results[name].get("scores", []))]
+    if not _is_main():
+        return 0  # data-parallel: rank 0 prints and writes
+    if is_distributed():
+        extra = {**extra, "world_size": world_size()}
     print(format_table(results))
+    if scores_csv:
+        print(f"wrote {_write_scores_csv(scores_csv, score_rows)}")
+    if heatmap_dir:
+        print(f"wrote {sum(r['n_test'] for r in results.values())} heatmaps to {heatmap_dir}")
+    if report_dir:
+        from fre_torch.report import write_report
+
+        index = write_report(report_dir, results, title=f"fre_torch evaluate: {root}",
+                             config={**config.to_dict(), **extra, "device": device})
+        print(f"wrote {index}")
     if json_path:
         path = write_json(json_path, summarize(results, config, {**extra, "device": device,
                                                                   "batch_size": batch_size}))
         print(f"wrote {path}")
     return 0
+
+
+def _write_scores_csv(path: str, rows: list[tuple[str, str, int, float]]) -> Path:
+    """``category,path,label,score`` per test image (path relative to the dataset root), written atomically."""
+    import csv
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["category", "path", "label", "score"])
+        w.writerows([c, p, label, f"{score:.9g}"] for c, p, label, score in rows)  # 9 digits: float32 round trip
+    tmp.replace(out)
+    return out
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -165,7 +283,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.list_models:
         print("\n".join(list_backbones()))
         return 0
-    device = "cuda" if args.gpu else (args.device or "cpu")
+    device = _start_distributed(args, "cuda" if args.gpu else (args.device or "cpu"))
     if args.model not in list_backbones():
         raise CliError(f"unknown model {args.model!r}; available: {', '.join(list_backbones())}")
     if args.reference:
@@ -175,12 +293,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                 pool=args.pool, n_components=_n_components(args.pca), fusion=args.fusion,
                                 kernel=args.kernel, kernel_features=args.kernel_features,
                                 kernel_method=args.kernel_method)
-    if args.kernel is not None and args.pixel_metrics == "auto":
+    if args.solver != config.solver:
+        config = dataclasses.replace(config, solver=args.solver)
+    if args.kernel is not None and args.save_heatmaps:
+        raise CliError("--save_heatmaps needs anomaly maps, which kernel FRE does not give (it scores whole-image "
+                       "vectors); drop --kernel")
+    if args.report:
+        from fre_torch.report import check_report_dependencies
+
+        check_report_dependencies()  # before the long run, not after it
+    if args.kernel is not None and args.pixel_metrics == "auto" and _is_main():
         print("note: pixel metrics need the linear mode (kernel FRE scores whole images); reporting image metrics",
               file=sys.stderr)
     return _run_evaluate(Path(args.dataset_directory), list(args.object_category), config, device,
                          args.batch_size, args.workers, args.weights, args.json, {"reference": args.reference},
-                         pixel_metrics=args.pixel_metrics == "auto")
+                         pixel_metrics=args.pixel_metrics == "auto", heatmap_dir=args.save_heatmaps,
+                         report_dir=args.report, scores_csv=args.scores_csv,
+                         speed={"compile": args.compile, "precision": args.precision, "cache": args.cache,
+                                "resize": args.resize})
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -195,9 +325,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CliError(f"--batch_size must be >= 1, got {args.batch_size}")
     config = DetectorConfig(backbone=args.model, layers=tuple(args.layers or ()), input_size=args.input_size,
-                            n_components=_n_components(args.pca))
-    det = fit_folder(args.train_dir, config, device=args.device, holdout=args.holdout, quantile=args.quantile,
-                     batch_size=args.batch_size, num_workers=args.workers, weights=args.weights)
+                            n_components=_n_components(args.pca), solver=args.solver)
+    device = _start_distributed(args, args.device)
+    det = fit_folder(args.train_dir, config, device=device, holdout=args.holdout, quantile=args.quantile,
+                     batch_size=args.batch_size, num_workers=args.workers, weights=args.weights, cache=args.cache,
+                     compile=args.compile, precision=args.precision)
+    if not _is_main():
+        return 0  # data-parallel: every rank holds the same model; rank 0 writes it
     path = det.save(args.out)
     size_mb = path.stat().st_size / 2**20
     print(f"wrote {path} ({size_mb:.1f} MB): {args.model} {list(config.layers)}, threshold {float(det.threshold):.4g} "
@@ -209,17 +343,66 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fre_torch.detector import FREDetector
     from fre_torch.predict import predict_paths, resolve_inputs, write_predictions_csv
 
-    det = FREDetector.load(args.model_file, device=args.device, weights=args.weights)
+    det = FREDetector.load(args.model_file, device=args.device, weights=args.weights, compile=args.compile,
+                           precision=args.precision)
+    if det.compiled:
+        det.warmup(args.batch_size)
+    scale = None
+    if args.save_heatmaps:
+        from fre_torch.heatmaps import heatmap_scale
+
+        scale = heatmap_scale(det)  # a model without a map scale fails here, before any image is scored
     paths = resolve_inputs(args.paths)
     bar = _Progress(len(paths), "predict")
     try:
-        rows = predict_paths(det, paths, batch_size=args.batch_size, num_workers=args.workers, progress=bar)
+        rows = predict_paths(det, paths, batch_size=args.batch_size, num_workers=args.workers, progress=bar,
+                             maps=args.save_heatmaps)
     finally:
         bar.close()
     out = write_predictions_csv(rows, args.out)
     flagged = sum(1 for r in rows if r["is_anomalous"])
     failed = sum(1 for r in rows if r["error"])
     print(f"wrote {out}: {len(rows)} images, {flagged} anomalous, {failed} unreadable")
+    if scale is not None:
+        import torch
+
+        from fre_torch.heatmaps import save_heatmaps
+
+        scored = [r for r in rows if r["map"] is not None]  # unreadable images: reported in the CSV, no heatmap
+        if scored:
+            heat_dir = Path(args.out) / "heatmaps"
+            save_heatmaps(heat_dir, [r["path"] for r in scored], torch.stack([r["map"] for r in scored]), scale)
+            print(f"wrote {len(scored)} heatmaps to {heat_dir}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from fre_torch.data import load_image
+    from fre_torch.detector import FREDetector
+    from fre_torch.export import MAP_TOLERANCE, SCORE_TOLERANCE, export_detector
+    from fre_torch.predict import resolve_inputs
+
+    if args.batch_size < 1:
+        raise CliError(f"--batch_size must be >= 1, got {args.batch_size}")
+    det = FREDetector.load(args.model_file, device="cpu", weights=args.weights)  # exports trace on the CPU
+    real = None
+    if args.check_images:
+        size = det.config.input_size
+        real = torch.stack([load_image(p, size) for p in resolve_inputs(args.check_images)])
+    r = export_detector(det, args.out, args.format, batch_size=args.batch_size, check_images=real)
+    if r.warning:
+        print(f"warning: {r.warning}", file=sys.stderr)
+    opset = f" (opset {r.opset})" if r.opset is not None else ""
+    shape = ", ".join(str(v) for v in r.input_shape)
+    outputs = ", ".join(f"{n} ({', '.join(str(v) for v in s)}{',' if len(s) == 1 else ''})"
+                        for n, s in zip(r.output_names, r.output_shapes))
+    check = ("NOT checked" if r.score_rel_diff is None else
+             f"max relative difference score {r.score_rel_diff:.2e}, map {r.map_rel_diff:.2e} (tolerance "
+             f"{SCORE_TOLERANCE:g} / {MAP_TOLERANCE:g}) on {r.n_checked} images at batch sizes "
+             f"{', '.join(map(str, r.batch_sizes))}")
+    print(f"wrote {r.path}: {r.format}{opset}, input images uint8 ({shape}), outputs {outputs} float32; {check}")
     return 0
 
 
@@ -238,18 +421,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"evaluate": cmd_evaluate, "fit": cmd_fit, "predict": cmd_predict, "demo": cmd_demo}
+        commands = {"evaluate": cmd_evaluate, "fit": cmd_fit, "predict": cmd_predict, "export": cmd_export,
+                    "demo": cmd_demo}
         return commands[args.command](args)
     except CliError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{_error_label()}: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         # Library errors carry the fix in their message; one line, no traceback.
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"{_error_label()}: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if "fre_torch.distributed" in sys.modules:
+            sys.modules["fre_torch.distributed"].cleanup()  # leave the process group torchrun set up
+
+
+def _error_label() -> str:
+    """'error', or 'error (rank R of W)' in a data-parallel run, where every failing rank prints its own line."""
+    dist = sys.modules.get("fre_torch.distributed")
+    if dist is not None and dist.is_distributed():
+        return f"error (rank {dist.rank()} of {dist.world_size()})"
+    return "error"
 
 
 def _one_line(err: BaseException) -> str:

@@ -24,6 +24,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scikit-learn"],
+        # cli.py evaluate --report: plots (imported lazily; the library works without it).
+        "report": ["matplotlib"],
+        # ONNX export: onnxscript is needed by torch's torch.export-based ONNX exporter, onnxruntime for the check.
+        "export": ["onnx", "onnxruntime", "onnxscript"],
     },
     entry_points={"console_scripts": ["fre-torch=cli:main"]},
 )

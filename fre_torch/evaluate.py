@@ -18,15 +18,23 @@ import torch
 
 from .data import ImageDataset, MVTecCategory, image_size, load_mask, make_loader
 from .detector import DetectorConfig, FREDetector, upsample_maps
+from .distributed import config_hash_check, gather_rows, is_main_process, shard
+from .crossfit import cross_fit
+from .heatmaps import save_heatmaps
 from .metrics import aupr, auroc, f1_max, pixel_auroc, pixel_f1_max, pro
 
-__all__ = ["evaluate_category", "format_table", "summarize", "write_json", "METRICS", "PIXEL_METRICS"]
+__all__ = ["evaluate_category", "format_table", "summarize", "write_json", "METRICS", "PIXEL_METRICS",
+           "THRESHOLD_QUANTILE"]
 
 METRICS = ("image_auroc", "image_aupr", "image_f1_max")
 PIXEL_METRICS = ("pixel_auroc", "pro", "pixel_f1_max")
 # Pixel metrics are computed at the images' own size when a category's test images share one; a set of mixed sizes
 # (e.g. Magnetic Tile) is compared at this common square size instead, maps bilinear and masks nearest.
 MIXED_SIZE_EVAL = 256
+# evaluate's decision threshold (heatmaps / report only): this quantile of the training images' OUT-OF-FOLD scores
+# (fre_torch.crossfit: 5-fold cross-fitting on features extracted once). evaluate has no held-out split, and
+# in-sample training scores are far too small to set it (see crossfit). It never sees a test image or label.
+THRESHOLD_QUANTILE = 0.99
 
 Progress = Callable[[int], None]
 
@@ -52,35 +60,71 @@ def _sync(device: torch.device) -> None:
 
 def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: str, *, batch_size: int = 32,
                       num_workers: int | None = None, progress: Progress | None = None,
-                      pixel_metrics: bool = True) -> dict[str, Any]:
+                      pixel_metrics: bool = True, heatmap_dir: str | os.PathLike | None = None,
+                      keep_maps: bool = False, cache: str | os.PathLike | None = None,
+                      resize: str = "auto") -> dict[str, Any]:
     """Fit ``detector`` on ``<root>/<category>/train/good`` and evaluate it on ``test/*``.
 
     Args:
         pixel_metrics: also compute maps and pixel AUROC / PRO / pixel F1-max when the category has masks (and
             the detector is linear).
+        heatmap_dir: write one heatmap PNG per test image there (``fre_torch.heatmaps``; linear mode only).
+        keep_maps: also return what ``fre_torch.report`` needs (see Returns).
+        cache: a folder for ``fre_torch.data.PreprocessCache``: decoded, resized images are kept there (keyed by
+            file content and settings) and reused by later runs.
+        resize: 'cpu' (LANCZOS in the DataLoader workers, the reference), 'device' (decode in the workers, resize
+            on the device: bilinear, antialiased; needs images of one size) or 'auto' (device on CUDA when the
+            category's images share one size, else cpu).
+
+    With ``heatmap_dir`` or ``keep_maps``, one extra pass over the training images after the fit cross-fits them
+    (``fre_torch.crossfit``, 5 folds on features extracted once): each gets a score and a map from a model that did
+    not see it. The decision threshold is the ``THRESHOLD_QUANTILE`` of those scores and the heatmap colour scale
+    the ``MAP_SCALE_QUANTILE`` of those maps' values; neither uses a test image or label, and the detector's own
+    calibration (``threshold``, ``map_scale``) is left as it was.
 
     Returns:
         ``{"image_auroc", "image_aupr", "image_f1_max", "n_train", "n_test", "fit_seconds",
         "test_images_per_second"}``, ``"pixel_auroc", "pro", "pixel_f1_max"`` when computed, plus ``"scores"``
-        (list, test order) and ``"labels"``.
+        (list, test order) and ``"labels"``. With the extra pass also ``"threshold"``, ``"threshold_quantile"``,
+        ``"cross_fit_folds"`` and (linear mode) ``"map_scale"``; with ``keep_maps`` also ``"paths"``,
+        ``"mask_paths"`` (str or None, test order) and ``"grid_maps"`` (``(N, g, g)`` float32 CPU tensor, None in
+        kernel mode).
     """
+    linear = detector.config.kernel is None
+    if heatmap_dir is not None and not linear:
+        raise ValueError("heatmaps need anomaly maps, which kernel FRE does not give (it scores whole-image "
+                         "vectors); drop --kernel or --save_heatmaps")
+    calibrate = heatmap_dir is not None or keep_maps
     cat = MVTecCategory.load(root, category)
     size = detector.config.input_size
     device = detector.device
-    train = make_loader(ImageDataset(list(cat.train), size), batch_size, device, num_workers=num_workers)
-    test = make_loader(ImageDataset(cat.test_paths, size), batch_size, device, num_workers=num_workers)
+    # Data-parallel (fre_torch.distributed): every rank must see the same settings and files, then reads its own
+    # contiguous shard of whole batches; the fit reduces across ranks and scores are gathered in the original order.
+    config_hash_check({"category": category, "config": detector.config.to_dict(), "weights": detector._weights_id,
+                       "batch_size": batch_size, "pixel_metrics": pixel_metrics, "calibrate": calibrate,
+                       "train": [p.name for p in cat.train],
+                       "test": [str(p.relative_to(cat.root)) for p in cat.test_paths]})
+    train_paths = shard(cat.train, unit=batch_size, what=f"{category} training images")
+    test_paths = shard(cat.test_paths, unit=batch_size, what=f"{category} test images")
+    on_device = _resize_on_device(resize, device, list(cat.train) + cat.test_paths)
+    train = make_loader(ImageDataset(train_paths, size, cache=cache, resize=not on_device), batch_size, device,
+                        num_workers=num_workers)
+    test = make_loader(ImageDataset(test_paths, size, cache=cache, resize=not on_device), batch_size, device,
+                       num_workers=num_workers)
 
     t0 = time.perf_counter()
     detector.fit(_Counted(train, progress))
     _sync(device)
     fit_seconds = time.perf_counter() - t0
 
-    segment = pixel_metrics and detector.config.kernel is None and any(m is not None for m in cat.mask_paths)
+    segment = pixel_metrics and linear and any(m is not None for m in cat.mask_paths)
     t0 = time.perf_counter()
-    if segment:
+    if segment or (calibrate and linear):
         scores, grid_maps = detector.score_and_maps(_Counted(test, progress))
+        grid_maps = gather_rows(grid_maps)  # data-parallel: all ranks' maps in test order (identity otherwise)
     else:
         scores = detector.score(_Counted(test, progress))
+    scores = gather_rows(scores)
     _sync(device)
     test_seconds = time.perf_counter() - t0
 
@@ -88,8 +132,27 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
     if not bool(torch.isfinite(scores_cpu).all()):
         raise ValueError(f"{category}: the detector produced NaN/Inf scores; check the input images and weights")
     labels = cat.test_labels
-    pixel = _pixel_metrics(cat, grid_maps) if segment else {}
-    return {**pixel,
+    pixel = _pixel_metrics(cat, grid_maps) if segment and is_main_process() else {}
+    extra: dict[str, Any] = {}
+    if calibrate:
+        # After the timings, so fit_seconds and the test throughput stay comparable with runs without it.
+        oof = cross_fit(detector, _Counted(train, progress), quantile=THRESHOLD_QUANTILE, batch_size=batch_size)
+        extra = {"threshold": oof.threshold, "threshold_quantile": THRESHOLD_QUANTILE, "cross_fit_folds": oof.folds}
+        if linear:
+            extra["map_scale"] = oof.map_scale
+    if not is_main_process():
+        # Data-parallel: metrics are computed, and files written, once, by rank 0.
+        return {"n_train": len(cat.train), "n_test": len(cat.test), "fit_seconds": fit_seconds,
+                "test_images_per_second": len(cat.test) / test_seconds if test_seconds > 0 else math.inf,
+                "scores": scores_cpu.tolist(), "labels": labels.tolist()}
+    if heatmap_dir is not None:
+        save_heatmaps(heatmap_dir, cat.test_paths, grid_maps, extra["map_scale"], masks=cat.mask_paths,
+                      labels=labels)
+    if keep_maps:
+        extra.update(paths=[str(p) for p in cat.test_paths],
+                     mask_paths=[None if m is None else str(m) for m in cat.mask_paths],
+                     grid_maps=grid_maps.float().cpu() if linear else None)
+    return {**pixel, **extra,
         "image_auroc": float(auroc(scores_cpu, labels)),
         "image_aupr": float(aupr(scores_cpu, labels)),
         "image_f1_max": float(f1_max(scores_cpu, labels)),
@@ -100,6 +163,20 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
         "scores": scores_cpu.tolist(),
         "labels": labels.tolist(),
     }
+
+
+def _resize_on_device(resize: str, device: torch.device, paths: Sequence[Path]) -> bool:
+    """Whether images go to the device at their own size (see ``evaluate_category``'s ``resize``)."""
+    if resize not in ("auto", "cpu", "device"):
+        raise ValueError(f"resize must be 'auto', 'cpu' or 'device', got {resize!r}")
+    if resize == "cpu" or (resize == "auto" and device.type != "cuda"):
+        return False
+    sizes = {image_size(p) for p in paths}  # reads headers only
+    if len(sizes) > 1:
+        if resize == "device":
+            raise ValueError(f"resize='device' needs images of one size, found {len(sizes)} sizes; use 'cpu'")
+        return False
+    return True
 
 
 def _pixel_metrics(cat: MVTecCategory, grid_maps: torch.Tensor) -> dict[str, float]:
@@ -125,7 +202,7 @@ def _pixel_metrics(cat: MVTecCategory, grid_maps: torch.Tensor) -> dict[str, flo
 
 def summarize(results: dict[str, dict[str, Any]], config: DetectorConfig, extra: dict[str, Any]) -> dict[str, Any]:
     """The JSON document: per-category metrics (without raw scores), their mean, and the configuration."""
-    keep = METRICS + PIXEL_METRICS + ("n_train", "n_test", "fit_seconds", "test_images_per_second")
+    keep = METRICS + PIXEL_METRICS + ("n_train", "n_test", "fit_seconds", "test_images_per_second", "threshold")
     categories = {name: {k: r[k] for k in keep if k in r} for name, r in results.items()}
     mean = {k: sum(r[k] for r in categories.values()) / len(categories) for k in METRICS} if categories else {}
     for k in PIXEL_METRICS:  # averaged over the categories that have masks

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from .data import IMAGE_EXTENSIONS, ImageDataset, ImageReadError, _read_image, list_images, make_loader
 from .detector import DetectorConfig, FREDetector
+from .distributed import config_hash_check, shard
 
 __all__ = ["split_holdout", "fit_folder", "resolve_inputs", "predict_paths", "write_predictions_csv"]
 
@@ -41,14 +42,27 @@ def split_holdout(paths: Sequence[Path], fraction: float, seed: int = 0) -> tupl
 
 def fit_folder(train_dir: str | os.PathLike, config: DetectorConfig, *, device: str = "cpu", holdout: float = 0.2,
                quantile: float = 0.99, batch_size: int = 32, num_workers: int | None = None,
-               weights: str | None = None, seed: int = 0) -> FREDetector:
-    """Fit a detector on every image under ``train_dir`` (recursive), holding out ``holdout`` for the threshold."""
+               weights: str | None = None, seed: int = 0, cache: str | os.PathLike | None = None,
+               compile: bool = False, precision: str = "auto") -> FREDetector:
+    """Fit a detector on every image under ``train_dir`` (recursive), holding out ``holdout`` for the threshold.
+    ``cache``: an optional ``fre_torch.data.PreprocessCache`` folder, reused by later fits on the same images.
+
+    Data-parallel (``fre_torch.distributed``): every rank checks that all see the same settings and files, reads
+    its contiguous shard of whole batches of each split, and ends with the same fitted, calibrated detector.
+    """
     paths = list_images(train_dir, recursive=True)
     fit_paths, held_paths = split_holdout(paths, holdout, seed)
-    det = FREDetector(config, device=device, weights=weights)
+    det = FREDetector(config, device=device, weights=weights, compile=compile, precision=precision)
+    if det.compiled:
+        det.warmup(batch_size)
+    config_hash_check({"config": config.to_dict(), "weights": det._weights_id, "batch_size": batch_size,
+                       "holdout": holdout, "quantile": quantile, "seed": seed,
+                       "images": [str(p.relative_to(train_dir)) for p in paths]})
+    fit_paths = shard(fit_paths, unit=batch_size, what="training images (after the hold-out)")
+    held_paths = shard(held_paths, unit=batch_size, what="held-out images")
     size = config.input_size
-    det.fit(make_loader(ImageDataset(fit_paths, size), batch_size, device, num_workers=num_workers))
-    det.calibrate(make_loader(ImageDataset(held_paths, size), batch_size, device, num_workers=num_workers),
+    det.fit(make_loader(ImageDataset(fit_paths, size, cache=cache), batch_size, device, num_workers=num_workers))
+    det.calibrate(make_loader(ImageDataset(held_paths, size, cache=cache), batch_size, device, num_workers=num_workers),
                   quantile=quantile)
     return det
 
@@ -96,15 +110,18 @@ class _TolerantDataset(Dataset):
 
 
 def predict_paths(detector: FREDetector, paths: Sequence[Path], *, batch_size: int = 32,
-                  num_workers: int | None = None, progress: Progress | None = None) -> list[dict[str, Any]]:
+                  num_workers: int | None = None, progress: Progress | None = None,
+                  maps: bool = False) -> list[dict[str, Any]]:
     """Score images; one row per path: ``path, score, calibrated_score, is_anomalous, error``.
 
     Unreadable images get an empty score and their error; the others are scored in batches on the device, and
-    results come back to the host once, at the end.
+    results come back to the host once, at the end. With ``maps=True`` (linear mode) each row also has ``"map"``:
+    the image's ``(g, g)`` float32 CPU anomaly map on the feature grid, None for an unreadable image.
     """
     loader = make_loader(_TolerantDataset(paths, detector.config.input_size), batch_size, detector.device,
                          num_workers=num_workers)
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    map_parts: list[torch.Tensor] = []
     errors: dict[int, str] = {}
     for batch in loader:
         ok = batch["ok"]  # a CPU bool tensor from the collate: no device sync
@@ -112,7 +129,12 @@ def predict_paths(detector: FREDetector, paths: Sequence[Path], *, batch_size: i
             if not good:
                 errors[i] = err
         if bool(ok.any()):
-            parts.append((batch["index"][ok], detector.score(batch["image"][ok])))
+            if maps:
+                batch_scores, batch_maps = detector.anomaly_maps(batch["image"][ok])
+                map_parts.append(batch_maps)
+            else:
+                batch_scores = detector.score(batch["image"][ok])
+            parts.append((batch["index"][ok], batch_scores))
         if progress is not None:
             progress(len(ok))
     index = torch.cat([p[0] for p in parts]) if parts else torch.empty(0, dtype=torch.int64)
@@ -122,6 +144,7 @@ def predict_paths(detector: FREDetector, paths: Sequence[Path], *, batch_size: i
     scores_cpu = scores.cpu().tolist()
     calibrated_cpu = calibrated.cpu().tolist() if calibrated is not None else [None] * len(scores_cpu)
     by_index = {i: (s, c) for i, s, c in zip(index.tolist(), scores_cpu, calibrated_cpu)}
+    grid_maps = dict(zip(index.tolist(), torch.cat(map_parts).float().cpu())) if map_parts else {}
     rows = []
     for i, path in enumerate(paths):
         if i in by_index:
@@ -131,6 +154,8 @@ def predict_paths(detector: FREDetector, paths: Sequence[Path], *, batch_size: i
         else:
             rows.append({"path": str(path), "score": None, "calibrated_score": None, "is_anomalous": None,
                          "error": errors.get(i, "not scored")})
+        if maps:
+            rows[-1]["map"] = grid_maps.get(i)
     return rows
 
 
