@@ -85,3 +85,20 @@ def machine() -> str:
     import sklearn
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"numpy {np.__version__}, scikit-learn {sklearn.__version__}, Python {platform.python_version()}")
+
+
+def write_section(name: str, text: str, path: Path | None = None) -> Path:
+    """Replace the text between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in BENCHMARKS.md (appended with
+    its markers when absent), so generated tables sit beside the hand-written notes around them."""
+    path = path or REPO / "BENCHMARKS.md"
+    doc = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if begin in doc and end in doc:
+        head, rest = doc.split(begin, 1)
+        doc = head + begin + "\n" + text.strip() + "\n" + end + rest.split(end, 1)[1]
+    else:
+        doc = doc.rstrip() + f"\n\n{begin}\n{text.strip()}\n{end}\n"
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(doc, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

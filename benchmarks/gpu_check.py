@@ -127,7 +127,6 @@ def section_backbone(device: torch.device, quick: bool, deadline: float) -> dict
             if device.type == "cuda" and key.startswith("bf16"):
                 row[key]["fraction_of_bf16_peak"] = row["flops_per_image"] * batch / seconds / (
                     H200_BF16_DENSE_TFLOPS * 1e12)
-            del det
         out[name] = row
     return out
 

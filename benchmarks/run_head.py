@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.common import machine, run_child
+from benchmarks.common import machine, run_child, write_section
 
 GRID_D = (4096, 16384, 65536)
 GRID_N = (100, 400, 2000)
@@ -24,6 +24,7 @@ def main() -> None:
                     help="skip scikit-learn fits on larger N*D (minutes each); marked n/a")
     ap.add_argument("--out", default="benchmarks/results/head.json")
     ap.add_argument("--stream_only", action="store_true", help="rerun only the streaming case, keep the grid")
+    ap.add_argument("--write", action="store_true", help="also replace the generated head table in BENCHMARKS.md")
     args = ap.parse_args()
 
     cases = [(400, 65536)] if args.quick else [(n, d) for d in GRID_D for n in GRID_N]
@@ -52,6 +53,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print(markdown(doc))
+    if args.write:
+        print(f"wrote {write_section('head', markdown(doc))}")
 
 
 def _mb(b: float) -> str:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fre_torch.data import ImageDataset, PreprocessCache, _read_image, make_loader
+from fre_torch.data import ImageDataset, PreprocessCache, _read_image
 from fre_torch.detector import DetectorConfig, FREDetector
 from fre_torch.evaluate import evaluate_category
 from fre_torch.precision import autocast, backbone_dtype, check_precision
