@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="random Fourier features (default) or Nystroem landmarks")
     ev.add_argument("--pca", type=float, default=0.97,
                     help="explained-variance fraction in (0, 1), or an integer number of components")
+    ev.add_argument("--modes", nargs="+", choices=["pca", "tae", "ae"], default=["pca"],
+                    help="one or more fits to compare, each at the k of --pca: pca (closed form, default), tae / ae "
+                         "(tied / untied linear autoencoder trained with Adam on the device); one table per mode, "
+                         "JSON keyed by mode when several")
     ev.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ev.add_argument("--gpu", action="store_true", help="same as --device cuda")
     ev.add_argument("--batch_size", type=int, default=32)
@@ -199,11 +203,12 @@ def _n_components(value: float) -> int | float:
 def _run_evaluate(root: Path, categories: list[str], config, device: str, batch_size: int,
                   workers: int | None, weights: str | None, json_path: str | None, extra: dict,
                   pixel_metrics: bool = True, heatmap_dir: str | None = None, report_dir: str | None = None,
-                  scores_csv: str | None = None, speed: dict | None = None) -> int:
-    from fre_torch.data import MVTecCategory, list_categories
-    from fre_torch.distributed import is_distributed, shard, world_size
-    from fre_torch.detector import FREDetector
-    from fre_torch.evaluate import evaluate_category, format_table, summarize, write_json
+                  scores_csv: str | None = None, speed: dict | None = None, modes: tuple[str, ...] = ()) -> int:
+    """Evaluate ``config`` once per mode of ``modes`` (empty = ``config.mode`` alone): one table per mode; the JSON
+    document is ``summarize``'s for one mode, ``{"modes": {mode: summarize(...)}}`` for several."""
+    from fre_torch.data import list_categories
+    from fre_torch.distributed import is_distributed, world_size
+    from fre_torch.evaluate import format_table, summarize, write_json
 
     if not root.is_dir():
         raise CliError(f"dataset directory not found: {root} (expected <root>/<category>/train/good, test/...)")
@@ -216,6 +221,50 @@ def _run_evaluate(root: Path, categories: list[str], config, device: str, batch_
     if batch_size < 1:
         raise CliError(f"--batch_size must be >= 1, got {batch_size}")
     speed = speed or {}
+    modes = tuple(dict.fromkeys(modes or (config.mode,)))  # in order, without repeats
+    if len(modes) > 1 and (heatmap_dir or report_dir or scores_csv):
+        raise CliError("--save_heatmaps, --report and --scores_csv take one mode; run once per mode with --modes M")
+    configs = {mode: dataclasses.replace(config, mode=mode) for mode in modes}  # ValueError: e.g. kernel + 'tae'
+    by_mode = {mode: _evaluate_categories(root, categories, cfg, device, batch_size, workers, weights, pixel_metrics,
+                                          heatmap_dir, report_dir, speed)
+               for mode, cfg in configs.items()}
+    if not _is_main():
+        return 0  # data-parallel: rank 0 prints and writes
+    if is_distributed():
+        extra = {**extra, "world_size": world_size()}
+    for mode, (results, _) in by_mode.items():
+        if len(modes) > 1:
+            print(f"mode: {mode}")
+        print(format_table(results))
+    results, score_rows = by_mode[modes[0]]  # the outputs below take one mode
+    config = configs[modes[0]]
+    if scores_csv:
+        print(f"wrote {_write_scores_csv(scores_csv, score_rows)}")
+    if heatmap_dir:
+        print(f"wrote {sum(r['n_test'] for r in results.values())} heatmaps to {heatmap_dir}")
+    if report_dir:
+        from fre_torch.report import write_report
+
+        index = write_report(report_dir, results, title=f"fre_torch evaluate: {root}",
+                             config={**config.to_dict(), **extra, "device": device})
+        print(f"wrote {index}")
+    if json_path:
+        run = {**extra, "device": device, "batch_size": batch_size}
+        document = (summarize(results, config, run) if len(modes) == 1 else
+                    {"modes": {mode: summarize(by_mode[mode][0], configs[mode], run) for mode in modes}})
+        print(f"wrote {write_json(json_path, document)}")
+    return 0
+
+
+def _evaluate_categories(root: Path, categories: list[str], config, device: str, batch_size: int,
+                         workers: int | None, weights: str | None, pixel_metrics: bool, heatmap_dir: str | None,
+                         report_dir: str | None, speed: dict) -> tuple[dict, list[tuple[str, str, int, float]]]:
+    """Fit and evaluate one configuration on every category: (results per category, score rows for the CSV)."""
+    from fre_torch.data import MVTecCategory
+    from fre_torch.detector import FREDetector
+    from fre_torch.distributed import shard
+    from fre_torch.evaluate import evaluate_category
+
     detector = FREDetector(config, device=device, weights=weights, compile=speed.get("compile", False),
                            precision=speed.get("precision", "auto"))
     if detector.compiled:
@@ -239,26 +288,7 @@ def _run_evaluate(root: Path, categories: list[str], config, device: str, batch_
             bar.close()
         score_rows += [(name, str(p.relative_to(root)), int(label), score)
                        for p, label, score in zip(cat.test_paths, cat.test_labels, results[name].get("scores", []))]
-    if not _is_main():
-        return 0  # data-parallel: rank 0 prints and writes
-    if is_distributed():
-        extra = {**extra, "world_size": world_size()}
-    print(format_table(results))
-    if scores_csv:
-        print(f"wrote {_write_scores_csv(scores_csv, score_rows)}")
-    if heatmap_dir:
-        print(f"wrote {sum(r['n_test'] for r in results.values())} heatmaps to {heatmap_dir}")
-    if report_dir:
-        from fre_torch.report import write_report
-
-        index = write_report(report_dir, results, title=f"fre_torch evaluate: {root}",
-                             config={**config.to_dict(), **extra, "device": device})
-        print(f"wrote {index}")
-    if json_path:
-        path = write_json(json_path, summarize(results, config, {**extra, "device": device,
-                                                                  "batch_size": batch_size}))
-        print(f"wrote {path}")
-    return 0
+    return results, score_rows
 
 
 def _write_scores_csv(path: str, rows: list[tuple[str, str, int, float]]) -> Path:
@@ -310,7 +340,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                          pixel_metrics=args.pixel_metrics == "auto", heatmap_dir=args.save_heatmaps,
                          report_dir=args.report, scores_csv=args.scores_csv,
                          speed={"compile": args.compile, "precision": args.precision, "cache": args.cache,
-                                "resize": args.resize})
+                                "resize": args.resize}, modes=tuple(args.modes))
 
 
 def cmd_fit(args: argparse.Namespace) -> int:

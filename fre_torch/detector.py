@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .autoencoder import LinearAutoencoder
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, FeatureExtractor, build_feature_extractor, get_backbone_spec, normalize
 from .distributed import gather_rows, reduce_accumulator
 from .precision import autocast, check_device, check_precision
@@ -44,12 +45,14 @@ from .subspace import (
     select_n_components,
 )
 
-__all__ = ["DEFAULT_LAYERS", "DetectorConfig", "FREDetector", "MAP_SCALE_QUANTILE", "ModelFileError", "embed",
-           "upsample_maps"]
+__all__ = ["DEFAULT_LAYERS", "DetectorConfig", "FREDetector", "MAP_SCALE_QUANTILE", "MODES", "ModelFileError",
+           "embed", "upsample_maps"]
 
 _FORMAT = "fre_torch.detector"
 _VERSION = 1
 _MIN_RESIDUAL_FRACTION = 1e-6  # floor of a layer's score scale, as a fraction of its total variance
+# Fitting modes: closed-form PCA, or a linear autoencoder trained by gradient descent, tied or untied.
+MODES = ("pca", "tae", "ae")
 
 
 class ModelFileError(ValueError):
@@ -87,6 +90,9 @@ class DetectorConfig:
             bandwidth by the median heuristic on the training vectors. Image scores only: maps need linear mode.
         kernel_features: M, the number of explicit kernel features (random Fourier features or landmarks).
         kernel_method: 'rff' (random Fourier features) or 'nystroem' (M k-center landmarks; needs N >= M).
+        mode: 'pca' (closed-form float64 subspace, the default), 'tae' (tied linear autoencoder) or 'ae' (untied),
+            trained with Adam on the device (``fre_torch.autoencoder``; the reference's trained alternatives), at the
+            k PCA would keep. Linear only: not with ``kernel``.
     """
 
     backbone: str = "efficientnet_lite0"
@@ -101,6 +107,7 @@ class DetectorConfig:
     kernel: str | None = None
     kernel_features: int = 4096
     kernel_method: str = "rff"
+    mode: str = "pca"
 
     def __post_init__(self) -> None:
         spec = get_backbone_spec(self.backbone)  # ValueError naming the known backbones
@@ -125,6 +132,11 @@ class DetectorConfig:
             raise ValueError(f"kernel must be None, 'rbf' or 'laplacian', got {self.kernel!r}")
         if self.kernel_method not in ("rff", "nystroem"):
             raise ValueError(f"kernel_method must be 'rff' or 'nystroem', got {self.kernel_method!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {self.mode!r}")
+        if self.kernel is not None and self.mode != "pca":
+            raise ValueError(f"mode={self.mode!r} trains a linear autoencoder, kernel={self.kernel!r} fits kernel PCA: "
+                             "they do not combine; use mode='pca' with a kernel, or kernel=None with an autoencoder")
         if isinstance(self.kernel_features, bool) or not isinstance(self.kernel_features, int) \
                 or self.kernel_features < 1:
             raise ValueError(f"kernel_features must be an int >= 1, got {self.kernel_features!r}")
@@ -237,8 +249,9 @@ class FREDetector(nn.Module):
         precision: the backbone's compute precision, ``"auto"`` (bf16 on CUDA, float32 on the CPU), ``"fp32"``,
             ``"bf16"`` or ``"fp16"`` (``fre_torch.precision``). Fitting is float64 and scoring float32 regardless.
 
-    Fitted state (buffers): ``subspaces`` (one ``Subspace`` per layer) and ``scales`` (L,) float64, the divisor of
-    each layer's FRE (its training residual variance, floored at 1e-6 of the layer's total variance; or 1).
+    Fitted state (buffers): ``subspaces`` (one ``Subspace`` per layer; a ``LinearAutoencoder`` in modes 'tae' /
+    'ae', a ``KernelFRE`` with a kernel) and ``scales`` (L,) float64, the divisor of each layer's FRE (its training
+    residual variance, floored at 1e-6 of the layer's total variance; or 1).
 
     Typical use::
 
@@ -334,6 +347,8 @@ class FREDetector(nn.Module):
         """
         if self.config.kernel is not None:
             return self._fit_kernel(data, batch_size)
+        if self.config.mode != "pca":
+            return self._fit_autoencoder(data, batch_size)
         n = _length(data)
         accs: list[GramAccumulator | CovarianceAccumulator] = []
         for d in self.config.layer_features:
@@ -352,9 +367,9 @@ class FREDetector(nn.Module):
         self.scales = self._scales(subspaces)
         return self
 
-    def _scales(self, subspaces: Sequence[Subspace]) -> Tensor:
+    def _scales(self, subspaces: Sequence[Subspace | LinearAutoencoder]) -> Tensor:
         total = torch.stack([s.total_variance for s in subspaces])
-        residual = torch.stack([s.total_variance - s.explained_variance.sum() for s in subspaces])
+        residual = torch.stack([_residual_variance(s) for s in subspaces])
         if not self.config.normalize_scores:
             return torch.ones_like(residual)
         # With few training images the subspace can keep every direction they span (k = N - 1): the residual is then
@@ -366,10 +381,27 @@ class FREDetector(nn.Module):
 
     def _fit_kernel(self, data: Any, batch_size: int) -> FREDetector:
         """Kernel mode: the bandwidth (median heuristic) and landmarks come from ALL training vectors, so their rows
-        are gathered into one preallocated tensor per layer, then fitted in one shot."""
+        are gathered (``_gather_rows``), then fitted in one shot."""
+        models = [self._kernel_model().fit(r) for r in self._gather_rows(data, batch_size, "kernel mode")]
+        self.subspaces = nn.ModuleList(models)
+        self.scales = self._scales([m.fitted_subspace() for m in models])
+        return self
+
+    def _fit_autoencoder(self, data: Any, batch_size: int) -> FREDetector:
+        """Modes 'tae' / 'ae': gradient descent runs over all training rows many times, so they are gathered
+        (``_gather_rows``); one autoencoder per layer, each seeded alike (deterministic)."""
+        models = [self._autoencoder_model().fit(r, seed=0)
+                  for r in self._gather_rows(data, batch_size, f"mode={self.config.mode!r}")]
+        self.subspaces = nn.ModuleList(models)
+        self.scales = self._scales(models)
+        return self
+
+    def _gather_rows(self, data: Any, batch_size: int, what: str) -> list[Tensor]:
+        """All training rows, one preallocated ``(N, D_l)`` float32 tensor per layer on the device (data-parallel:
+        every rank's rows, in order), checked finite once per layer after the loop."""
         n = _length(data)
         if n is None:
-            raise ValueError("kernel mode needs a sized training set (a tensor, a list or a DataLoader)")
+            raise ValueError(f"{what} needs a sized training set (a tensor, a list or a DataLoader)")
         rows = [torch.empty(n, d, device=self.device) for d in self.config.layer_features]
         start = 0
         for batch in _batches(data, batch_size):
@@ -381,10 +413,7 @@ class FREDetector(nn.Module):
         rows = [gather_rows(r) for r in rows]  # data-parallel: every rank's rows, in order (identity otherwise)
         for r in rows:
             check_features(r, name="training features")  # one sync per layer, after the loop
-        models = [self._kernel_model().fit(r) for r in rows]
-        self.subspaces = nn.ModuleList(models)
-        self.scales = self._scales([m.fitted_subspace() for m in models])
-        return self
+        return rows
 
     def _kernel_model(self) -> nn.Module:
         from .kernel import KernelFRE
@@ -392,6 +421,9 @@ class FREDetector(nn.Module):
         c = self.config
         return KernelFRE(c.n_components, kernel=c.kernel, method=c.kernel_method, kernel_features=c.kernel_features,
                          device=self.device)
+
+    def _autoencoder_model(self) -> LinearAutoencoder:
+        return LinearAutoencoder(self.config.n_components, tied=self.config.mode == "tae", device=self.device)
 
     def _solve(self, acc: GramAccumulator | CovarianceAccumulator) -> Subspace:
         stats = acc.gram if isinstance(acc, GramAccumulator) else acc.scatter
@@ -472,8 +504,8 @@ class FREDetector(nn.Module):
     def set_map_scale(self, normal: Any, *, batch_size: int = 32) -> FREDetector:
         """Set ``map_scale``, the value shown as full colour in heatmaps, from normal images: the
         ``MAP_SCALE_QUANTILE`` of their grid-map values. Prefer images the subspaces were not fitted on (``calibrate``
-        does this with the held-out split); on the training images themselves the residuals are slightly smaller,
-        so the colours saturate a little earlier."""
+        does this with the held-out split, ``fre_torch.crossfit`` with out-of-fold maps); the training images' own
+        residuals are far smaller (17x on MVTec bottle), which would make every test heatmap saturate."""
         _, maps = self.score_and_maps(normal, batch_size=batch_size)
         self.map_scale = _map_quantile(gather_rows(maps))  # data-parallel: every rank's maps (identity otherwise)
         return self
@@ -570,7 +602,7 @@ class FREDetector(nn.Module):
                 model.load_state_dict(state)
                 subspaces.append(model.to(det.device))
                 continue
-            sub = Subspace()
+            sub = Subspace() if config.mode == "pca" else det._autoencoder_model()
             sub.load_state_dict(state)
             if sub.n_features != d:
                 raise ModelFileError(f"{path}: a subspace has {sub.n_features} features, the config implies {d}")
@@ -600,6 +632,14 @@ def _map_quantile(maps: Tensor) -> Tensor:
         raise ValueError("cannot set the heatmap scale: no maps, or NaN/Inf in the normal images' maps")
     k = max(1, min(flat.numel(), int(round(MAP_SCALE_QUANTILE * flat.numel()))))
     return flat.kthvalue(k).values.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _residual_variance(model: Subspace | LinearAutoencoder) -> Tensor:
+    """The training variance a fitted layer model leaves out, 0-dim float64: a subspace's left-out spectrum, an
+    autoencoder's measured training residual (both sums of squares over N - 1, so they agree at convergence)."""
+    if isinstance(model, LinearAutoencoder):
+        return model.residual_variance
+    return model.total_variance - model.explained_variance.sum()
 
 
 def _weights_identity(backbone: str, pretrained: bool, weights: str | os.PathLike | None) -> str:
