@@ -45,10 +45,10 @@ import math
 from collections.abc import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .precision import FIT_DTYPE, score_dtype_for
-from .subspace import check_features, select_n_components
+from .subspace import AdoptsBufferShapes, check_features, select_n_components
 
 __all__ = ["LinearAutoencoder", "principal_angles", "DEFAULT_STEPS", "DEFAULT_LR_SCALE", "default_lr"]
 
@@ -66,7 +66,7 @@ _FINAL_LR_FRACTION = 0.01  # cosine decay floor, as a fraction of lr
 _ROW_CHUNK = 1024  # rows per float64 residual pass after training
 
 
-class LinearAutoencoder(nn.Module):
+class LinearAutoencoder(AdoptsBufferShapes):
     """A linear autoencoder on feature vectors, with the same scoring API as ``Subspace``.
 
     Args:
@@ -114,14 +114,6 @@ class LinearAutoencoder(nn.Module):
             self.register_buffer(name, torch.zeros((), dtype=FIT_DTYPE, device=device))
         self.register_buffer("n_steps", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("n_samples", torch.zeros((), dtype=torch.int64, device=device))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch hook
-        # Fitted buffers have data-dependent shapes: take the incoming ones before the default copy.
-        for name, buf in self._buffers.items():
-            src = state_dict.get(prefix + name)
-            if src is not None and buf is not None and src.shape != buf.shape:
-                self._buffers[name] = torch.empty(src.shape, dtype=src.dtype, device=buf.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ shape
     @property

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .precision import FIT_DTYPE, check_device, score_dtype_for
 from .subspace import (
+    AdoptsBufferShapes,
     CovarianceAccumulator,
     GramAccumulator,
     NComponents,
@@ -231,15 +232,10 @@ def select_landmarks(x: Tensor, m: int, method: Literal["uniform", "kcenter"] = 
 
 
 # --------------------------------------------------------------------------------------------------- feature maps
-class _AdoptShapes(nn.Module):
+class _AdoptShapes(AdoptsBufferShapes):
     """``load_state_dict`` adopts the shapes and dtypes of incoming buffers (fitted state's size is data-driven)."""
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch hook
-        for name, buf in self._buffers.items():
-            src = state_dict.get(prefix + name)
-            if src is not None and buf is not None and (src.shape != buf.shape or src.dtype != buf.dtype):
-                self._buffers[name] = torch.empty(src.shape, dtype=src.dtype, device=buf.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    adopt_dtypes = True
 
 
 class RandomFourierFeatures(_AdoptShapes):

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .precision import FIT_DTYPE
 
 __all__ = [
+    "AdoptsBufferShapes",
     "CovarianceAccumulator",
     "GramAccumulator",
     "Subspace",
@@ -109,6 +110,21 @@ def _flip_signs(components: Tensor) -> Tensor:
     signs = torch.sign(components.gather(1, idx))
     signs[signs == 0] = 1
     return components * signs
+
+
+class AdoptsBufferShapes(nn.Module):
+    """Base of fitted modules whose buffers' shapes are data-driven: ``load_state_dict`` into a fresh (empty) module
+    adopts the incoming buffers' shapes (and, with ``adopt_dtypes``, their dtypes) before torch's default copy."""
+
+    adopt_dtypes: bool = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch hook
+        for name, buf in self._buffers.items():
+            src = state_dict.get(prefix + name)
+            if src is not None and buf is not None and (
+                    src.shape != buf.shape or (self.adopt_dtypes and src.dtype != buf.dtype)):
+                self._buffers[name] = torch.empty(src.shape, dtype=src.dtype, device=buf.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class CovarianceAccumulator(nn.Module):
@@ -258,7 +274,7 @@ def _gram_block(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-class Subspace(nn.Module):
+class Subspace(AdoptsBufferShapes):
     """A fitted linear subspace and its feature reconstruction error.
 
     Buffers (saved in ``state_dict``):
@@ -293,13 +309,6 @@ class Subspace(nn.Module):
         self.register_buffer("total_variance", total_variance if total_variance is not None
                              else torch.zeros((), dtype=FIT_DTYPE, device=dev))
         self.register_buffer("n_samples", torch.tensor(n_samples, dtype=torch.int64, device=dev))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch hook
-        for name, buf in self._buffers.items():
-            src = state_dict.get(prefix + name)
-            if src is not None and buf is not None and src.shape != buf.shape:
-                self._buffers[name] = torch.empty(src.shape, dtype=src.dtype, device=buf.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def n_features(self) -> int:
