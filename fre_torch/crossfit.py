@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .detector import FREDetector, _map_quantile
+from .detector import FREDetector, _batches, _map_quantile
 from .distributed import gather_rows, is_distributed, rank
 
 __all__ = ["CROSS_FIT_FOLDS", "CrossFit", "cross_fit"]
@@ -73,14 +73,9 @@ class _IndexBatches:
 
 
 def _extract(detector: FREDetector, data: Any, batch_size: int) -> list[Tensor]:
-    """Per-layer feature rows ``[(N, D_l)]`` of every image in ``data`` (a uint8 ``(N, 3, H, W)`` tensor or an
-    iterable of such batches or of dicts with ``"image"``), on the detector's device."""
-    if isinstance(data, Tensor):
-        data = [data[s:s + batch_size] for s in range(0, data.shape[0], batch_size)]
-    parts: list[list[Tensor]] = []
-    for item in data:
-        images = item["image"] if isinstance(item, dict) else item
-        parts.append(detector.features(images))  # stays on the device: no host sync per batch
+    """Per-layer feature rows ``[(N, D_l)]`` of every image in ``data`` (anything ``FREDetector.fit`` takes), on
+    the detector's device. One small list of per-batch rows, joined once: ``data`` may be unsized."""
+    parts = [detector.features(images) for images in _batches(data, batch_size)]  # on the device: no host sync
     if not parts:
         raise ValueError("no training images to cross-fit")
     return [torch.cat(layer) for layer in zip(*parts)]

@@ -16,8 +16,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,7 +28,7 @@ from fre_torch.data import load_image
 from fre_torch.detector import FREDetector
 from fre_torch.evaluate import METRICS, PIXEL_METRICS
 from fre_torch.subspace import CovarianceAccumulator, GramAccumulator
-from fre_torch.synthetic import write_synthetic_mvtec
+from fre_torch.synthetic import _one_thread, write_synthetic_mvtec
 
 WORKER = REPO / "tests" / "distributed_worker.py"
 CLI = REPO / "cli.py"
@@ -74,16 +72,6 @@ def _rank_pair(make_argv, cwd: Path) -> list[subprocess.CompletedProcess]:
             raise AssertionError(f"rank {r} hung past {LAUNCH_TIMEOUT} s")
         done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     return done
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _single(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
