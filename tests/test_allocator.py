@@ -1,0 +1,62 @@
+"""retain_freed_memory: freed large tensors are reused instead of page-faulted in again (counted, not timed)."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from fre_torch.allocator import DEFAULT_RETAIN_BYTES, ENV_OPT_OUT, retain_freed_memory, retain_requested
+
+# A child process allocates, fills and frees a 64 MiB tensor 11 times and prints the minor page faults of the last 10
+# (the first ones fault their pages in whatever the setting). 64 MiB is above glibc's largest dynamic mmap threshold.
+_CHILD = """
+import resource, sys, torch
+from fre_torch.allocator import retain_freed_memory
+if sys.argv[1] == "retain":
+    assert retain_freed_memory()
+torch.empty(1 << 24).fill_(1.0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    torch.empty(1 << 24).fill_(1.0)  # 2**24 float32 = 64 MiB = 16,384 pages of 4 KiB
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+_GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def _faults(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
+@pytest.mark.skipif(not _GLIBC, reason="mallopt thresholds exist only in glibc (Linux)")
+def test_retained_memory_is_reused_without_page_faults() -> None:
+    default, retained = _faults("default"), _faults("retain")
+    import resource  # Unix only
+
+    pages = (1 << 26) // resource.getpagesize()  # of one 64 MiB tensor
+    if default < 10 * pages // 4:
+        pytest.skip(f"{default} faults for 10 fresh 64 MiB blocks: huge pages make faulting cheap on this machine")
+    # Without the setting every allocation is a fresh mmap whose pages all fault in again (10 x 16,384 here). With it
+    # the freed block comes back from the heap: the heap grows once (one block's pages), then no more faults.
+    assert retained < 2 * pages, (retained, default)
+
+
+def test_threshold_is_validated() -> None:
+    for bad in (0, 1000, -1, 2.5, True, "1G"):
+        with pytest.raises(ValueError, match="at least 1 MiB"):
+            retain_freed_memory(bad)  # type: ignore[arg-type]
+    assert DEFAULT_RETAIN_BYTES >= 1 << 30
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, True), ("1", True), ("0", False), ("off", False),
+                                                 ("False", False), (" no ", False), ("yes", True)])
+def test_opt_out_variable(monkeypatch: pytest.MonkeyPatch, value: str | None, expected: bool) -> None:
+    if value is None:
+        monkeypatch.delenv(ENV_OPT_OUT, raising=False)
+    else:
+        monkeypatch.setenv(ENV_OPT_OUT, value)
+    assert retain_requested() is expected
