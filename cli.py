@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="write every test image's score to PATH (category,path,label,score; test order)")
     _add_solver_and_distributed(ev)
     _add_speed_flags(ev, cache=True)
+    ev.add_argument("--cache_images_only", action="store_true",
+                    help="with --cache: keep preprocessed images only, not features")
     ev.add_argument("--resize", choices=["auto", "cpu", "device"], default="auto",
                     help="where images are resized: cpu (LANCZOS in the loader workers, the reference), device "
                          "(after transfer; bilinear, antialiased; images of one size) or auto (device on CUDA when "
@@ -168,7 +170,8 @@ def _add_speed_flags(p: argparse.ArgumentParser, cache: bool) -> None:
     if cache:
         p.add_argument("--cache", default=None, metavar="DIR",
                        help="keep decoded, resized images in DIR (keyed by file content and settings, never stale) "
-                            "so later runs skip decoding")
+                            "so later runs skip decoding; evaluate also keeps the backbone's features there (keyed "
+                            "by the input pixels, weights and feature settings), so it skips the backbone too")
 
 
 def _is_main() -> bool:
@@ -283,6 +286,7 @@ def _evaluate_categories(root: Path, categories: list[str], config, device: str,
                                               progress=bar, pixel_metrics=pixel_metrics,
                                               heatmap_dir=Path(heatmap_dir) / name if heatmap_dir else None,
                                               keep_maps=report_dir is not None, cache=speed.get("cache"),
+                                              cache_features=not speed.get("cache_images_only", False),
                                               resize=speed.get("resize", "auto"))
         finally:
             bar.close()
@@ -340,7 +344,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                          pixel_metrics=args.pixel_metrics == "auto", heatmap_dir=args.save_heatmaps,
                          report_dir=args.report, scores_csv=args.scores_csv,
                          speed={"compile": args.compile, "precision": args.precision, "cache": args.cache,
-                                "resize": args.resize}, modes=tuple(args.modes))
+                                "cache_images_only": args.cache_images_only, "resize": args.resize},
+                         modes=tuple(args.modes))
 
 
 def cmd_fit(args: argparse.Namespace) -> int:

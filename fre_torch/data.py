@@ -38,6 +38,7 @@ __all__ = [
     "MVTecCategory",
     "ImageDataset",
     "PreprocessCache",
+    "FeatureCache",
     "make_loader",
 ]
 
@@ -164,18 +165,8 @@ class PreprocessCache:
     def put(self, key: str, image: torch.Tensor, orig_size: tuple[int, int]) -> None:
         """Store an entry atomically; a failure to write (disk full, read-only folder) only costs the speed-up."""
         size = image.shape[-1]
-        path = self._path(key)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(self._HEADER.pack(self._MAGIC, orig_size[0], orig_size[1], size)
-                            + image.contiguous().numpy().tobytes())
-            os.replace(tmp, path)
-        except OSError:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:  # the folder itself is unusable (e.g. its parent is a file): nothing was written
-                pass
+        _write_entry(self._path(key), self._HEADER.pack(self._MAGIC, orig_size[0], orig_size[1], size)
+                     + image.contiguous().numpy().tobytes())
 
     def read(self, path: str | os.PathLike, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
         """``_read_image`` through the cache: a hit skips decoding and resizing."""
@@ -190,6 +181,75 @@ class PreprocessCache:
         image, orig = _read_image(path, size, data=data)
         self.put(key, image, orig)
         return image, orig
+
+
+def _write_entry(path: Path, blob: bytes) -> None:
+    """Write a cache entry atomically (temporary name, then rename); any OSError leaves nothing behind and is
+    swallowed: a cache that cannot be written only costs its speed-up."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # the folder itself is unusable (e.g. its parent is a file): nothing was written
+            pass
+
+
+class FeatureCache:
+    """An on-disk cache of per-image feature vectors, so repeated runs skip the backbone as well as decoding.
+
+    An entry is keyed by the SHA-256 of the exact ``uint8`` input image (its pixels and shape, i.e. after decoding
+    and resizing) together with a ``settings`` string that the caller derives from everything else that shapes the
+    features (``FREDetector`` hashes its backbone's weights, layers, input size, grid, normalisation, precision,
+    device type, compilation and the torch version into it). Changing any of them, or one pixel, changes the key: an
+    entry can never be stale, only unused. Each entry is one file ``<root>/<key[:2]>/<key>.f32``: an 8-byte header
+    (magic, number of values) and the float32 values, written atomically; an unreadable entry is ignored and
+    rewritten. Use its own folder (``evaluate`` uses ``<cache>/features``); safe to delete at any time.
+
+    Args:
+        root: the cache folder (created on first write).
+    """
+
+    _MAGIC = b"FRF1"
+    _HEADER = struct.Struct("<4sI")
+    VERSION = "fre_torch-features-v1"
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(f"cache path {self.root} exists and is not a folder; pass a folder for the cache")
+
+    def key(self, image: torch.Tensor, settings: str) -> str:
+        """The entry name for one ``uint8 (3, H, W)`` CPU image under ``settings``."""
+        if image.dtype != torch.uint8 or image.device.type != "cpu":
+            raise ValueError(f"FeatureCache keys uint8 CPU images, got {image.dtype} on {image.device}")
+        h = hashlib.sha256(image.contiguous().numpy().data)
+        h.update(f"|{tuple(image.shape)}|{self.VERSION}|{settings}".encode())
+        return h.hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.f32"
+
+    def get(self, key: str, n: int) -> torch.Tensor | None:
+        """The ``(n,)`` float32 vector of an entry, or None when it is absent, unreadable or of another length."""
+        try:
+            blob = self._path(key).read_bytes()
+        except OSError:
+            return None
+        if len(blob) != self._HEADER.size + 4 * n:
+            return None
+        magic, stored = self._HEADER.unpack_from(blob)
+        if magic != self._MAGIC or stored != n:
+            return None
+        return torch.frombuffer(bytearray(blob[self._HEADER.size:]), dtype=torch.float32)
+
+    def put(self, key: str, values: torch.Tensor) -> None:
+        """Store a ``(n,)`` float32 CPU vector atomically; a failure to write only costs the speed-up."""
+        values = values.detach().to("cpu", torch.float32).contiguous().view(-1)
+        _write_entry(self._path(key), self._HEADER.pack(self._MAGIC, values.numel()) + values.numpy().tobytes())
 
 
 def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:

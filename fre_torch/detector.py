@@ -25,7 +25,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .autoencoder import LinearAutoencoder
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, FeatureExtractor, build_feature_extractor, get_backbone_spec, normalize
 from .distributed import gather_rows, reduce_accumulator
-from .precision import autocast, check_device, check_precision
+from .precision import autocast, backbone_dtype, check_device, check_precision
 from .subspace import (
     check_features,
     CovarianceAccumulator,
@@ -44,6 +44,9 @@ from .subspace import (
     resolve_solver,
     select_n_components,
 )
+
+if TYPE_CHECKING:  # the cache does file I/O; the detector only calls its key / get / put
+    from .data import FeatureCache
 
 __all__ = ["DEFAULT_LAYERS", "DetectorConfig", "FREDetector", "MAP_SCALE_QUANTILE", "MODES", "ModelFileError",
            "embed", "upsample_maps"]
@@ -248,6 +251,10 @@ class FREDetector(nn.Module):
         compile: ``torch.compile`` the backbone and embedding (static shapes; call ``warmup`` before timing).
         precision: the backbone's compute precision, ``"auto"`` (bf16 on CUDA, float32 on the CPU), ``"fp32"``,
             ``"bf16"`` or ``"fp16"`` (``fre_torch.precision``). Fitting is float64 and scoring float32 regardless.
+        feature_cache: a ``fre_torch.data.FeatureCache`` (or its folder): ``features`` reads each image's vectors
+            from it when present and stores the ones it computes, so a repeated run over the same images skips the
+            backbone. Keyed by the exact input pixels and everything that shapes the features (see
+            ``feature_settings``); a run-time choice, not saved with the model. Also settable as an attribute.
 
     Fitted state (buffers): ``subspaces`` (one ``Subspace`` per layer; a ``LinearAutoencoder`` in modes 'tae' /
     'ae', a ``KernelFRE`` with a kernel) and ``scales`` (L,) float64, the divisor of each layer's FRE (its training
@@ -264,7 +271,7 @@ class FREDetector(nn.Module):
 
     def __init__(self, config: DetectorConfig | None = None, *, device: torch.device | str = "cpu",
                  pretrained: bool = True, weights: str | os.PathLike | None = None, compile: bool = False,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", feature_cache: FeatureCache | str | os.PathLike | None = None) -> None:
         super().__init__()
         self.config = config or DetectorConfig()
         self.device = check_device(device)
@@ -290,6 +297,12 @@ class FREDetector(nn.Module):
         # colours mean the same thing on every image and are never set from test scores.
         self.register_buffer("map_scale", torch.full((), float("nan"), dtype=torch.float32, device=self.device))
         self._weights_id = _weights_identity(self.config.backbone, pretrained, weights)
+        if isinstance(feature_cache, (str, os.PathLike)):
+            from .data import FeatureCache
+
+            feature_cache = FeatureCache(feature_cache)
+        self.feature_cache: FeatureCache | None = feature_cache
+        self._feature_settings: str | None = None
 
     @property
     def is_fitted(self) -> bool:
@@ -305,6 +318,11 @@ class FREDetector(nn.Module):
         """
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 RGB images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        rows = self._layer_rows(images) if self.feature_cache is None else self._cached_layer_rows(images)
+        return [torch.cat(rows, dim=1)] if self.config.fusion == "concat" and len(rows) > 1 else rows
+
+    def _layer_rows(self, images: Tensor) -> list[Tensor]:
+        """uint8 images -> per-layer rows ``[(B, C_l * g * g)]`` through the backbone (before any concat fusion)."""
         x = normalize(images.to(self.device, non_blocking=True), self.config.spec)
         size = self.config.input_size
         if x.shape[-2:] != (size, size):
@@ -315,8 +333,44 @@ class FREDetector(nn.Module):
             self._static_batch = max(self._static_batch, b)
             if b < self._static_batch:  # pad with zeros (cheap, finite); the padded rows are dropped below
                 x = torch.cat([x, x.new_zeros(self._static_batch - b, *x.shape[1:])])
-        rows = [r[:b] for r in self._backbone(x)]
-        return [torch.cat(rows, dim=1)] if self.config.fusion == "concat" and len(rows) > 1 else rows
+        return [r[:b] for r in self._backbone(x)]
+
+    def _cached_layer_rows(self, images: Tensor) -> list[Tensor]:
+        """``_layer_rows`` through ``feature_cache``: entries found are read, the rest computed (one backbone call
+        for the batch's misses) and stored. Hashing and storing need the images and rows on the host: with a
+        DataLoader the images already are; storing misses copies their rows back (a sync, paid once per image)."""
+        cache = self.feature_cache
+        dims = [c * self.config.grid ** 2 for c in self.extractor.channels]
+        settings = self.feature_settings()
+        keys = [cache.key(image, settings) for image in images.cpu()]
+        found = [cache.get(key, sum(dims)) for key in keys]
+        missing = [i for i, v in enumerate(found) if v is None]
+        if missing:
+            subset = images if len(missing) == len(keys) else images[missing]
+            computed = torch.cat(self._layer_rows(subset), dim=1).cpu()
+            for j, i in enumerate(missing):
+                cache.put(keys[i], computed[j])
+                found[i] = computed[j]
+        rows = torch.stack(found).to(self.device, non_blocking=True)
+        return [r.contiguous() for r in rows.split(dims, dim=1)]
+
+    def feature_settings(self) -> str:
+        """Everything besides the input pixels that shapes ``features``, as one string (``FeatureCache`` keys):
+        a SHA-256 of the backbone's weights as loaded, the layers, input size, grid, normalisation, compute dtype,
+        device type, compilation and the torch version. Computed once per detector."""
+        if self._feature_settings is None:
+            h = hashlib.sha256()
+            for name, t in self.extractor.state_dict().items():
+                t = t.detach().cpu().contiguous().reshape(-1)
+                h.update(f"{name}|{t.dtype}|{t.numel()}|".encode())
+                h.update(t.view(torch.uint8).numpy().data)
+            c, spec = self.config, self.config.spec
+            self._feature_settings = (
+                f"{c.backbone}|weights={h.hexdigest()}|layers={','.join(c.layers)}|size={c.input_size}|"
+                f"grid={c.grid}|mean={spec.mean}|std={spec.std}|"
+                f"dtype={backbone_dtype(self.device, self.precision)}|device={self.device.type}|"
+                f"compiled={self.compiled}|torch={torch.__version__}")
+        return self._feature_settings
 
     def _extract_embed(self, x: Tensor) -> list[Tensor]:
         """Normalised float images ``(B, 3, S, S)`` -> per-layer embedded rows ``[(B, D_l)]`` (the compiled step)."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .data import ImageDataset, MVTecCategory, image_size, load_mask, make_loader
+from .data import FeatureCache, ImageDataset, MVTecCategory, image_size, load_mask, make_loader
 from .detector import DetectorConfig, FREDetector, upsample_maps
 from .distributed import config_hash_check, gather_rows, is_main_process, shard
 from .crossfit import cross_fit
@@ -62,7 +62,7 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
                       num_workers: int | None = None, progress: Progress | None = None,
                       pixel_metrics: bool = True, heatmap_dir: str | os.PathLike | None = None,
                       keep_maps: bool = False, cache: str | os.PathLike | None = None,
-                      resize: str = "auto") -> dict[str, Any]:
+                      cache_features: bool = True, resize: str = "auto") -> dict[str, Any]:
     """Fit ``detector`` on ``<root>/<category>/train/good`` and evaluate it on ``test/*``.
 
     Args:
@@ -71,7 +71,10 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
         heatmap_dir: write one heatmap PNG per test image there (``fre_torch.heatmaps``; linear mode only).
         keep_maps: also return what ``fre_torch.report`` needs (see Returns).
         cache: a folder for ``fre_torch.data.PreprocessCache``: decoded, resized images are kept there (keyed by
-            file content and settings) and reused by later runs.
+            file content and settings) and reused by later runs; with ``cache_features`` (default) the detector's
+            feature vectors too, in ``<cache>/features`` (``fre_torch.data.FeatureCache``, keyed by the exact input
+            pixels, the backbone's weights and every feature setting), so a repeated run skips the backbone as well.
+            The detector's own ``feature_cache`` is restored on return.
         resize: 'cpu' (LANCZOS in the DataLoader workers, the reference), 'device' (decode in the workers, resize
             on the device: bilinear, antialiased; needs images of one size) or 'auto' (device on CUDA when the
             category's images share one size, else cpu).
@@ -95,6 +98,22 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
         raise ValueError("heatmaps need anomaly maps, which kernel FRE does not give (it scores whole-image "
                          "vectors); drop --kernel or --save_heatmaps")
     calibrate = heatmap_dir is not None or keep_maps
+    if cache is None or not cache_features:
+        return _evaluate(detector, root, category, batch_size, num_workers, progress, pixel_metrics, heatmap_dir,
+                         keep_maps, cache, resize, linear, calibrate)
+    previous = detector.feature_cache
+    detector.feature_cache = FeatureCache(Path(cache) / "features")
+    try:
+        return _evaluate(detector, root, category, batch_size, num_workers, progress, pixel_metrics, heatmap_dir,
+                         keep_maps, cache, resize, linear, calibrate)
+    finally:
+        detector.feature_cache = previous
+
+
+def _evaluate(detector: FREDetector, root: str | os.PathLike, category: str, batch_size: int,
+              num_workers: int | None, progress: Progress | None, pixel_metrics: bool,
+              heatmap_dir: str | os.PathLike | None, keep_maps: bool, cache: str | os.PathLike | None, resize: str,
+              linear: bool, calibrate: bool) -> dict[str, Any]:
     cat = MVTecCategory.load(root, category)
     size = detector.config.input_size
     device = detector.device

@@ -1,0 +1,163 @@
+"""FeatureCache: a repeated run reads each image's features instead of running the backbone, and an entry can never
+be stale (keyed by the exact pixels, the weights and every feature setting)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fre_torch.data import FeatureCache
+from fre_torch.detector import DetectorConfig, FREDetector
+from fre_torch.evaluate import evaluate_category
+from fre_torch.synthetic import write_synthetic_mvtec
+
+CONFIG = DetectorConfig("efficientnet_lite0", input_size=64)
+
+
+def _images(seed: int, n: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8, generator=g)
+
+
+def _detector(cache: Path | FeatureCache | None, seed: int = 0, config: DetectorConfig = CONFIG,
+              **kwargs) -> FREDetector:
+    torch.manual_seed(seed)  # random weights: the same seed builds the same backbone
+    return FREDetector(config, pretrained=False, feature_cache=cache, **kwargs)
+
+
+class _Counting:
+    """Wraps a detector's backbone step, counting the images it is run on."""
+
+    def __init__(self, det: FREDetector) -> None:
+        self.step, self.images = det._backbone, 0
+        det._backbone = self
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.images += x.shape[0]
+        return self.step(x)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    # Rows computed in a batch of another size may differ in the last float bits (convolution blocking).
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def _entries(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.f32"))
+
+
+def test_hit_is_bit_identical_and_skips_the_backbone(tmp_path):
+    images = _images(0)
+    plain = _detector(None).features(images)
+    first = _detector(tmp_path)
+    counted = _Counting(first)
+    assert all(torch.equal(a, b) for a, b in zip(first.features(images), plain))
+    assert counted.images == 5 and len(_entries(tmp_path)) == 5
+    second = _detector(tmp_path)  # a new process would build the same weights; the same settings hash
+    counted = _Counting(second)
+    again = second.features(images)
+    assert counted.images == 0, "every image was cached: the backbone must not run"
+    assert all(torch.equal(a, b) for a, b in zip(again, plain))
+    assert [r.shape for r in again] == [(5, d) for d in CONFIG.layer_features]
+
+
+def test_partial_hits_run_the_backbone_on_the_misses_only(tmp_path):
+    images = _images(0)
+    _detector(tmp_path).features(images[:3])
+    det = _detector(tmp_path)
+    counted = _Counting(det)
+    mixed = det.features(images[[4, 0, 3, 1]])  # two cached, two new, interleaved
+    assert counted.images == 2
+    direct = _detector(None).features(images[[4, 0, 3, 1]])
+    for got, want in zip(mixed, direct):
+        _close(got, want)
+    assert len(_entries(tmp_path)) == 5
+
+
+def test_concat_fusion_uses_the_same_per_layer_entries(tmp_path):
+    images = _images(0, 3)
+    summed = _detector(tmp_path).features(images)
+    concat = _detector(tmp_path, config=DetectorConfig("efficientnet_lite0", input_size=64, fusion="concat"))
+    counted = _Counting(concat)
+    (joined,) = concat.features(images)
+    assert counted.images == 0 and torch.equal(joined, torch.cat(summed, dim=1))
+
+
+@pytest.mark.parametrize("change", ["weights", "layers", "input_size", "pool", "normalization", "precision",
+                                    "pixel"])
+def test_any_change_that_shapes_the_features_misses(tmp_path, change):
+    images = _images(0, 3)
+    base = _detector(tmp_path)
+    base.features(images)
+    config, seed, kwargs = CONFIG, 0, {}
+    if change == "weights":
+        seed = 1
+    elif change == "layers":
+        config = DetectorConfig("efficientnet_lite0", input_size=64, layers=("blocks.8",))
+    elif change == "input_size":
+        config = DetectorConfig("efficientnet_lite0", input_size=96)
+    elif change == "pool":
+        config = DetectorConfig("efficientnet_lite0", input_size=64, pool=1)
+    elif change == "normalization":
+        config = DetectorConfig("efficientnet_lite0", input_size=64, normalization="imagenet")
+    elif change == "precision":
+        kwargs = {"precision": "bf16"}
+    elif change == "pixel":
+        images = images.clone()
+        images[1, 0, 5, 7] ^= 1  # one bit of one pixel
+    det = _detector(tmp_path, seed=seed, config=config, **kwargs)
+    if change != "pixel":
+        assert det.feature_settings() != base.feature_settings()
+    counted = _Counting(det)
+    det.features(images)
+    assert counted.images == (1 if change == "pixel" else 3)
+
+
+def test_corrupt_entry_is_recomputed_and_rewritten(tmp_path):
+    images = _images(0, 2)
+    want = _detector(tmp_path).features(images)
+    entry = _entries(tmp_path)[0]
+    size = entry.stat().st_size
+    entry.write_bytes(entry.read_bytes()[:64])  # truncated
+    det = _detector(tmp_path)
+    counted = _Counting(det)
+    got = det.features(images)
+    assert counted.images == 1 and entry.stat().st_size == size
+    for a, b in zip(got, want):
+        _close(a, b)
+
+
+def test_unusable_cache_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="not a folder"):
+        FeatureCache(blocker)
+    det = _detector(blocker / "sub")  # its parent is a file: every write fails, features are still right
+    got = det.features(_images(0, 2))
+    for a, b in zip(got, _detector(None).features(_images(0, 2))):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="uint8 CPU"):
+        FeatureCache(tmp_path / "c").key(torch.zeros(3, 4, 4), "s")
+
+
+def test_evaluate_second_run_reads_features_and_restores_the_detector(tmp_path):
+    root = write_synthetic_mvtec(tmp_path / "data", categories=("object",), n_train=12, n_test_good=3,
+                                 n_test_defect=3, size=80, seed=5)
+    base = evaluate_category(_detector(None), root, "object", batch_size=8, num_workers=0)
+    first = evaluate_category(_detector(None), root, "object", batch_size=8, num_workers=0, cache=tmp_path / "c")
+    det = _detector(None)
+    counted = _Counting(det)
+    second = evaluate_category(det, root, "object", batch_size=8, num_workers=0, cache=tmp_path / "c",
+                               keep_maps=True)  # the cross-fitting pass reads the training features as well
+    assert counted.images == 0 and det.feature_cache is None
+    assert base["scores"] == first["scores"] == second["scores"]
+    assert base["pixel_auroc"] == first["pixel_auroc"] == second["pixel_auroc"]
+    n_images = base["n_train"] + base["n_test"]
+    assert len(_entries(tmp_path / "c" / "features")) == n_images
+    images_only = _detector(None)
+    counted = _Counting(images_only)
+    evaluate_category(images_only, root, "object", batch_size=8, num_workers=0, cache=tmp_path / "c",
+                      cache_features=False)
+    assert counted.images == n_images
