@@ -170,8 +170,8 @@ def _add_speed_flags(p: argparse.ArgumentParser, cache: bool) -> None:
     if cache:
         p.add_argument("--cache", default=None, metavar="DIR",
                        help="keep decoded, resized images in DIR (keyed by file content and settings, never stale) "
-                            "so later runs skip decoding; evaluate also keeps the backbone's features there (keyed "
-                            "by the input pixels, weights and feature settings), so it skips the backbone too")
+                            "so later runs skip decoding; evaluate and fit also keep the backbone's features there "
+                            "(keyed by the input pixels, weights and feature settings) and skip the backbone too")
 
 
 def _is_main() -> bool:

@@ -45,14 +45,17 @@ def fit_folder(train_dir: str | os.PathLike, config: DetectorConfig, *, device: 
                weights: str | None = None, seed: int = 0, cache: str | os.PathLike | None = None,
                compile: bool = False, precision: str = "auto") -> FREDetector:
     """Fit a detector on every image under ``train_dir`` (recursive), holding out ``holdout`` for the threshold.
-    ``cache``: an optional ``fre_torch.data.PreprocessCache`` folder, reused by later fits on the same images.
+    ``cache``: an optional folder for decoded images (``fre_torch.data.PreprocessCache``) and, in ``<cache>/features``,
+    their feature vectors (``FeatureCache``), reused by later fits on the same images (e.g. another ``n_components``).
+    The returned detector does not keep the feature cache.
 
     Data-parallel (``fre_torch.distributed``): every rank checks that all see the same settings and files, reads
     its contiguous shard of whole batches of each split, and ends with the same fitted, calibrated detector.
     """
     paths = list_images(train_dir, recursive=True)
     fit_paths, held_paths = split_holdout(paths, holdout, seed)
-    det = FREDetector(config, device=device, weights=weights, compile=compile, precision=precision)
+    det = FREDetector(config, device=device, weights=weights, compile=compile, precision=precision,
+                      feature_cache=None if cache is None else Path(cache) / "features")
     if det.compiled:
         det.warmup(batch_size)
     config_hash_check({"config": config.to_dict(), "weights": det._weights_id, "batch_size": batch_size,
@@ -64,6 +67,7 @@ def fit_folder(train_dir: str | os.PathLike, config: DetectorConfig, *, device: 
     det.fit(make_loader(ImageDataset(fit_paths, size, cache=cache), batch_size, device, num_workers=num_workers))
     det.calibrate(make_loader(ImageDataset(held_paths, size, cache=cache), batch_size, device, num_workers=num_workers),
                   quantile=quantile)
+    det.feature_cache = None  # a run-time choice of this fit, not part of the model handed back
     return det
 
 

@@ -161,3 +161,27 @@ def test_evaluate_second_run_reads_features_and_restores_the_detector(tmp_path):
     evaluate_category(images_only, root, "object", batch_size=8, num_workers=0, cache=tmp_path / "c",
                       cache_features=False)
     assert counted.images == n_images
+
+
+def test_fit_folder_second_fit_reads_features(tmp_path, monkeypatch):
+    from fre_torch import predict
+
+    root = write_synthetic_mvtec(tmp_path / "data", categories=("object",), n_train=10, n_test_good=1,
+                                 n_test_defect=1, size=64, seed=2)
+    train = root / "object" / "train"
+    built: list[FREDetector] = []
+
+    class Seeded(FREDetector):  # random weights, the same in both fits; counts backbone images
+        def __init__(self, *args, **kwargs):
+            torch.manual_seed(0)
+            super().__init__(*args, **{**kwargs, "pretrained": False})
+            built.append(self)
+            self.counter = _Counting(self)
+
+    monkeypatch.setattr(predict, "FREDetector", Seeded)
+    fits = [predict.fit_folder(train, CONFIG, batch_size=4, num_workers=0, cache=tmp_path / "c") for _ in range(2)]
+    assert built[0].counter.images == 10 and built[1].counter.images == 0
+    assert all(d.feature_cache is None for d in fits)
+    assert torch.equal(fits[0].threshold, fits[1].threshold)
+    for a, b in zip(fits[0].subspaces, fits[1].subspaces):
+        assert torch.equal(a.components, b.components)
