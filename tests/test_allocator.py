@@ -60,3 +60,19 @@ def test_opt_out_variable(monkeypatch: pytest.MonkeyPatch, value: str | None, ex
     else:
         monkeypatch.setenv(ENV_OPT_OUT, value)
     assert retain_requested() is expected
+
+
+@pytest.mark.parametrize(("value", "called"), [(None, True), ("0", False)])
+def test_cli_sets_it_at_start_unless_opted_out(monkeypatch: pytest.MonkeyPatch, tmp_path, value, called) -> None:
+    import cli
+    import fre_torch.allocator as allocator
+
+    calls: list[int] = []
+    monkeypatch.setattr(allocator, "retain_freed_memory", lambda threshold=DEFAULT_RETAIN_BYTES: calls.append(1))
+    if value is None:
+        monkeypatch.delenv(ENV_OPT_OUT, raising=False)
+    else:
+        monkeypatch.setenv(ENV_OPT_OUT, value)
+    # A run that fails on its input still starts with the setting (it must come before any tensor exists).
+    assert cli.main(["evaluate", "--dataset_directory", str(tmp_path / "missing")]) == 2
+    assert calls == ([1] if called else [])
