@@ -210,16 +210,18 @@ class FeatureCache:
     rewritten. Use its own folder (``evaluate`` uses ``<cache>/features``); safe to delete at any time.
 
     Args:
-        root: the cache folder (created on first write).
+        root: the cache folder (created on first write), or None to keep the entries in this object's memory, for
+            one run that reads the same images twice (``evaluate``'s cross-fitting pass).
     """
 
     _MAGIC = b"FRF1"
     _HEADER = struct.Struct("<4sI")
     VERSION = "fre_torch-features-v1"
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-        if self.root.exists() and not self.root.is_dir():
+    def __init__(self, root: str | os.PathLike | None) -> None:
+        self.root = None if root is None else Path(root)
+        self._memory: dict[str, torch.Tensor] = {}
+        if self.root is not None and self.root.exists() and not self.root.is_dir():
             raise ValueError(f"cache path {self.root} exists and is not a folder; pass a folder for the cache")
 
     def key(self, image: torch.Tensor, settings: str) -> str:
@@ -235,6 +237,9 @@ class FeatureCache:
 
     def get(self, key: str, n: int) -> torch.Tensor | None:
         """The ``(n,)`` float32 vector of an entry, or None when it is absent, unreadable or of another length."""
+        if self.root is None:
+            values = self._memory.get(key)
+            return values if values is not None and values.numel() == n else None
         try:
             blob = self._path(key).read_bytes()
         except OSError:
@@ -249,6 +254,9 @@ class FeatureCache:
     def put(self, key: str, values: torch.Tensor) -> None:
         """Store a ``(n,)`` float32 CPU vector atomically; a failure to write only costs the speed-up."""
         values = values.detach().to("cpu", torch.float32).contiguous().view(-1)
+        if self.root is None:
+            self._memory[key] = values.clone()  # its own copy: the caller's batch tensor may be reused
+            return
         _write_entry(self._path(key), self._HEADER.pack(self._MAGIC, values.numel()) + values.numpy().tobytes())
 
 

@@ -80,8 +80,8 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
             category's images share one size, else cpu).
 
     With ``heatmap_dir`` or ``keep_maps``, one extra pass over the training images after the fit cross-fits them
-    (``fre_torch.crossfit``, 5 folds on features extracted once): each gets a score and a map from a model that did
-    not see it. The decision threshold is the ``THRESHOLD_QUANTILE`` of those scores and the heatmap colour scale
+    (``fre_torch.crossfit``, 5 folds; their features are kept in memory from the fit, or read from ``cache``): each
+    gets a score and a map from a model that did not see it. The decision threshold is the ``THRESHOLD_QUANTILE`` of those scores and the heatmap colour scale
     the ``MAP_SCALE_QUANTILE`` of those maps' values; neither uses a test image or label, and the detector's own
     calibration (``threshold``, ``map_scale``) is left as it was.
 
@@ -98,11 +98,13 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
         raise ValueError("heatmaps need anomaly maps, which kernel FRE does not give (it scores whole-image "
                          "vectors); drop --kernel or --save_heatmaps")
     calibrate = heatmap_dir is not None or keep_maps
-    if cache is None or not cache_features:
-        return _evaluate(detector, root, category, batch_size, num_workers, progress, pixel_metrics, heatmap_dir,
-                         keep_maps, cache, resize, linear, calibrate)
     previous = detector.feature_cache
-    detector.feature_cache = FeatureCache(Path(cache) / "features")
+    if cache is not None and cache_features:
+        detector.feature_cache = FeatureCache(Path(cache) / "features")
+    elif previous is None and calibrate:
+        # The cross-fitting pass reads the training features again: keep them in memory from the fit (N x D
+        # float32) rather than run the backbone over the training images a second time.
+        detector.feature_cache = FeatureCache(None)
     try:
         return _evaluate(detector, root, category, batch_size, num_workers, progress, pixel_metrics, heatmap_dir,
                          keep_maps, cache, resize, linear, calibrate)

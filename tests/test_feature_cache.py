@@ -185,3 +185,31 @@ def test_fit_folder_second_fit_reads_features(tmp_path, monkeypatch):
     assert torch.equal(fits[0].threshold, fits[1].threshold)
     for a, b in zip(fits[0].subspaces, fits[1].subspaces):
         assert torch.equal(a.components, b.components)
+
+
+def test_cross_fitting_reads_the_fit_features_from_memory(tmp_path):
+    from fre_torch.crossfit import cross_fit
+    from fre_torch.data import MVTecCategory, make_loader, ImageDataset
+    from fre_torch.evaluate import THRESHOLD_QUANTILE
+
+    root = write_synthetic_mvtec(tmp_path / "data", categories=("object",), n_train=12, n_test_good=3,
+                                 n_test_defect=3, size=80, seed=5)
+    det = _detector(None)
+    counted = _Counting(det)
+    r = evaluate_category(det, root, "object", batch_size=8, num_workers=0, keep_maps=True)
+    # One backbone pass per image: the cross-fitting pass read the training features kept from the fit.
+    assert counted.images == r["n_train"] + r["n_test"] and det.feature_cache is None
+    # The same threshold as cross-fitting on features extracted afresh (no cache at all).
+    train = make_loader(ImageDataset(list(MVTecCategory.load(root, "object").train), 64), 8, "cpu", num_workers=0)
+    fresh = cross_fit(det, train, quantile=THRESHOLD_QUANTILE, batch_size=8)
+    assert counted.images == 2 * r["n_train"] + r["n_test"]
+    assert r["threshold"] == fresh.threshold and r["map_scale"] == fresh.map_scale
+
+
+def test_memory_cache_keeps_its_own_copies():
+    cache = FeatureCache(None)
+    values = torch.arange(4, dtype=torch.float32)
+    cache.put("k", values)
+    values += 1  # the caller reuses its buffer
+    assert torch.equal(cache.get("k", 4), torch.arange(4, dtype=torch.float32))
+    assert cache.get("k", 5) is None and cache.get("other", 4) is None
