@@ -228,8 +228,15 @@ def _run_evaluate(root: Path, categories: list[str], config, device: str, batch_
     if len(modes) > 1 and (heatmap_dir or report_dir or scores_csv):
         raise CliError("--save_heatmaps, --report and --scores_csv take one mode; run once per mode with --modes M")
     configs = {mode: dataclasses.replace(config, mode=mode) for mode in modes}  # ValueError: e.g. kernel + 'tae'
+    # Every mode fits the same features: the first mode's pass keeps them in memory for the others (N x D float32
+    # per image; --cache keeps them on disk instead), so the backbone runs once per image, not once per mode.
+    shared = None
+    if len(modes) > 1:
+        from fre_torch.data import FeatureCache
+
+        shared = FeatureCache(None)
     by_mode = {mode: _evaluate_categories(root, categories, cfg, device, batch_size, workers, weights, pixel_metrics,
-                                          heatmap_dir, report_dir, speed)
+                                          heatmap_dir, report_dir, speed, shared)
                for mode, cfg in configs.items()}
     if not _is_main():
         return 0  # data-parallel: rank 0 prints and writes
@@ -261,7 +268,8 @@ def _run_evaluate(root: Path, categories: list[str], config, device: str, batch_
 
 def _evaluate_categories(root: Path, categories: list[str], config, device: str, batch_size: int,
                          workers: int | None, weights: str | None, pixel_metrics: bool, heatmap_dir: str | None,
-                         report_dir: str | None, speed: dict) -> tuple[dict, list[tuple[str, str, int, float]]]:
+                         report_dir: str | None, speed: dict,
+                         feature_cache=None) -> tuple[dict, list[tuple[str, str, int, float]]]:
     """Fit and evaluate one configuration on every category: (results per category, score rows for the CSV)."""
     from fre_torch.data import MVTecCategory
     from fre_torch.detector import FREDetector
@@ -269,7 +277,7 @@ def _evaluate_categories(root: Path, categories: list[str], config, device: str,
     from fre_torch.evaluate import evaluate_category
 
     detector = FREDetector(config, device=device, weights=weights, compile=speed.get("compile", False),
-                           precision=speed.get("precision", "auto"))
+                           precision=speed.get("precision", "auto"), feature_cache=feature_cache)
     if detector.compiled:
         detector.warmup(batch_size)  # compile once, before the timed fit and test passes
     results = {}

@@ -112,7 +112,49 @@ def _read_image(path: str | os.PathLike, size: int, data: bytes | None = None) -
     return _decode(path, lambda img: _to_rgb(img).resize((size, size), Image.Resampling.LANCZOS), data=data)
 
 
-class PreprocessCache:
+class _EntryStore:
+    """Cache entries as byte blobs under hex keys: files ``<root>/<key[:2]>/<key><SUFFIX>``, written atomically
+    (temporary name, then rename, so concurrent workers or an interrupted run leave no partial entry), or a dict in
+    this object's memory when ``root`` is None. Reading a missing or unreadable file gives None; a write that fails
+    (disk full, read-only folder) is swallowed: a cache that cannot be written only costs its speed-up."""
+
+    SUFFIX = ""
+
+    def __init__(self, root: str | os.PathLike | None) -> None:
+        self.root = None if root is None else Path(root)
+        self._memory: dict[str, bytes] = {}
+        if self.root is not None and self.root.exists() and not self.root.is_dir():
+            raise ValueError(f"cache path {self.root} exists and is not a folder; pass a folder for the cache")
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}{self.SUFFIX}"
+
+    def _read(self, key: str) -> bytes | None:
+        if self.root is None:
+            return self._memory.get(key)
+        try:
+            return self._path(key).read_bytes()
+        except OSError:
+            return None
+
+    def _write(self, key: str, blob: bytes) -> None:
+        if self.root is None:
+            self._memory[key] = blob
+            return
+        path = self._path(key)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(blob)
+            os.replace(tmp, path)
+        except OSError:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # the folder itself is unusable (e.g. its parent is a file): nothing was written
+                pass
+
+
+class PreprocessCache(_EntryStore):
     """An on-disk cache of preprocessed images, so repeated runs skip decoding and resizing.
 
     Entries are keyed by the SHA-256 of the file's bytes together with every setting that shapes the result (output
@@ -126,17 +168,14 @@ class PreprocessCache:
     an interrupted run leave no partial entry; an unreadable entry is ignored and rewritten.
 
     Args:
-        root: the cache folder (created on first write). Safe to delete at any time.
+        root: the cache folder (created on first write; safe to delete at any time), or None to keep the entries
+            in this object's memory.
     """
 
     _MAGIC = b"FRE1"
     _HEADER = struct.Struct("<4sIII")
     SETTINGS = f"fre_torch-preprocess-v1|RGB|LANCZOS|PIL-{PIL.__version__}"
-
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-        if self.root.exists() and not self.root.is_dir():
-            raise ValueError(f"cache path {self.root} exists and is not a folder; pass a folder for the cache")
+    SUFFIX = ".u8"
 
     def key(self, data: bytes, size: int) -> str:
         """The entry name for a file's bytes preprocessed to ``size x size``."""
@@ -144,17 +183,11 @@ class PreprocessCache:
         h.update(f"|{self.SETTINGS}|size={size}".encode())
         return h.hexdigest()
 
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.u8"
-
     def get(self, key: str, size: int) -> tuple[torch.Tensor, tuple[int, int]] | None:
         """``(uint8 (3, size, size), (H, W))`` of an entry, or None when it is absent or unreadable."""
-        try:
-            blob = self._path(key).read_bytes()
-        except OSError:
-            return None
+        blob = self._read(key)
         n = 3 * size * size
-        if len(blob) != self._HEADER.size + n:
+        if blob is None or len(blob) != self._HEADER.size + n:
             return None
         magic, height, width, stored = self._HEADER.unpack_from(blob)
         if magic != self._MAGIC or stored != size:
@@ -165,8 +198,8 @@ class PreprocessCache:
     def put(self, key: str, image: torch.Tensor, orig_size: tuple[int, int]) -> None:
         """Store an entry atomically; a failure to write (disk full, read-only folder) only costs the speed-up."""
         size = image.shape[-1]
-        _write_entry(self._path(key), self._HEADER.pack(self._MAGIC, orig_size[0], orig_size[1], size)
-                     + image.contiguous().numpy().tobytes())
+        self._write(key, self._HEADER.pack(self._MAGIC, orig_size[0], orig_size[1], size)
+                    + image.contiguous().numpy().tobytes())
 
     def read(self, path: str | os.PathLike, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
         """``_read_image`` through the cache: a hit skips decoding and resizing."""
@@ -183,22 +216,7 @@ class PreprocessCache:
         return image, orig
 
 
-def _write_entry(path: Path, blob: bytes) -> None:
-    """Write a cache entry atomically (temporary name, then rename); any OSError leaves nothing behind and is
-    swallowed: a cache that cannot be written only costs its speed-up."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # the folder itself is unusable (e.g. its parent is a file): nothing was written
-            pass
-
-
-class FeatureCache:
+class FeatureCache(_EntryStore):
     """An on-disk cache of per-image feature vectors, so repeated runs skip the backbone as well as decoding.
 
     An entry is keyed by the SHA-256 of the exact ``uint8`` input image (its pixels and shape, i.e. after decoding
@@ -217,12 +235,7 @@ class FeatureCache:
     _MAGIC = b"FRF1"
     _HEADER = struct.Struct("<4sI")
     VERSION = "fre_torch-features-v1"
-
-    def __init__(self, root: str | os.PathLike | None) -> None:
-        self.root = None if root is None else Path(root)
-        self._memory: dict[str, torch.Tensor] = {}
-        if self.root is not None and self.root.exists() and not self.root.is_dir():
-            raise ValueError(f"cache path {self.root} exists and is not a folder; pass a folder for the cache")
+    SUFFIX = ".f32"
 
     def key(self, image: torch.Tensor, settings: str) -> str:
         """The entry name for one ``uint8 (3, H, W)`` CPU image under ``settings``."""
@@ -232,19 +245,10 @@ class FeatureCache:
         h.update(f"|{tuple(image.shape)}|{self.VERSION}|{settings}".encode())
         return h.hexdigest()
 
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.f32"
-
     def get(self, key: str, n: int) -> torch.Tensor | None:
         """The ``(n,)`` float32 vector of an entry, or None when it is absent, unreadable or of another length."""
-        if self.root is None:
-            values = self._memory.get(key)
-            return values if values is not None and values.numel() == n else None
-        try:
-            blob = self._path(key).read_bytes()
-        except OSError:
-            return None
-        if len(blob) != self._HEADER.size + 4 * n:
+        blob = self._read(key)
+        if blob is None or len(blob) != self._HEADER.size + 4 * n:
             return None
         magic, stored = self._HEADER.unpack_from(blob)
         if magic != self._MAGIC or stored != n:
@@ -254,10 +258,7 @@ class FeatureCache:
     def put(self, key: str, values: torch.Tensor) -> None:
         """Store a ``(n,)`` float32 CPU vector atomically; a failure to write only costs the speed-up."""
         values = values.detach().to("cpu", torch.float32).contiguous().view(-1)
-        if self.root is None:
-            self._memory[key] = values.clone()  # its own copy: the caller's batch tensor may be reused
-            return
-        _write_entry(self._path(key), self._HEADER.pack(self._MAGIC, values.numel()) + values.numpy().tobytes())
+        self._write(key, self._HEADER.pack(self._MAGIC, values.numel()) + values.numpy().tobytes())
 
 
 def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:

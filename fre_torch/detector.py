@@ -164,9 +164,14 @@ class DetectorConfig:
         return -(-self.input_size // self.spec.layers[self.layers[0]].stride) // self.pool
 
     @property
+    def layer_dims(self) -> tuple[int, ...]:
+        """D of each layer's embedded vector, C x grid x grid, before any fusion."""
+        return tuple(self.spec.layers[name].channels * self.grid * self.grid for name in self.layers)
+
+    @property
     def layer_features(self) -> tuple[int, ...]:
-        """D of each fitted subspace's vectors (C x grid x grid per layer, or their sum with 'concat')."""
-        dims = tuple(self.spec.layers[name].channels * self.grid * self.grid for name in self.layers)
+        """D of each fitted subspace's vectors (``layer_dims``, or their sum with 'concat')."""
+        dims = self.layer_dims
         return (sum(dims),) if self.fusion == "concat" else dims
 
     @classmethod
@@ -340,7 +345,7 @@ class FREDetector(nn.Module):
         for the batch's misses) and stored. Hashing and storing need the images and rows on the host: with a
         DataLoader the images already are; storing misses copies their rows back (a sync, paid once per image)."""
         cache = self.feature_cache
-        dims = [c * self.config.grid ** 2 for c in self.extractor.channels]
+        dims = self.config.layer_dims
         settings = self.feature_settings()
         keys = [cache.key(image, settings) for image in images.cpu()]
         found = [cache.get(key, sum(dims)) for key in keys]

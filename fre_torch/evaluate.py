@@ -10,7 +10,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +82,9 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
 
     With ``heatmap_dir`` or ``keep_maps``, one extra pass over the training images after the fit cross-fits them
     (``fre_torch.crossfit``, 5 folds; their features are kept in memory from the fit, or read from ``cache``): each
-    gets a score and a map from a model that did not see it. The decision threshold is the ``THRESHOLD_QUANTILE`` of those scores and the heatmap colour scale
-    the ``MAP_SCALE_QUANTILE`` of those maps' values; neither uses a test image or label, and the detector's own
-    calibration (``threshold``, ``map_scale``) is left as it was.
+    gets a score and a map from a model that did not see it. The decision threshold is the ``THRESHOLD_QUANTILE``
+    of those scores and the heatmap colour scale the ``MAP_SCALE_QUANTILE`` of those maps' values; neither uses a
+    test image or label, and the detector's own calibration (``threshold``, ``map_scale``) is left as it was.
 
     Returns:
         ``{"image_auroc", "image_aupr", "image_f1_max", "n_train", "n_test", "fit_seconds",
@@ -98,92 +99,96 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
         raise ValueError("heatmaps need anomaly maps, which kernel FRE does not give (it scores whole-image "
                          "vectors); drop --kernel or --save_heatmaps")
     calibrate = heatmap_dir is not None or keep_maps
-    previous = detector.feature_cache
+    store = None
     if cache is not None and cache_features:
-        detector.feature_cache = FeatureCache(Path(cache) / "features")
-    elif previous is None and calibrate:
+        store = FeatureCache(Path(cache) / "features")
+    elif detector.feature_cache is None and calibrate:
         # The cross-fitting pass reads the training features again: keep them in memory from the fit (N x D
         # float32) rather than run the backbone over the training images a second time.
-        detector.feature_cache = FeatureCache(None)
+        store = FeatureCache(None)
+    with _feature_cache(detector, store):
+        cat = MVTecCategory.load(root, category)
+        size = detector.config.input_size
+        device = detector.device
+        # Data-parallel (fre_torch.distributed): every rank must see the same settings and files, then reads its
+        # own contiguous shard of whole batches; the fit reduces across ranks and scores are gathered in the
+        # original order.
+        config_hash_check({"category": category, "config": detector.config.to_dict(),
+                           "weights": detector._weights_id, "batch_size": batch_size,
+                           "pixel_metrics": pixel_metrics, "calibrate": calibrate,
+                           "train": [p.name for p in cat.train],
+                           "test": [str(p.relative_to(cat.root)) for p in cat.test_paths]})
+        train_paths = shard(cat.train, unit=batch_size, what=f"{category} training images")
+        test_paths = shard(cat.test_paths, unit=batch_size, what=f"{category} test images")
+        on_device = _resize_on_device(resize, device, list(cat.train) + cat.test_paths)
+        train = make_loader(ImageDataset(train_paths, size, cache=cache, resize=not on_device), batch_size,
+                            device, num_workers=num_workers)
+        test = make_loader(ImageDataset(test_paths, size, cache=cache, resize=not on_device), batch_size,
+                           device, num_workers=num_workers)
+
+        t0 = time.perf_counter()
+        detector.fit(_Counted(train, progress))
+        _sync(device)
+        fit_seconds = time.perf_counter() - t0
+
+        segment = pixel_metrics and linear and any(m is not None for m in cat.mask_paths)
+        t0 = time.perf_counter()
+        if segment or (calibrate and linear):
+            scores, grid_maps = detector.score_and_maps(_Counted(test, progress))
+            grid_maps = gather_rows(grid_maps)  # data-parallel: all ranks' maps in test order (identity otherwise)
+        else:
+            scores = detector.score(_Counted(test, progress))
+        scores = gather_rows(scores)
+        _sync(device)
+        test_seconds = time.perf_counter() - t0
+
+        scores_cpu = scores.float().cpu()
+        if not bool(torch.isfinite(scores_cpu).all()):
+            raise ValueError(f"{category}: the detector produced NaN/Inf scores; check the input images and weights")
+        labels = cat.test_labels
+        pixel = _pixel_metrics(cat, grid_maps) if segment and is_main_process() else {}
+        extra: dict[str, Any] = {}
+        if calibrate:
+            # After the timings, so fit_seconds and the test throughput stay comparable with runs without it.
+            oof = cross_fit(detector, _Counted(train, progress), quantile=THRESHOLD_QUANTILE, batch_size=batch_size)
+            extra = {"threshold": oof.threshold, "threshold_quantile": THRESHOLD_QUANTILE, "cross_fit_folds": oof.folds}
+            if linear:
+                extra["map_scale"] = oof.map_scale
+        if not is_main_process():
+            # Data-parallel: metrics are computed, and files written, once, by rank 0.
+            return {"n_train": len(cat.train), "n_test": len(cat.test), "fit_seconds": fit_seconds,
+                    "test_images_per_second": len(cat.test) / test_seconds if test_seconds > 0 else math.inf,
+                    "scores": scores_cpu.tolist(), "labels": labels.tolist()}
+        if heatmap_dir is not None:
+            save_heatmaps(heatmap_dir, cat.test_paths, grid_maps, extra["map_scale"], masks=cat.mask_paths,
+                          labels=labels)
+        if keep_maps:
+            extra.update(paths=[str(p) for p in cat.test_paths],
+                         mask_paths=[None if m is None else str(m) for m in cat.mask_paths],
+                         grid_maps=grid_maps.float().cpu() if linear else None)
+        return {**pixel, **extra,
+            "image_auroc": float(auroc(scores_cpu, labels)),
+            "image_aupr": float(aupr(scores_cpu, labels)),
+            "image_f1_max": float(f1_max(scores_cpu, labels)),
+            "n_train": len(cat.train),
+            "n_test": len(cat.test),
+            "fit_seconds": fit_seconds,
+            "test_images_per_second": len(cat.test) / test_seconds if test_seconds > 0 else math.inf,
+            "scores": scores_cpu.tolist(),
+            "labels": labels.tolist(),
+        }
+
+
+@contextmanager
+def _feature_cache(detector: FREDetector, store: FeatureCache | None) -> Iterator[None]:
+    """Use ``store`` (when not None) as the detector's feature cache inside the block, its own one after."""
+    previous = detector.feature_cache
+    if store is not None:
+        detector.feature_cache = store
     try:
-        return _evaluate(detector, root, category, batch_size, num_workers, progress, pixel_metrics, heatmap_dir,
-                         keep_maps, cache, resize, linear, calibrate)
+        yield
     finally:
         detector.feature_cache = previous
-
-
-def _evaluate(detector: FREDetector, root: str | os.PathLike, category: str, batch_size: int,
-              num_workers: int | None, progress: Progress | None, pixel_metrics: bool,
-              heatmap_dir: str | os.PathLike | None, keep_maps: bool, cache: str | os.PathLike | None, resize: str,
-              linear: bool, calibrate: bool) -> dict[str, Any]:
-    cat = MVTecCategory.load(root, category)
-    size = detector.config.input_size
-    device = detector.device
-    # Data-parallel (fre_torch.distributed): every rank must see the same settings and files, then reads its own
-    # contiguous shard of whole batches; the fit reduces across ranks and scores are gathered in the original order.
-    config_hash_check({"category": category, "config": detector.config.to_dict(), "weights": detector._weights_id,
-                       "batch_size": batch_size, "pixel_metrics": pixel_metrics, "calibrate": calibrate,
-                       "train": [p.name for p in cat.train],
-                       "test": [str(p.relative_to(cat.root)) for p in cat.test_paths]})
-    train_paths = shard(cat.train, unit=batch_size, what=f"{category} training images")
-    test_paths = shard(cat.test_paths, unit=batch_size, what=f"{category} test images")
-    on_device = _resize_on_device(resize, device, list(cat.train) + cat.test_paths)
-    train = make_loader(ImageDataset(train_paths, size, cache=cache, resize=not on_device), batch_size, device,
-                        num_workers=num_workers)
-    test = make_loader(ImageDataset(test_paths, size, cache=cache, resize=not on_device), batch_size, device,
-                       num_workers=num_workers)
-
-    t0 = time.perf_counter()
-    detector.fit(_Counted(train, progress))
-    _sync(device)
-    fit_seconds = time.perf_counter() - t0
-
-    segment = pixel_metrics and linear and any(m is not None for m in cat.mask_paths)
-    t0 = time.perf_counter()
-    if segment or (calibrate and linear):
-        scores, grid_maps = detector.score_and_maps(_Counted(test, progress))
-        grid_maps = gather_rows(grid_maps)  # data-parallel: all ranks' maps in test order (identity otherwise)
-    else:
-        scores = detector.score(_Counted(test, progress))
-    scores = gather_rows(scores)
-    _sync(device)
-    test_seconds = time.perf_counter() - t0
-
-    scores_cpu = scores.float().cpu()
-    if not bool(torch.isfinite(scores_cpu).all()):
-        raise ValueError(f"{category}: the detector produced NaN/Inf scores; check the input images and weights")
-    labels = cat.test_labels
-    pixel = _pixel_metrics(cat, grid_maps) if segment and is_main_process() else {}
-    extra: dict[str, Any] = {}
-    if calibrate:
-        # After the timings, so fit_seconds and the test throughput stay comparable with runs without it.
-        oof = cross_fit(detector, _Counted(train, progress), quantile=THRESHOLD_QUANTILE, batch_size=batch_size)
-        extra = {"threshold": oof.threshold, "threshold_quantile": THRESHOLD_QUANTILE, "cross_fit_folds": oof.folds}
-        if linear:
-            extra["map_scale"] = oof.map_scale
-    if not is_main_process():
-        # Data-parallel: metrics are computed, and files written, once, by rank 0.
-        return {"n_train": len(cat.train), "n_test": len(cat.test), "fit_seconds": fit_seconds,
-                "test_images_per_second": len(cat.test) / test_seconds if test_seconds > 0 else math.inf,
-                "scores": scores_cpu.tolist(), "labels": labels.tolist()}
-    if heatmap_dir is not None:
-        save_heatmaps(heatmap_dir, cat.test_paths, grid_maps, extra["map_scale"], masks=cat.mask_paths,
-                      labels=labels)
-    if keep_maps:
-        extra.update(paths=[str(p) for p in cat.test_paths],
-                     mask_paths=[None if m is None else str(m) for m in cat.mask_paths],
-                     grid_maps=grid_maps.float().cpu() if linear else None)
-    return {**pixel, **extra,
-        "image_auroc": float(auroc(scores_cpu, labels)),
-        "image_aupr": float(aupr(scores_cpu, labels)),
-        "image_f1_max": float(f1_max(scores_cpu, labels)),
-        "n_train": len(cat.train),
-        "n_test": len(cat.test),
-        "fit_seconds": fit_seconds,
-        "test_images_per_second": len(cat.test) / test_seconds if test_seconds > 0 else math.inf,
-        "scores": scores_cpu.tolist(),
-        "labels": labels.tolist(),
-    }
 
 
 def _resize_on_device(resize: str, device: torch.device, paths: Sequence[Path]) -> bool:
