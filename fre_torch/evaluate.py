@@ -24,8 +24,8 @@ from .crossfit import cross_fit
 from .heatmaps import save_heatmaps
 from .metrics import aupr, auroc, f1_max, pixel_auroc, pixel_f1_max, pro
 
-__all__ = ["evaluate_category", "format_table", "summarize", "write_json", "METRICS", "PIXEL_METRICS",
-           "THRESHOLD_QUANTILE"]
+__all__ = ["evaluate_category", "evaluation_maps", "format_table", "summarize", "write_json", "METRICS",
+           "PIXEL_METRICS", "THRESHOLD_QUANTILE"]
 
 METRICS = ("image_auroc", "image_aupr", "image_f1_max")
 PIXEL_METRICS = ("pixel_auroc", "pro", "pixel_f1_max")
@@ -205,8 +205,18 @@ def _resize_on_device(resize: str, device: torch.device, paths: Sequence[Path]) 
     return True
 
 
-def _pixel_metrics(cat: MVTecCategory, grid_maps: torch.Tensor) -> dict[str, float]:
-    """Pixel AUROC, PRO (FPR <= 0.3) and pixel F1-max of the upsampled maps against the ground-truth masks."""
+def evaluation_maps(cat: MVTecCategory, grid_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The maps and masks the pixel metrics compare, at the evaluation size.
+
+    Args:
+        cat: the category (its test images, in ``cat.test`` order, and their masks).
+        grid_maps: ``(N, g, g)`` anomaly maps of the test images, in the same order.
+
+    Returns:
+        ``(maps, masks)``: ``(N, H, W)`` float32 and bool CPU tensors, at the test images' own size when they
+        share one, else at ``MIXED_SIZE_EVAL`` squared (maps bilinear, masks nearest). Images without a mask get
+        an all-False mask.
+    """
     sizes = {image_size(p) for p in cat.test_paths}
     if len(sizes) == 1:
         (h, w), square = next(iter(sizes)), None
@@ -220,6 +230,12 @@ def _pixel_metrics(cat: MVTecCategory, grid_maps: torch.Tensor) -> dict[str, flo
             if mask.shape != (h, w):
                 raise ValueError(f"mask {path} is {tuple(mask.shape)}, its image is {(h, w)}")
             masks[i] = mask
+    return maps, masks
+
+
+def _pixel_metrics(cat: MVTecCategory, grid_maps: torch.Tensor) -> dict[str, float]:
+    """Pixel AUROC, PRO (FPR <= 0.3) and pixel F1-max of the upsampled maps against the ground-truth masks."""
+    maps, masks = evaluation_maps(cat, grid_maps)
     if not bool(masks.any()):
         return {}
     return {"pixel_auroc": float(pixel_auroc(maps, masks)), "pro": float(pro(maps, masks)),
