@@ -62,6 +62,8 @@ def _auroc_of(pos: torch.Tensor, neg: torch.Tensor) -> float:
 def far_from(masks: torch.Tensor, far: int) -> torch.Tensor:
     """``(N, H, W)`` bool: normal pixels more than ``far`` pixels (Chebyshev) from any defective pixel of their image.
     Images without a defective pixel are all False (they have no 'far from the defect' region)."""
+    if far < 0:
+        raise ValueError(f"far must be >= 0 pixels, got {far}")
     near = F.max_pool2d(masks[:, None].float(), 2 * far + 1, stride=1, padding=far)[:, 0] > 0
     has = masks.flatten(1).any(1)[:, None, None]
     return ~near & has
@@ -77,8 +79,8 @@ def breakdown(maps: torch.Tensor, masks: torch.Tensor, defects: Sequence[str], *
         far: distance in pixels beyond which a normal pixel of a defective image counts as far from the defect.
 
     Returns:
-        ``{"pixel_auroc", "far_leak", "if_no_far_leak", "largest_class", "without_largest", "classes": {name:
-        {"images", "defect_pixel_share", "pixel_auroc", "vs_good", "within", "far_leak"}}}``.
+        ``{"pixel_auroc", "far_leak", "if_no_far_leak", "largest_class", "without_largest", "far_px", "classes":
+        {name: {"images", "defect_pixel_share", "pixel_auroc", "vs_good", "within", "far_leak"}}}``.
     """
     if maps.shape != masks.shape or maps.ndim != 3 or len(defects) != maps.shape[0]:
         raise ValueError(f"maps {tuple(maps.shape)}, masks {tuple(masks.shape)} and {len(defects)} defect names "

@@ -35,6 +35,8 @@ def test_far_from_matches_brute_force_chebyshev_distance():
     for far in (0, 1, 3):
         expected = torch.stack([_far_brute(m, far) for m in masks])
         assert torch.equal(far_from(masks, far), expected)
+    with pytest.raises(ValueError, match="far"):
+        far_from(masks, -1)
 
 
 def _scene() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
