@@ -17,6 +17,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported lazily at run time: --help stays fast
+    from fre_torch.data import FeatureCache
 
 EXIT_USAGE = 2
 
@@ -269,7 +273,7 @@ def _run_evaluate(root: Path, categories: list[str], config, device: str, batch_
 def _evaluate_categories(root: Path, categories: list[str], config, device: str, batch_size: int,
                          workers: int | None, weights: str | None, pixel_metrics: bool, heatmap_dir: str | None,
                          report_dir: str | None, speed: dict,
-                         feature_cache=None) -> tuple[dict, list[tuple[str, str, int, float]]]:
+                         feature_cache: FeatureCache | None = None) -> tuple[dict, list[tuple[str, str, int, float]]]:
     """Fit and evaluate one configuration on every category: (results per category, score rows for the CSV)."""
     from fre_torch.data import MVTecCategory
     from fre_torch.detector import FREDetector
@@ -463,11 +467,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from fre_torch.allocator import retain_freed_memory, retain_requested
+    from fre_torch.allocator import retain_if_requested
 
-    if retain_requested():
-        # Before any tensor exists: large activations then reuse freed pages (about 2x on the CPU backbone).
-        retain_freed_memory()
+    # Before any tensor exists: large activations then reuse freed pages (about 2x on the CPU backbone).
+    retain_if_requested()
     try:
         commands = {"evaluate": cmd_evaluate, "fit": cmd_fit, "predict": cmd_predict, "export": cmd_export,
                     "demo": cmd_demo}

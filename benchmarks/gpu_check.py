@@ -230,10 +230,9 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--sections", nargs="+", default=["head", "backbone", "auroc", "e2e"])
     args = ap.parse_args()
-    from fre_torch.allocator import retain_freed_memory, retain_requested
+    from fre_torch.allocator import retain_if_requested
 
-    if retain_requested():  # as cli.py does: host-side tensors (decoding, pinned batches) reuse freed memory
-        retain_freed_memory()
+    retain_if_requested()  # as cli.py does: host-side tensors (decoding, pinned batches) reuse freed memory
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 
 from benchmarks.common import REPO, machine, write_section
-from fre_torch.allocator import ENV_OPT_OUT
+from fre_torch.allocator import DEFAULT_RETAIN_BYTES, ENV_OPT_OUT
 
 
 # glibc's own switch for what cli.py sets with mallopt (fre_torch.allocator): the reference run with it shows how much
 # of the speed-up is the allocator setting alone.
-RETAIN_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"}
+RETAIN_ENV = {"GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={DEFAULT_RETAIN_BYTES}:"
+                                f"glibc.malloc.trim_threshold={DEFAULT_RETAIN_BYTES}"}
 
 
 def _child(code: str, env: dict[str, str] | None = None) -> dict:
@@ -61,7 +62,8 @@ def main() -> None:
     # Like for like: the reference computes image scores only, so the first two runs do too (--pixel_metrics
     # off); the last adds maps and pixel AUROC / PRO / pixel F1-max, which the reference does not compute.
     modes = {"default": ["--pixel_metrics", "off"],
-             "default, allocator untouched": ["--pixel_metrics", "off"], "reference": ["--reference", "--pixel_metrics", "off"],
+             "default, allocator untouched": ["--pixel_metrics", "off"],
+             "reference": ["--reference", "--pixel_metrics", "off"],
              "default + pixel metrics": [],
              "default, --cache first run": ["--pixel_metrics", "off", "--cache", str(cache)],
              "default, --cache second run": ["--pixel_metrics", "off", "--cache", str(cache)],
@@ -72,7 +74,8 @@ def main() -> None:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "cli.py", "evaluate", "--dataset_directory", args.root,
                         "--object_category", args.category, "--model", args.backbone, "--json",
-                        "/tmp/fre_pipeline.json", *flags], cwd=REPO, capture_output=True, text=True, check=True, env=env)
+                        "/tmp/fre_pipeline.json", *flags],
+                       cwd=REPO, capture_output=True, text=True, check=True, env=env)
         wall = time.perf_counter() - t0
         doc = json.loads(open("/tmp/fre_pipeline.json").read())["categories"][args.category]
         ours[mode] = {"total_s": wall, "auroc": doc["image_auroc"], "fit_s": doc["fit_seconds"],

@@ -129,10 +129,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from benchmarks.common import machine
-    from fre_torch.allocator import retain_freed_memory, retain_requested
+    from fre_torch.allocator import retain_if_requested
 
-    if retain_requested():  # as cli.py does: the figures are the CLI's
-        retain_freed_memory()
+    retain_if_requested()  # as cli.py does: the figures are the CLI's
     with tempfile.TemporaryDirectory(prefix="fre_bench_predict_") as tmp:
         tmp_path = Path(tmp)
         t0 = time.perf_counter()

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fre_torch.allocator import retain_freed_memory, retain_requested
+from fre_torch.allocator import retain_if_requested
 from fre_torch.data import FeatureCache, ImageDataset, MVTecCategory, load_image, make_loader
 from fre_torch.detector import DetectorConfig, FREDetector
 from fre_torch.evaluate import evaluation_maps
@@ -179,8 +179,8 @@ def run(root: str, category: str, *, layers: Sequence[str] = (), pool: int = 2, 
     t0 = time.perf_counter()
     cat = MVTecCategory.load(root, category)
     config = DetectorConfig(backbone="efficientnet_lite0", layers=tuple(layers), pool=pool)
-    detector = FREDetector(config, device="cpu")
-    detector.feature_cache = FeatureCache(None)  # the kNN baseline reuses the features: one backbone pass per image
+    # The kNN baseline reads the features a second time: keep them in memory (one backbone pass per image).
+    detector = FREDetector(config, device="cpu", feature_cache=FeatureCache(None) if knn else None)
     size = config.input_size
     train = make_loader(ImageDataset(list(cat.train), size), batch_size, "cpu")
     test = make_loader(ImageDataset(cat.test_paths, size), batch_size, "cpu")
@@ -237,8 +237,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--knn", action="store_true", help="add the patch nearest-neighbour baseline")
     p.add_argument("--json", help="write the figures there")
     args = p.parse_args(argv)
-    if retain_requested():  # as cli.py does
-        retain_freed_memory()
+    retain_if_requested()  # as cli.py does
     result = run(args.root, args.category, layers=args.layers, pool=args.pool, knn=args.knn, far=args.far)
     print(markdown(result))
     print(f"({result['seconds']:.1f} s)")

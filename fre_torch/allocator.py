@@ -22,7 +22,7 @@ import os
 import platform
 import sys
 
-__all__ = ["DEFAULT_RETAIN_BYTES", "ENV_OPT_OUT", "retain_freed_memory", "retain_requested"]
+__all__ = ["DEFAULT_RETAIN_BYTES", "ENV_OPT_OUT", "retain_freed_memory", "retain_if_requested", "retain_requested"]
 
 # Covers the largest activations of the registered backbones at their default sizes and batch 32 (EfficientNet-B5 at
 # 456 px: about 1 GB for its widest expansion), so none of them goes back to mmap.
@@ -71,3 +71,9 @@ def retain_freed_memory(threshold: int = DEFAULT_RETAIN_BYTES) -> bool:
     value = min(threshold, 2**31 - 1)  # mallopt takes a C int
     # mallopt returns 1 on success, 0 when it refuses (e.g. a glibc that caps the mmap threshold).
     return bool(mallopt(_M_MMAP_THRESHOLD, value)) and bool(mallopt(_M_TRIM_THRESHOLD, value))
+
+
+def retain_if_requested(threshold: int = DEFAULT_RETAIN_BYTES) -> bool:
+    """``retain_freed_memory(threshold)`` unless the environment opts out (``retain_requested``): what a driver
+    (``cli.py``, the benchmark scripts) calls at start, before any tensor exists. True when the setting was applied."""
+    return retain_requested() and bool(retain_freed_memory(threshold))
