@@ -19,7 +19,6 @@ random weights are only built when asked for with ``pretrained=False``.
 
 from __future__ import annotations
 
-import functools
 import http.client
 import math
 import os
@@ -42,6 +41,7 @@ __all__ = [
     "EfficientNetLite0",
     "FeatureExtractor",
     "LayerInfo",
+    "Normalize",
     "WeightsUnavailableError",
     "build_backbone",
     "build_feature_extractor",
@@ -677,22 +677,46 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=32)
-def _stats(
-    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    # Cached per device: building them from Python lists each batch would be a blocking host-to-device copy on CUDA.
-    return (
-        torch.tensor(mean, device=device, dtype=dtype).view(3, 1, 1),
-        torch.tensor(std, device=device, dtype=dtype).view(3, 1, 1),
-    )
+class Normalize(nn.Module):
+    """uint8 RGB images -> the normalised float input a backbone expects, ``(images / 255 - mean) / std``.
+
+    The mean and std are buffers (not persistent: they follow from the spec, not from fitting), made on construction
+    and moved by ``.to(device)``. They are deliberately not a process-wide cache filled on first use: such a cache
+    keeps whatever tensors its first call made, and when that call runs inside ``torch.export`` tracing (the ONNX
+    export of a freshly loaded detector) they are FakeTensors without data, which every later call then used.
+
+    Args:
+        mean: per-channel mean in ``ToTensor`` units (0..1), e.g. ``spec.mean``.
+        std: per-channel standard deviation, same units.
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(3, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``(B, 3, H, W)`` (or ``(3, H, W)``) uint8 on the buffers' device -> ``dtype`` with the same shape and
+        memory format, bit-identical to ``ToTensor`` + ``Normalize``; the input is not modified.
+
+        Raises:
+            ValueError: ``images`` is not uint8 or has no channel dimension of 3 at position -3.
+        """
+        if images.dtype != torch.uint8 or images.ndim not in (3, 4) or images.shape[-3] != 3:
+            raise ValueError(
+                f"normalize expects uint8 RGB images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}; "
+                "float images are already converted: pass them to the extractor directly"
+            )
+        # .to() copies (uint8 -> float), so the in-place ops below never touch the caller's tensor.
+        return images.to(dtype).div_(255).sub_(self.mean.to(dtype)).div_(self.std.to(dtype))
 
 
 def normalize(images: Tensor, spec: BackboneSpec, dtype: torch.dtype = torch.float32) -> Tensor:
-    """uint8 RGB images -> the normalised float input the backbone expects, on the images' device.
-
-    Computes ``(images / 255 - mean) / std`` in that order, as ``ToTensor`` + ``Normalize`` do, so the result is
-    bit-identical to the torchvision transforms. The input is not modified.
+    """One-off form of :class:`Normalize` for ``spec``, on the images' device (a loop should hold a ``Normalize``
+    instead: this builds its two small constants on every call).
 
     Args:
         images: ``(B, 3, H, W)`` (or ``(3, H, W)``) uint8 RGB, any memory format.
@@ -701,15 +725,5 @@ def normalize(images: Tensor, spec: BackboneSpec, dtype: torch.dtype = torch.flo
 
     Returns:
         Tensor of ``dtype`` with the shape, device and memory format of ``images``.
-
-    Raises:
-        ValueError: ``images`` is not uint8 or has no channel dimension of 3 at position -3.
     """
-    if images.dtype != torch.uint8 or images.ndim not in (3, 4) or images.shape[-3] != 3:
-        raise ValueError(
-            f"normalize expects uint8 RGB images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}; "
-            "float images are already converted: pass them to the extractor directly"
-        )
-    mean, std = _stats(spec.mean, spec.std, images.device, dtype)
-    # .to() copies (uint8 -> float), so the in-place ops below never touch the caller's tensor.
-    return images.to(dtype).div_(255).sub_(mean).div_(std)
+    return Normalize(spec.mean, spec.std).to(images.device)(images, dtype)

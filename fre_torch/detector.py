@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .autoencoder import LinearAutoencoder
-from .backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, FeatureExtractor, build_feature_extractor, get_backbone_spec, normalize
+from .backbones import (IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, FeatureExtractor, Normalize,
+                        build_feature_extractor, get_backbone_spec)
 from .distributed import gather_rows, reduce_accumulator
 from .precision import autocast, backbone_dtype, check_device, check_precision
 from .subspace import (
@@ -285,6 +286,7 @@ class FREDetector(nn.Module):
         extractor = build_feature_extractor(self.config.backbone, list(self.config.layers),
                                             pretrained=pretrained, weights=weights)
         self.extractor: FeatureExtractor = extractor.to(self.device, memory_format=torch.channels_last)
+        self.normalize = Normalize(self.config.spec.mean, self.config.spec.std).to(self.device)
         # torch.compile (opt-in): the backbone and the embedding as one graph, shapes kept static (dynamic=False) by
         # padding a short last batch up to the largest batch seen, so one compiled graph serves the whole run.
         # It pays on CUDA (fused kernels, fewer launches); on a CPU the ~30 s compile is rarely won back.
@@ -328,7 +330,7 @@ class FREDetector(nn.Module):
 
     def _layer_rows(self, images: Tensor) -> list[Tensor]:
         """uint8 images -> per-layer rows ``[(B, C_l * g * g)]`` through the backbone (before any concat fusion)."""
-        x = normalize(images.to(self.device, non_blocking=True), self.config.spec)
+        x = self.normalize(images.to(self.device, non_blocking=True))
         size = self.config.input_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
