@@ -121,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch_size", type=int, default=32)
     fit.add_argument("--workers", type=int, default=None)
     fit.add_argument("--weights", default=None, help="local backbone weights file (state dict)")
+    fit.add_argument("--strict", action="store_true",
+                     help="stop at the first unreadable image (default: skip unreadable images and list them)")
     _add_solver_and_distributed(fit)
     _add_speed_flags(fit, cache=True)
 
@@ -195,6 +197,19 @@ def _start_distributed(args: argparse.Namespace, device: str) -> str:
     if timeout <= 0:
         raise CliError(f"--dist_timeout must be > 0 seconds, got {args.dist_timeout}")
     return str(distributed.init_from_env(device, timeout=timeout))
+
+
+def _check_outputs(files: dict[str, str | None] | None = None, dirs: dict[str, str | None] | None = None) -> None:
+    """Every output path given, checked before any image is read (``fre_torch.outputs``): the wrong kind, a missing
+    parent folder or an unwritable place ends the run now, with one line naming the fix."""
+    from fre_torch.outputs import check_output_dir, check_output_file
+
+    for flag, path in (files or {}).items():
+        if path is not None:
+            check_output_file(path, f"{flag} {path}")
+    for flag, path in (dirs or {}).items():
+        if path is not None:
+            check_output_dir(path, f"{flag} {path}")
 
 
 def _n_components(value: float) -> int | float:
@@ -311,14 +326,14 @@ def _write_scores_csv(path: str, rows: list[tuple[str, str, int, float]]) -> Pat
     """``category,path,label,score`` per test image (path relative to the dataset root), written atomically."""
     import csv
 
+    from fre_torch.outputs import atomic_write
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["category", "path", "label", "score"])
         w.writerows([c, p, label, f"{score:.9g}"] for c, p, label, score in rows)  # 9 digits: float32 round trip
-    tmp.replace(out)
     return out
 
 
@@ -329,6 +344,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.list_models:
         print("\n".join(list_backbones()))
         return 0
+    _check_outputs(files={"--json": args.json, "--scores_csv": args.scores_csv},
+                   dirs={"--report": args.report, "--save_heatmaps": args.save_heatmaps, "--cache": args.cache})
     device = _start_distributed(args, "cuda" if args.gpu else (args.device or "cpu"))
     if args.model not in list_backbones():
         raise CliError(f"unknown model {args.model!r}; available: {', '.join(list_backbones())}")
@@ -365,6 +382,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from fre_torch.detector import DetectorConfig
     from fre_torch.predict import fit_folder
 
+    _check_outputs(files={"--out": args.out}, dirs={"--cache": args.cache})
     if args.model not in list_backbones():
         raise CliError(f"unknown model {args.model!r}; available: {', '.join(list_backbones())}")
     if not Path(args.train_dir).is_dir():
@@ -374,22 +392,34 @@ def cmd_fit(args: argparse.Namespace) -> int:
     config = DetectorConfig(backbone=args.model, layers=tuple(args.layers or ()), input_size=args.input_size,
                             n_components=_n_components(args.pca), solver=args.solver)
     device = _start_distributed(args, args.device)
-    det = fit_folder(args.train_dir, config, device=device, holdout=args.holdout, quantile=args.quantile,
-                     batch_size=args.batch_size, num_workers=args.workers, weights=args.weights, cache=args.cache,
-                     compile=args.compile, precision=args.precision)
+    result = fit_folder(args.train_dir, config, device=device, holdout=args.holdout, quantile=args.quantile,
+                        batch_size=args.batch_size, num_workers=args.workers, weights=args.weights, cache=args.cache,
+                        compile=args.compile, precision=args.precision, strict=args.strict)
     if not _is_main():
         return 0  # data-parallel: every rank holds the same model; rank 0 writes it
+    det = result.detector
+    if result.skipped:
+        shown = "; ".join(f"{p}" + (f" ({why.split(': ', 1)[-1]})" if why else "") for p, why in result.skipped[:3])
+        more = f" and {len(result.skipped) - 3} more" if len(result.skipped) > 3 else ""
+        print(f"warning: skipped {len(result.skipped)} unreadable image(s) of {result.n_images}: {shown}{more} "
+              "(--strict to stop instead)", file=sys.stderr)
     path = det.save(args.out)
     size_mb = path.stat().st_size / 2**20
-    print(f"wrote {path} ({size_mb:.1f} MB): {args.model} {list(config.layers)}, threshold {float(det.threshold):.4g} "
-          f"= the {args.quantile:g} quantile of {det.calibration_scores.numel()} held-out normal images")
+    stats = det.threshold_stats()
+    print(f"wrote {path} ({size_mb:.1f} MB): {args.model} {list(config.layers)}, fitted on {result.n_fit} images")
+    print(f"threshold {float(det.threshold):.4g} = the {args.quantile:g} quantile of {stats.n_held_out} held-out normal "
+          f"images: {stats.summary()}")
+    warning = stats.warning(args.holdout)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from fre_torch.detector import FREDetector
-    from fre_torch.predict import predict_paths, resolve_inputs, write_predictions_csv
+    from fre_torch.predict import check_predict_outputs, predict_paths, resolve_inputs, write_predictions_csv
 
+    check_predict_outputs(args.out, heatmaps=args.save_heatmaps)
     det = FREDetector.load(args.model_file, device=args.device, weights=args.weights, compile=args.compile,
                            precision=args.precision)
     if det.compiled:
@@ -406,20 +436,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
                              maps=args.save_heatmaps)
     finally:
         bar.close()
+    failed = [r for r in rows if r["error"]]
+    if len(failed) == len(rows):
+        raise CliError(f"none of the {len(rows)} input image(s) could be read, e.g. {failed[0]['error']}; nothing "
+                       "was written")
     out = write_predictions_csv(rows, args.out)
     flagged = sum(1 for r in rows if r["is_anomalous"])
-    failed = sum(1 for r in rows if r["error"])
-    print(f"wrote {out}: {len(rows)} images, {flagged} anomalous, {failed} unreadable")
+    print(f"wrote {out}: {len(rows)} images, {flagged} anomalous, {len(failed)} unreadable")
     if scale is not None:
         import torch
 
         from fre_torch.heatmaps import save_heatmaps
 
         scored = [r for r in rows if r["map"] is not None]  # unreadable images: reported in the CSV, no heatmap
-        if scored:
-            heat_dir = Path(args.out) / "heatmaps"
-            save_heatmaps(heat_dir, [r["path"] for r in scored], torch.stack([r["map"] for r in scored]), scale)
-            print(f"wrote {len(scored)} heatmaps to {heat_dir}")
+        heat_dir = Path(args.out) / "heatmaps"
+        save_heatmaps(heat_dir, [r["path"] for r in scored], torch.stack([r["map"] for r in scored]), scale)
+        print(f"wrote {len(scored)} heatmaps to {heat_dir}")
     return 0
 
 
@@ -431,6 +463,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fre_torch.export import MAP_TOLERANCE, SCORE_TOLERANCE, export_detector
     from fre_torch.predict import resolve_inputs
 
+    _check_outputs(files={"--out": args.out})
     if args.batch_size < 1:
         raise CliError(f"--batch_size must be >= 1, got {args.batch_size}")
     det = FREDetector.load(args.model_file, device="cpu", weights=args.weights)  # exports trace on the CPU
@@ -457,6 +490,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fre_torch.detector import DetectorConfig
     from fre_torch.synthetic import write_synthetic_mvtec
 
+    _check_outputs(files={"--json": args.json}, dirs={"--out": args.out})
     with tempfile.TemporaryDirectory(prefix="fre_torch_demo_") as tmp:
         root = Path(args.out) if args.out else Path(tmp) / "synthetic_mvtec"
         write_synthetic_mvtec(root, seed=args.seed)

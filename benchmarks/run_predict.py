@@ -54,7 +54,7 @@ def fit_and_save(train_dir: Path, model_path: Path, *, batch_size: int = 32) -> 
     from fre_torch.predict import fit_folder
 
     t0 = time.perf_counter()
-    det = fit_folder(train_dir, DetectorConfig("efficientnet_lite0"), device="cpu", batch_size=batch_size)
+    det = fit_folder(train_dir, DetectorConfig("efficientnet_lite0"), device="cpu", batch_size=batch_size).detector
     det.save(model_path)
     return {"fit_save_s": time.perf_counter() - t0, "model_mb": model_path.stat().st_size / 2**20}
 

@@ -26,6 +26,8 @@ import PIL
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .outputs import atomic_write
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageReadError",
@@ -142,16 +144,12 @@ class _EntryStore:
             self._memory[key] = blob
             return
         path = self._path(key)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(blob)
-            os.replace(tmp, path)
-        except OSError:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:  # the folder itself is unusable (e.g. its parent is a file): nothing was written
-                pass
+            with atomic_write(path) as tmp:
+                tmp.write_bytes(blob)
+        except OSError:  # the folder is unusable (e.g. its parent is a file): nothing was written
+            pass
 
 
 class PreprocessCache(_EntryStore):
@@ -496,7 +494,9 @@ class ImageDataset(Dataset):
         - ``"image"``: ``uint8 (3, size, size)``;
         - ``"index"``: ``int``, the position in ``paths``;
         - ``"orig_size"``: ``int64 (2,)``, the file's own ``(H, W)``;
-        - ``"label"``: ``int``, only when ``labels`` were given.
+        - ``"label"``: ``int``, only when ``labels`` were given;
+        - ``"ok"``: ``bool`` and ``"error"``: ``str``, only with ``skip_unreadable``: False and the reason for a file
+          that cannot be read, whose ``"image"`` is then zeros and ``"orig_size"`` ``(0, 0)``.
 
     Args:
         paths: image files.
@@ -507,18 +507,25 @@ class ImageDataset(Dataset):
         resize: True = LANCZOS to ``size`` here (the reference); False = deliver each image at its own size, to be
             resized on the device after transfer (``FREDetector.features``; bilinear, antialiased). Batches then
             need images of one size, and ``cache`` is not used (it stores resized images).
+        skip_unreadable: an unreadable file gives an item with ``ok=False`` and its error instead of raising
+            ``ImageReadError``, so one bad file does not stop a run (the consumer drops those rows).
 
     Raises:
-        ValueError: ``size`` is not a positive int or ``labels`` has the wrong length.
+        ValueError: ``size`` is not a positive int, ``labels`` has the wrong length, or ``skip_unreadable`` is
+            combined with ``resize=False`` (a stand-in for an unreadable image needs the common size).
     """
 
     def __init__(
         self, paths: Sequence[str | os.PathLike], size: int, labels: Sequence[int] | torch.Tensor | None = None,
-        cache: PreprocessCache | str | os.PathLike | None = None, resize: bool = True,
+        cache: PreprocessCache | str | os.PathLike | None = None, resize: bool = True, skip_unreadable: bool = False,
     ) -> None:
         self.paths = [Path(p) for p in paths]
         self.size = _check_size(size)
         self.resize = bool(resize)
+        self.skip_unreadable = bool(skip_unreadable)
+        if self.skip_unreadable and not self.resize:
+            raise ValueError("skip_unreadable needs resize=True: an unreadable image is replaced by zeros of the "
+                             "common size")
         self.cache = cache if cache is None or isinstance(cache, PreprocessCache) else PreprocessCache(cache)
         if labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
@@ -529,7 +536,19 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int | bool | str]:
+        if not self.skip_unreadable:
+            return self._item(index)
+        try:
+            return {**self._item(index), "ok": True, "error": ""}
+        except ImageReadError as err:
+            item = {"image": torch.zeros(3, self.size, self.size, dtype=torch.uint8), "index": index,
+                    "orig_size": torch.zeros(2, dtype=torch.int64), "ok": False, "error": str(err)}
+            if self.labels is not None:
+                item["label"] = int(self.labels[index])
+            return item
+
+    def _item(self, index: int) -> dict[str, torch.Tensor | int]:
         path = self.paths[index]
         if not self.resize:
             image, (height, width) = _decode(path, _to_rgb)

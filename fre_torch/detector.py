@@ -35,6 +35,8 @@ from .autoencoder import LinearAutoencoder
 from .backbones import (IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, FeatureExtractor, Normalize,
                         build_feature_extractor, get_backbone_spec)
 from .distributed import gather_rows, reduce_accumulator
+from .outputs import atomic_write
+from .threshold import ThresholdStats, threshold_stats
 from .precision import autocast, backbone_dtype, check_device, check_precision
 from .subspace import (
     check_features,
@@ -466,11 +468,13 @@ class FREDetector(nn.Module):
         rows = [torch.empty(n, d, device=self.device) for d in self.config.layer_features]
         start = 0
         for batch in _batches(data, batch_size):
+            if start + batch.shape[0] > n:
+                raise ValueError(f"the training loader yielded more than the {n} images it reports")
             for buf, r in zip(rows, self.features(batch)):
                 buf[start:start + r.shape[0]] = r
             start += batch.shape[0]
-        if start != n:
-            raise ValueError(f"the training loader yielded {start} images but reports {n}")
+        # Fewer than reported: a loader that drops unreadable images (``fre_torch.predict.fit_folder``).
+        rows = [r[:start] for r in rows]
         rows = [gather_rows(r) for r in rows]  # data-parallel: every rank's rows, in order (identity otherwise)
         for r in rows:
             check_features(r, name="training features")  # one sync per layer, after the loop
@@ -571,6 +575,15 @@ class FREDetector(nn.Module):
         self.map_scale = _map_quantile(gather_rows(maps))  # data-parallel: every rank's maps (identity otherwise)
         return self
 
+    def threshold_stats(self) -> ThresholdStats:
+        """How far the held-out threshold can be trusted: the number of held-out images, the threshold's rank among
+        their scores, the false-positive rate on them, and a 95 % interval of the rate on new normal images
+        (``fre_torch.threshold``). Read from the stored held-out scores, so a loaded model gives the same."""
+        if self.calibration_scores.numel() == 0 or self.threshold_quantile is None:
+            raise ValueError("this detector has no held-out threshold; fit it with a held-out split (cli.py fit) or "
+                             "call calibrate(held_out_normal_images)")
+        return threshold_stats(self.calibration_scores, float(self.threshold), self.threshold_quantile)
+
     def calibrated_score(self, scores: Tensor) -> Tensor:
         """Fraction of held-out normal scores at or above each score, (N,) -> (N,) in [0, 1]: a p-value-like
         number that reads the same for every model (small = unusual)."""
@@ -621,10 +634,13 @@ class FREDetector(nn.Module):
             "threshold_quantile": self.threshold_quantile,
             "map_scale": self.map_scale.detach().cpu(),
         }
+        if self.calibration_scores.numel() and self.threshold_quantile is not None:
+            # Derived from the held-out scores above (load recomputes it); stored in plain values for readers of the
+            # file without fre_torch.
+            payload["threshold_stats"] = self.threshold_stats().to_dict()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            torch.save(payload, tmp)
         return path
 
     @classmethod

@@ -23,6 +23,7 @@ from .distributed import config_hash_check, gather_rows, is_main_process, shard
 from .crossfit import cross_fit
 from .heatmaps import save_heatmaps
 from .metrics import aupr, auroc, f1_max, pixel_auroc, pixel_f1_max, pro
+from .outputs import atomic_write
 
 __all__ = ["evaluate_category", "evaluation_maps", "format_table", "summarize", "write_json", "METRICS",
            "PIXEL_METRICS", "THRESHOLD_QUANTILE"]
@@ -258,9 +259,8 @@ def write_json(path: str | os.PathLike, document: dict[str, Any]) -> Path:
     """Write atomically (temporary file + rename): an interrupted run leaves no half-written JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return path
 
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .data import _decode, _to_rgb, load_mask
 from .detector import FREDetector, upsample_maps
+from .outputs import atomic_write
 
 __all__ = ["COLORMAP", "OUTLINE_COLOUR", "OVERLAY_ALPHA", "colorize", "heatmap_names", "heatmap_scale",
            "mask_outline", "render_file", "render_panel", "save_heatmaps"]
@@ -292,9 +293,8 @@ def heatmap_names(paths: Sequence[str | os.PathLike]) -> list[str]:
 
 def _write_png(picture: Image.Image, path: Path) -> None:
     """Atomically: a temporary name, then rename, so an interrupted run leaves no half-written PNG."""
-    tmp = path.with_name(path.name + ".partial")
-    picture.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        picture.save(tmp, format="PNG")
 
 
 def save_heatmaps(out_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], grid_maps: Tensor,

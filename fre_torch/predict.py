@@ -9,18 +9,20 @@ from __future__ import annotations
 import csv
 import glob
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
-from .data import IMAGE_EXTENSIONS, ImageDataset, ImageReadError, _read_image, list_images, make_loader
+from .data import IMAGE_EXTENSIONS, ImageDataset, list_images, make_loader
 from .detector import DetectorConfig, FREDetector
-from .distributed import config_hash_check, shard
+from .distributed import config_hash_check, gather_rows, shard
+from .outputs import atomic_write, check_output_dir, check_output_file
 
-__all__ = ["split_holdout", "fit_folder", "resolve_inputs", "predict_paths", "write_predictions_csv"]
+__all__ = ["FitResult", "check_predict_outputs", "fit_folder", "predict_paths", "resolve_inputs", "split_holdout",
+           "write_predictions_csv"]
 
 Progress = Callable[[int], None]
 
@@ -40,18 +42,73 @@ def split_holdout(paths: Sequence[Path], fraction: float, seed: int = 0) -> tupl
     return [paths[i] for i in fit], [paths[i] for i in held]
 
 
+@dataclass
+class FitResult:
+    """What ``fit_folder`` did.
+
+    Attributes:
+        detector: the fitted, calibrated detector (without the feature cache).
+        n_images: images found under the training folder.
+        n_fit / n_held_out: readable images the subspaces were fitted on / the threshold was set on.
+        skipped: ``(path, reason)`` of every unreadable image that was left out, in folder order (data-parallel:
+            every rank's; the reason is empty for another rank's file).
+    """
+
+    detector: FREDetector
+    n_images: int
+    n_fit: int
+    n_held_out: int
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+class _Readable:
+    """Batches of the readable images of an ``ImageDataset(skip_unreadable=True)`` loader, ``(B', 3, S, S)``.
+
+    Unreadable files are noted as they pass (dataset index, reason); when the loader is exhausted, fewer than
+    ``minimum`` readable images in all (every rank's, in data-parallel mode) is an error naming the skipped files.
+    ``dataset`` is the loader's, so the detector sizes its buffers by it (an upper bound: ``fit`` trims).
+    """
+
+    def __init__(self, loader: Any, minimum: int, what: str) -> None:
+        self.loader, self.dataset, self.minimum, self.what = loader, loader.dataset, minimum, what
+        self.failed: list[tuple[int, str]] = []
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        readable = 0
+        for batch in self.loader:
+            ok = batch["ok"]  # a CPU bool tensor from the collate: no device sync
+            if not bool(ok.all()):
+                self.failed += [(i, e) for i, good, e in zip(batch["index"].tolist(), ok.tolist(), batch["error"])
+                                if not good]
+                batch["image"] = batch["image"][ok]
+            readable += int(batch["image"].shape[0])
+            if batch["image"].shape[0]:
+                yield batch["image"]
+        total = int(gather_rows(torch.tensor([readable])).sum())  # data-parallel: all ranks' (identity otherwise)
+        if total < self.minimum:
+            first = "; ".join(e for _, e in self.failed[:3])
+            raise ValueError(f"only {total} {self.what} could be read, at least {self.minimum} are needed"
+                             f"{f' ({first})' if first else ''}; replace or remove the unreadable files")
+
+
 def fit_folder(train_dir: str | os.PathLike, config: DetectorConfig, *, device: str = "cpu", holdout: float = 0.2,
                quantile: float = 0.99, batch_size: int = 32, num_workers: int | None = None,
                weights: str | None = None, seed: int = 0, cache: str | os.PathLike | None = None,
-               compile: bool = False, precision: str = "auto") -> FREDetector:
+               compile: bool = False, precision: str = "auto", strict: bool = False) -> FitResult:
     """Fit a detector on every image under ``train_dir`` (recursive), holding out ``holdout`` for the threshold.
     ``cache``: an optional folder for decoded images (``fre_torch.data.PreprocessCache``) and, in ``<cache>/features``,
     their feature vectors (``FeatureCache``), reused by later fits on the same images (e.g. another ``n_components``).
     The returned detector does not keep the feature cache.
 
+    Unreadable images (corrupt, truncated, not an image) are skipped and listed in ``FitResult.skipped``; with
+    ``strict=True`` the first one raises ``ImageReadError`` instead. Fewer than 2 readable images in either split
+    is a ``ValueError``. The split is made over the files found, before reading, so it does not depend on which
+    files turn out unreadable.
+
     Data-parallel (``fre_torch.distributed``): every rank checks that all see the same settings and files, reads
     its contiguous shard of whole batches of each split, and ends with the same fitted, calibrated detector.
     """
+    train_dir = Path(train_dir)
     paths = list_images(train_dir, recursive=True)
     fit_paths, held_paths = split_holdout(paths, holdout, seed)
     det = FREDetector(config, device=device, weights=weights, compile=compile, precision=precision,
@@ -59,16 +116,31 @@ def fit_folder(train_dir: str | os.PathLike, config: DetectorConfig, *, device: 
     if det.compiled:
         det.warmup(batch_size)
     config_hash_check({"config": config.to_dict(), "weights": det._weights_id, "batch_size": batch_size,
-                       "holdout": holdout, "quantile": quantile, "seed": seed,
+                       "holdout": holdout, "quantile": quantile, "seed": seed, "strict": strict,
                        "images": [str(p.relative_to(train_dir)) for p in paths]})
     fit_paths = shard(fit_paths, unit=batch_size, what="training images (after the hold-out)")
     held_paths = shard(held_paths, unit=batch_size, what="held-out images")
-    size = config.input_size
-    det.fit(make_loader(ImageDataset(fit_paths, size, cache=cache), batch_size, device, num_workers=num_workers))
-    det.calibrate(make_loader(ImageDataset(held_paths, size, cache=cache), batch_size, device, num_workers=num_workers),
-                  quantile=quantile)
+
+    def images(split: list[Path], what: str) -> Any:
+        loader = make_loader(ImageDataset(split, config.input_size, cache=cache, skip_unreadable=not strict),
+                             batch_size, device, num_workers=num_workers)
+        return loader if strict else _Readable(loader, 2, what)
+
+    fit_data = images(fit_paths, "training images (after the hold-out)")
+    held_data = images(held_paths, "held-out images")
+    det.fit(fit_data)
+    det.calibrate(held_data, quantile=quantile)
     det.feature_cache = None  # a run-time choice of this fit, not part of the model handed back
-    return det
+    failed = [] if strict else [(split[i], e) for data, split in ((fit_data, fit_paths), (held_data, held_paths))
+                                for i, e in data.failed]
+    # Data-parallel: every rank's skipped files, by their position in the folder (identity otherwise).
+    position = {p: i for i, p in enumerate(paths)}
+    reasons = {p: e for p, e in failed}
+    every = gather_rows(torch.tensor([position[p] for p, _ in failed], dtype=torch.int64))
+    skipped = [(paths[i], reasons.get(paths[i], "")) for i in sorted(every.tolist())]
+    n_held = int(det.calibration_scores.numel())  # every rank's readable held-out images
+    return FitResult(det, n_images=len(paths), n_fit=len(paths) - len(skipped) - n_held, n_held_out=n_held,
+                     skipped=skipped)
 
 
 def resolve_inputs(items: Sequence[str]) -> list[Path]:
@@ -95,24 +167,6 @@ def resolve_inputs(items: Sequence[str]) -> list[Path]:
     return list(dict.fromkeys(out))  # a file named twice (a folder and a glob) is scored once
 
 
-class _TolerantDataset(Dataset):
-    """Like ``ImageDataset`` but an unreadable file gives ``ok=False`` and its error instead of stopping the run."""
-
-    def __init__(self, paths: Sequence[Path], size: int) -> None:
-        self.paths, self.size = list(paths), size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        try:
-            image, _ = _read_image(self.paths[index], self.size)
-            return {"image": image, "index": index, "ok": True, "error": ""}
-        except ImageReadError as err:
-            return {"image": torch.zeros(3, self.size, self.size, dtype=torch.uint8), "index": index, "ok": False,
-                    "error": str(err)}
-
-
 def predict_paths(detector: FREDetector, paths: Sequence[Path], *, batch_size: int = 32,
                   num_workers: int | None = None, progress: Progress | None = None,
                   maps: bool = False) -> list[dict[str, Any]]:
@@ -122,7 +176,8 @@ def predict_paths(detector: FREDetector, paths: Sequence[Path], *, batch_size: i
     results come back to the host once, at the end. With ``maps=True`` (linear mode) each row also has ``"map"``:
     the image's ``(g, g)`` float32 CPU anomaly map on the feature grid, None for an unreadable image.
     """
-    loader = make_loader(_TolerantDataset(paths, detector.config.input_size), batch_size, detector.device,
+    loader = make_loader(ImageDataset(paths, detector.config.input_size, skip_unreadable=True), batch_size,
+                         detector.device,
                          num_workers=num_workers)
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []
     map_parts: list[torch.Tensor] = []
@@ -163,19 +218,32 @@ def predict_paths(detector: FREDetector, paths: Sequence[Path], *, batch_size: i
     return rows
 
 
+def check_predict_outputs(out_dir: str | os.PathLike, *, heatmaps: bool = False) -> Path:
+    """Check, before any image is read, that ``out_dir`` can take ``predictions.csv`` (and ``heatmaps/``).
+
+    Raises:
+        OutputPathError: ``out_dir`` is a file or cannot be created or written, or ``predictions.csv`` /
+            ``heatmaps`` inside it exist with the wrong kind.
+    """
+    out = check_output_dir(out_dir, f"--out {out_dir}")
+    if out.is_dir():
+        check_output_file(out / "predictions.csv", f"--out {out_dir}")
+        if heatmaps:
+            check_output_dir(out / "heatmaps", f"--out {out_dir} --save_heatmaps")
+    return out
+
+
 def write_predictions_csv(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike) -> Path:
     """``out_dir/predictions.csv`` with columns ``path,score,calibrated_score,is_anomalous,error``, written
     atomically (temporary file + rename)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "predictions.csv"
-    tmp = out / "predictions.csv.partial"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["path", "score", "calibrated_score", "is_anomalous", "error"])
         for r in rows:
             w.writerow([r["path"], "" if r["score"] is None else f"{r['score']:.6g}",
                         "" if r["calibrated_score"] is None else f"{r['calibrated_score']:.4f}",
                         "" if r["is_anomalous"] is None else int(r["is_anomalous"]), r["error"]])
-    os.replace(tmp, path)
     return path

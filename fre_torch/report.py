@@ -31,6 +31,7 @@ from .detector import MAP_SCALE_QUANTILE
 from .evaluate import THRESHOLD_QUANTILE
 from .heatmaps import COLORMAP, OVERLAY_ALPHA, heatmap_names, render_file
 from .metrics import precision_recall_curve, roc_curve
+from .outputs import atomic_write
 
 __all__ = ["DEFECTIVE_COLOUR", "NORMAL_COLOUR", "N_WORST", "check_report_dependencies", "write_report"]
 
@@ -71,9 +72,8 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    fig.savefig(tmp, format="png", facecolor="white")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", facecolor="white")
 
 
 def _at_threshold(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, float]:
@@ -215,9 +215,8 @@ def _category_section(out: Path, folder: str, name: str, r: Mapping[str, Any], n
                 src = f"{folder}/{'normal' if kind == 0 else 'defective'}_{file_name}"
                 picture = render_file(paths[i], grid_maps[i], float(scale), mask=masks[i], normal=kind == 0,
                                       max_side=_PANEL_SIDE)
-                tmp = out / (src + ".partial")
-                picture.save(tmp, format="PNG")
-                os.replace(tmp, out / src)
+                with atomic_write(out / src) as tmp:
+                    picture.save(tmp, format="PNG")
                 parts.append(f"<figure>{_img(src, label)}{caption}</figure>")
             else:
                 parts.append(f"<figure>{caption}</figure>")
@@ -298,7 +297,6 @@ def write_report(out_dir: str | os.PathLike, results: Mapping[str, Mapping[str, 
             f"<style>{_STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{settings}\n{note}\n{summary}\n"
             + "\n".join(sections) + "\n</body></html>\n")
     index = out / "index.html"
-    tmp = out / "index.html.partial"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, index)
+    with atomic_write(index) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return index

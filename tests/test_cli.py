@@ -94,6 +94,7 @@ def _check_error(code: int, out: str, err: str, *needles: str) -> None:
 
 def test_evaluate_all_categories(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_json = tmp_path / "out" / "out.json"
+    out_json.parent.mkdir()  # an output's folder must exist (a missing one is an error: test_output_paths)
     code, out, err = _run(["evaluate", "--dataset_directory", str(dataset), *LITE, "--object_category", "all",
                            "--json", str(out_json), "--batch_size", "8"], capsys)
     assert code == 0, err

@@ -179,7 +179,8 @@ def test_fit_folder_second_fit_reads_features(tmp_path, monkeypatch):
             self.counter = _Counting(self)
 
     monkeypatch.setattr(predict, "FREDetector", Seeded)
-    fits = [predict.fit_folder(train, CONFIG, batch_size=4, num_workers=0, cache=tmp_path / "c") for _ in range(2)]
+    fits = [predict.fit_folder(train, CONFIG, batch_size=4, num_workers=0, cache=tmp_path / "c").detector
+            for _ in range(2)]
     assert built[0].counter.images == 10 and built[1].counter.images == 0
     assert all(d.feature_cache is None for d in fits)
     assert torch.equal(fits[0].threshold, fits[1].threshold)

@@ -113,7 +113,7 @@ def test_threshold_false_positive_rate_on_magnetic_tile(tmp_path: Path) -> None:
     from fre_torch.predict import fit_folder, predict_paths
     from fre_torch.data import list_images
 
-    det = fit_folder(root / "train" / "good", DetectorConfig("efficientnet_lite0"))
+    det = fit_folder(root / "train" / "good", DetectorConfig("efficientnet_lite0")).detector
     rows = predict_paths(det, list_images(root / "test" / "good"))
     fpr = sum(bool(r["is_anomalous"]) for r in rows) / len(rows)
     assert abs(fpr - 0.01) <= 0.03, fpr
