@@ -407,8 +407,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     size_mb = path.stat().st_size / 2**20
     stats = det.threshold_stats()
     print(f"wrote {path} ({size_mb:.1f} MB): {args.model} {list(config.layers)}, fitted on {result.n_fit} images")
-    print(f"threshold {float(det.threshold):.4g} = the {args.quantile:g} quantile of {stats.n_held_out} held-out normal "
-          f"images: {stats.summary()}")
+    print(f"threshold {float(det.threshold):.4g} = the {args.quantile:g} quantile of the held-out normal images' "
+          f"scores: {stats.summary()}")
     warning = stats.warning(args.holdout)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)

@@ -16,6 +16,14 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+DATA_ENV = "FRE_TORCH_DATA"
+
+
+def data_root() -> Path:
+    """Where the real data sets are: ``$FRE_TORCH_DATA`` (as for the tests; README), else the project's data folder
+    beside the checkout. Data sets sit in subfolders (``magnetic_tile/``, ``mvtec_bottle/``, ...)."""
+    value = os.environ.get(DATA_ENV)
+    return Path(value).expanduser() if value else REPO.parent / "shared" / "data"
 
 
 def low_rank_features(n: int, d: int, *, rank: int = 48, seed: int = 0) -> np.ndarray:

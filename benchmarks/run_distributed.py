@@ -4,7 +4,7 @@
 
 Each layout PxT is one ``torchrun --nproc_per_node=P`` launch of this file in worker mode with OMP_NUM_THREADS=T:
 1 x cores and P x cores/P use the whole machine; 1 x 1 is the per-core baseline. A worker decodes
-its contiguous shard of the training images (MVTec bottle from ../shared/data, else a synthetic set), runs the
+its contiguous shard of the training images (MVTec bottle from $FRE_TORCH_DATA/mvtec_bottle, else a synthetic set), runs the
 detector's streaming fit step by step so each stage is timed on its own, and rank 0 reports:
 
 - ``stream``: decode + backbone + accumulation of this rank's shard (the part that scales with processes);
@@ -27,7 +27,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BOTTLE = REPO.parent / "shared" / "data" / "mvtec_bottle"
+if str(REPO) not in sys.path:  # also run as a torchrun worker script
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.common import data_root  # noqa: E402
+
+BOTTLE = data_root() / "mvtec_bottle"
 
 # (name, input_size, solver): Gram on the default lite0 config, covariance at 128 px (D = 1,792 / 3,072, whose
 # D x D eigh stays seconds, not minutes).

@@ -1,6 +1,6 @@
 """End-to-end `evaluate` against the reference pipeline, same backbone, same run: times and AUROC.
 
-    python -m benchmarks.run_pipeline --root ../shared/data/magnetic_tile --category magnetic_tile --write
+    python -m benchmarks.run_pipeline --root $FRE_TORCH_DATA/magnetic_tile --category magnetic_tile --write
 
 Each side runs in its own process, one after the other, from a cold start, and is timed from outside, process start
 to exit (interpreter start, imports and the backbone build included on both sides). Besides the reference as users
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, machine, write_section
+from benchmarks.common import REPO, data_root, machine, write_section
 from fre_torch.allocator import DEFAULT_RETAIN_BYTES, ENV_OPT_OUT
 
 
@@ -47,7 +47,7 @@ def _child(code: str, env: dict[str, str] | None = None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--root", default="../shared/data/magnetic_tile")
+    ap.add_argument("--root", default=str(data_root() / "magnetic_tile"))
     ap.add_argument("--category", default="magnetic_tile")
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--write", action="store_true", help="update benchmarks/results/pipeline.json and BENCHMARKS.md")

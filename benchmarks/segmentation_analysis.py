@@ -1,6 +1,6 @@
 """Where a category's pooled pixel AUROC is lost: a per-defect-class breakdown of one detector's maps.
 
-    python -m benchmarks.segmentation_analysis --root ../shared/data/magnetic_tile --category magnetic_tile \
+    python -m benchmarks.segmentation_analysis --root $FRE_TORCH_DATA/magnetic_tile --category magnetic_tile \
         [--layers blocks.8 blocks.14] [--pool 2] [--knn] [--json PATH]
 
 Pixel AUROC pools every test pixel of every image: the defective pixels of all classes against the normal pixels
@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import data_root
 from fre_torch.allocator import retain_if_requested
 from fre_torch.data import FeatureCache, ImageDataset, MVTecCategory, load_image, make_loader
 from fre_torch.detector import DetectorConfig, FREDetector
@@ -229,7 +230,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--root", default="../shared/data/magnetic_tile")
+    p.add_argument("--root", default=str(data_root() / "magnetic_tile"))
     p.add_argument("--category", default="magnetic_tile")
     p.add_argument("--layers", nargs="*", default=[], help="efficientnet_lite0 layers (default: the detector's)")
     p.add_argument("--pool", type=int, default=2)

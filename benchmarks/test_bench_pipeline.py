@@ -3,7 +3,7 @@
     python -m pytest benchmarks/test_bench_pipeline.py -s
 
 Both sides fit on ``train/good`` and score ``test/*`` of one category with the same backbone (efficientnet_lite0),
-decoding included. The data is ../shared/data/magnetic_tile when present (the issue's measurement), else a
+decoding included. The data is $FRE_TORCH_DATA/magnetic_tile when present (the issue's measurement), else a
 generated MVTec-layout category, so the suite runs anywhere. Variants: our default (image metrics only, like the
 reference), the same as a second run with a warm cache of preprocessed images only (``--cache_images_only``) and of
 images and features (``--cache``), and the reference pipeline (PIL in the main process, batches of 64, scikit-learn
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import REPO
+from benchmarks.common import data_root
 from benchmarks.reference_pipeline import run_reference
 from fre_torch.data import MVTecCategory
 from fre_torch.detector import DetectorConfig, FREDetector
 from fre_torch.evaluate import evaluate_category
 from fre_torch.synthetic import write_synthetic_mvtec
 
-MAGNETIC = REPO.parent / "shared" / "data" / "magnetic_tile"
+MAGNETIC = data_root() / "magnetic_tile"
 _times: dict[str, float] = {}
 
 

@@ -1,21 +1,66 @@
-"""Shared fixtures: locations of the real data beside the repository (absent on a user's clone)."""
+"""Shared fixtures and the one place the tests look for real data.
+
+Real-data tests read the folder named by the environment variable ``FRE_TORCH_DATA`` (see README, "Run the tests on
+your copy of MVTec AD"). Under it, each data set is found either in its own subfolder or directly:
+
+    $FRE_TORCH_DATA/mvtec_bottle/bottle/...     or  $FRE_TORCH_DATA/bottle/...          (MVTec AD bottle)
+    $FRE_TORCH_DATA/mvtec_screw/screw/...       or  $FRE_TORCH_DATA/screw/...           (MVTec AD screw)
+    $FRE_TORCH_DATA/magnetic_tile/magnetic_tile/...  or  $FRE_TORCH_DATA/magnetic_tile/...  (Magnetic Tile Defect)
+
+so pointing it at an extracted MVTec AD folder (the one holding ``bottle/``, ``screw/``, ...) runs the MVTec tests.
+Each category folder is in the MVTec AD layout. Tests whose data is absent skip, saying all of this.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-BOTTLE_ROOT = SHARED_DATA / "mvtec_bottle"
-MAGNETIC_ROOT = SHARED_DATA / "magnetic_tile"
+DATA_ENV = "FRE_TORCH_DATA"
+# Skip reasons of the CUDA-only tests (CPU = CUDA checks) and of the CPU-only ones (the error without CUDA).
+NEEDS_CUDA = "needs an NVIDIA GPU and a CUDA build of torch: it checks that CUDA gives the CPU's results"
+NEEDS_NO_CUDA = "checks the error for --device cuda on a machine without CUDA; this machine has CUDA"
+_LAYOUT = ("<category>/train/good/*.png|jpg, <category>/test/<good|defect>/*, "
+           "<category>/ground_truth/<defect>/<stem>_mask.png")
+# Per category the tests use: its data set's subfolder under $FRE_TORCH_DATA (the category may also sit directly
+# there), and where a user gets it.
+_SETS = {"bottle": ("mvtec_bottle", "e.g. your extracted MVTec AD folder"),
+         "screw": ("mvtec_screw", "e.g. your extracted MVTec AD folder"),
+         "magnetic_tile": ("magnetic_tile", "the Magnetic Tile Defect set arranged in this layout")}
 
 
-def require_data(root: Path) -> Path:
-    """Skip the calling test, with the reason, when a real data set is absent."""
-    if not root.is_dir():
-        pytest.skip(f"real data not found at {root} (it lives in ../shared/data beside the repository)")
+def data_root() -> Path:
+    """``$FRE_TORCH_DATA``, or this project's own data folder beside the checkout when the variable is unset."""
+    value = os.environ.get(DATA_ENV)
+    return Path(value).expanduser() if value else REPO.parent / "shared" / "data"
+
+
+def find_category(category: str) -> Path | None:
+    """The MVTec-layout root holding ``<category>/train/good`` under ``data_root()``, or None."""
+    base = data_root()
+    for root in (base / _SETS.get(category, (category,))[0], base):
+        if (root / category / "train" / "good").is_dir():
+            return root
+    return None
+
+
+def skip_reason(category: str) -> str:
+    """Why a test of ``category`` skips, and how to run it."""
+    where = f"{DATA_ENV}={os.environ[DATA_ENV]}" if os.environ.get(DATA_ENV) else f"{DATA_ENV} is not set"
+    subfolder, source = _SETS.get(category, (category, "your copy of the data"))
+    return (f"real data for '{category}' not found ({where}). To run this test, set {DATA_ENV} to a folder holding "
+            f"{category}/ ({source}) or {subfolder}/{category}/, in the layout {_LAYOUT}")
+
+
+def require_category(category: str) -> Path:
+    """The data root holding ``category`` (pass it to ``MVTecCategory.load(root, category)``); skips the calling
+    test with ``skip_reason`` when the data is absent."""
+    root = find_category(category)
+    if root is None:
+        pytest.skip(skip_reason(category))
     return root
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fre_torch.backbones import (
+
     IMAGENET_MEAN,
     IMAGENET_STD,
     LITE_MEAN,
@@ -28,8 +29,10 @@ from fre_torch.backbones import (
     normalize,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-BOTTLE_TRAIN = DATA / "mvtec_bottle" / "bottle" / "train" / "good"
+from conftest import find_category, skip_reason
+
+_BOTTLE = find_category("bottle")
+BOTTLE_TRAIN = None if _BOTTLE is None else _BOTTLE / "bottle" / "train" / "good"
 ALL = list_backbones()
 
 
@@ -296,7 +299,7 @@ def test_lite0_matches_reference_implementation() -> None:
     assert b8.abs().mean().item() == pytest.approx(3.48712, abs=1e-3)
 
 
-@pytest.mark.skipif(not BOTTLE_TRAIN.is_dir(), reason=f"real images not found at {BOTTLE_TRAIN}")
+@pytest.mark.skipif(BOTTLE_TRAIN is None, reason=skip_reason("bottle"))
 def test_lite0_classifies_real_bottles() -> None:
     """The ImageNet head, fed real MVTec bottle images the way Lite0 was trained, ranks a bottle class in the top 5.
 

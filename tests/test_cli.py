@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cli
-from conftest import REPO
+from conftest import NEEDS_NO_CUDA, REPO
 from fre_torch.detector import DetectorConfig
 from fre_torch.evaluate import METRICS, PIXEL_METRICS
 from fre_torch.synthetic import write_synthetic_mvtec
@@ -161,7 +161,7 @@ def test_evaluate_bad_input(args: list[str], needles: list[str], dataset: Path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.skipif(torch.cuda.is_available(), reason=NEEDS_NO_CUDA)
 def test_evaluate_gpu_without_cuda(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_json = tmp_path / "out.json"
     _check_error(*_run(["evaluate", "--dataset_directory", str(dataset), *LITE, "--gpu", "--json", str(out_json)],

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from fre_torch.data import (
+
     ImageDataset,
     ImageReadError,
     MVTecCategory,
@@ -25,9 +26,10 @@ from fre_torch.data import (
     make_loader,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-BOTTLE = DATA / "mvtec_bottle"
-MAGNETIC = DATA / "magnetic_tile"
+from conftest import find_category, skip_reason
+
+BOTTLE = find_category("bottle")
+MAGNETIC = find_category("magnetic_tile")
 
 
 def _pattern(h: int, w: int, channels: int, seed: int = 0) -> np.ndarray:
@@ -302,7 +304,7 @@ def test_worker_error_names_the_file(tmp_path):
 # ---- the real data sets (read-only; skipped when absent) ----
 
 
-@pytest.mark.skipif(not (BOTTLE / "bottle").is_dir(), reason=f"real MVTec bottle data not found at {BOTTLE}")
+@pytest.mark.skipif(BOTTLE is None, reason=skip_reason("bottle"))
 def test_real_mvtec_bottle():
     assert list_categories(BOTTLE) == ["bottle"]
     c = MVTecCategory.load(BOTTLE, "bottle")
@@ -316,9 +318,7 @@ def test_real_mvtec_bottle():
     assert mask.shape == image_size(sample.path) == (384, 384) and mask.any()
 
 
-@pytest.mark.skipif(
-    not (MAGNETIC / "magnetic_tile").is_dir(), reason=f"real Magnetic Tile data not found at {MAGNETIC}"
-)
+@pytest.mark.skipif(MAGNETIC is None, reason=skip_reason("magnetic_tile"))
 def test_real_magnetic_tile():
     assert list_categories(MAGNETIC) == ["magnetic_tile"]
     c = MVTecCategory.load(MAGNETIC, "magnetic_tile")

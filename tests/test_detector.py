@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.decomposition import PCA as SkPCA
 
-from conftest import BOTTLE_ROOT, MAGNETIC_ROOT, require_data
+from conftest import NEEDS_NO_CUDA, require_category
 from fre_torch import PCA
 from fre_torch.data import MVTecCategory, load_image
 from fre_torch.detector import DetectorConfig, FREDetector, ModelFileError
@@ -126,7 +126,7 @@ def test_reference_parity_with_sklearn_generated(synth) -> None:
 
 
 def test_reference_parity_with_sklearn_bottle() -> None:
-    cat = MVTecCategory.load(require_data(BOTTLE_ROOT), "bottle")
+    cat = MVTecCategory.load(require_category("bottle"), "bottle")
     test = cat.test_paths[::4][:20]  # every defect type and good ones
     _reference_parity(_load(cat.train[:60], 224), _load(test, 224))
 
@@ -252,7 +252,7 @@ def test_too_few_training_images(small_images: torch.Tensor) -> None:
         det.fit(small_images[:1])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.skipif(torch.cuda.is_available(), reason=NEEDS_NO_CUDA)
 def test_cuda_without_cuda_raises() -> None:
     with pytest.raises(ValueError, match="CUDA is not available"):
         FREDetector(DetectorConfig(input_size=64), device="cuda")
@@ -281,7 +281,7 @@ def test_nan_features_fail_fit(value: float, small_images: torch.Tensor, monkeyp
 
 def test_bottle_default_auroc() -> None:
     result = evaluate_category(FREDetector(DetectorConfig("efficientnet_lite0"), device="cpu"),
-                               require_data(BOTTLE_ROOT), "bottle")
+                               require_category("bottle"), "bottle")
     assert (result["n_train"], result["n_test"]) == (209, 83)
     assert result["image_auroc"] == 1.0
 
@@ -289,13 +289,13 @@ def test_bottle_default_auroc() -> None:
 @pytest.fixture(scope="module")
 def magnetic_default() -> dict:
     return evaluate_category(FREDetector(DetectorConfig("efficientnet_lite0"), device="cpu"),
-                             require_data(MAGNETIC_ROOT), "magnetic_tile")
+                             require_category("magnetic_tile"), "magnetic_tile")
 
 
 @pytest.fixture(scope="module")
 def magnetic_reference() -> dict:
     return evaluate_category(FREDetector(DetectorConfig.reference("efficientnet_lite0"), device="cpu"),
-                             require_data(MAGNETIC_ROOT), "magnetic_tile")
+                             require_category("magnetic_tile"), "magnetic_tile")
 
 
 def test_magnetic_tile_default_beats_reference(magnetic_default: dict) -> None:

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import cli
-from conftest import BOTTLE_ROOT, REPO, require_data
+from conftest import REPO, require_category
 from fre_torch import distributed as fd
 from fre_torch.data import load_image
 from fre_torch.detector import FREDetector
@@ -327,7 +327,7 @@ def test_a_dead_or_stalled_rank_is_an_error_not_a_hang(mode: str, tmp_path: Path
 # ------------------------------------------------------------------------------------------------ real data
 def test_bottle_two_processes_equal_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """torchrun cli.py evaluate on MVTec bottle, default lite0 config: the same scores, in order, and metrics."""
-    root = require_data(BOTTLE_ROOT)
+    root = require_category("bottle")
     argv = ["evaluate", "--dataset_directory", str(root), "--object_category", "bottle", "--model",
             "efficientnet_lite0", "--device", "cpu", "--pixel_metrics", "off"]
     dist_dir, single_dir = tmp_path / "dist", tmp_path / "single"

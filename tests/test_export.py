@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import cli
-from conftest import BOTTLE_ROOT, REPO, require_data
+from conftest import REPO, require_category
 from fre_torch.data import ImageDataset, MVTecCategory, list_images, make_loader
 from fre_torch.detector import DetectorConfig, FREDetector
 from fre_torch.export import (
@@ -245,7 +245,7 @@ def test_library_imports_without_onnx() -> None:
 def test_bottle_parity_onnx_and_torchscript(tmp_path: Path) -> None:
     """Real data: default config fitted on 64 bottle training images; both artefacts score all 83 test images
     within 1e-4 of torch (relative to the largest score)."""
-    root = require_data(BOTTLE_ROOT)
+    root = require_category("bottle")
     cat = MVTecCategory.load(root, "bottle")
     det = FREDetector(DetectorConfig("efficientnet_lite0"), device="cpu")
     size = det.config.input_size

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import NEEDS_CUDA
+
 from fre_torch.kernel import (
     ExactKernelFRE,
     KernelFRE,
@@ -301,7 +303,7 @@ def test_state_dict_round_trip(data, method: str) -> None:
     assert torch.equal(again.score(test), exact.score(test))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)
 @pytest.mark.parametrize("method", ["rff", "nystroem"])
 def test_cpu_and_cuda_agree(data, method: str) -> None:
     train, test = data[0].float(), data[1].float()

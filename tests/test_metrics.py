@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from conftest import NEEDS_CUDA
 from sklearn import metrics as skm
 
 from fre_torch.metrics import aupr, auroc, f1_max, precision_recall_curve, roc_curve
@@ -104,7 +106,7 @@ def test_any_shape_is_flattened_and_inputs_not_mutated():
     assert torch.equal(maps, maps_copy) and torch.equal(masks, masks_copy)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)
 def test_cuda_equals_cpu():
     g = torch.Generator().manual_seed(2)
     scores = torch.round(torch.randn(100_000, generator=g) * 20) / 20

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import cli
-from conftest import MAGNETIC_ROOT, REPO, require_data
+from conftest import REPO, require_category
 from fre_torch.detector import FREDetector
 from fre_torch.predict import split_holdout
 
@@ -108,7 +108,7 @@ def test_cli_fit_subprocess_no_traceback(tmp_path: Path) -> None:
 
 def test_threshold_false_positive_rate_on_magnetic_tile(tmp_path: Path) -> None:
     """Fit on train/good only: at the automatic 0.99 threshold the FPR on test/good is within 0.03 of 1 %."""
-    root = require_data(MAGNETIC_ROOT) / "magnetic_tile"
+    root = require_category("magnetic_tile") / "magnetic_tile"
     from fre_torch.detector import DetectorConfig
     from fre_torch.predict import fit_folder, predict_paths
     from fre_torch.data import list_images

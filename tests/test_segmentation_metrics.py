@@ -11,11 +11,15 @@ from collections import deque
 import numpy as np
 import pytest
 import torch
+
+from conftest import NEEDS_CUDA
 from sklearn import metrics as skm
 
 from fre_torch import metrics as M
 from fre_torch.metrics import pixel_auroc, pixel_f1_max, pro
 from fre_torch.regions import label_components
+
+SCIPY_REASON = "scipy.ndimage, the reference labelling, comes with scikit-learn (requirements.txt); pip install scipy"
 
 # ---------------------------------------------------------------------------------------------------------------
 # References
@@ -133,7 +137,7 @@ def test_diagonal_touch_is_one_region_and_batch_ids_are_unique():
 
 @pytest.mark.parametrize("density", [0.05, 0.3, 0.45, 0.6, 0.9])
 def test_label_components_matches_scipy(density):
-    ndimage = pytest.importorskip("scipy.ndimage")
+    ndimage = pytest.importorskip("scipy.ndimage", reason=SCIPY_REASON)
     g = torch.Generator().manual_seed(int(density * 100))
     masks = torch.rand(8, 33, 47, generator=g) < density
     masks[3] = False
@@ -148,7 +152,7 @@ def test_label_components_matches_scipy(density):
 
 
 def test_label_components_long_winding_regions():
-    ndimage = pytest.importorskip("scipy.ndimage")
+    ndimage = pytest.importorskip("scipy.ndimage", reason=SCIPY_REASON)
     size = 96
     serpentine = np.zeros((size, size), dtype=bool)
     serpentine[::2] = True  # rows joined alternately at the right and left ends: one long path
@@ -335,7 +339,7 @@ def test_inputs_not_mutated():
     assert np.array_equal(t_maps.numpy(), maps) and np.array_equal(t_masks.numpy(), masks)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)
 def test_cuda_equals_cpu():
     maps, masks = random_case(1, ties=True)
     t_maps, t_masks = torch.from_numpy(maps), torch.from_numpy(masks)

@@ -7,8 +7,10 @@ import io
 import numpy as np
 import pytest
 import torch
+
 from sklearn.decomposition import PCA as SkPCA
 
+from conftest import NEEDS_CUDA
 from fre_torch import PCA
 from fre_torch.subspace import (
     CovarianceAccumulator,
@@ -287,7 +289,7 @@ def test_partial_fit_with_one_sample_cannot_be_used() -> None:
         pca.transform(np.ones((1, 5)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NEEDS_CUDA)
 @pytest.mark.parametrize("solver", ["gram", "covariance"])
 def test_cpu_and_cuda_agree(solver: str) -> None:
     x = low_rank_plus_noise(300, 1024, seed=17).astype(np.float32)
