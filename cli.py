@@ -494,7 +494,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="fre_torch_demo_") as tmp:
         root = Path(args.out) if args.out else Path(tmp) / "synthetic_mvtec"
         write_synthetic_mvtec(root, seed=args.seed)
-        print(f"synthetic MVTec-layout dataset in {root}")
+        kept = "" if args.out else " (a temporary folder, deleted when the demo ends; --out DIR keeps it)"
+        print(f"synthetic MVTec-layout dataset in {root}{kept}")
         return _run_evaluate(root, ["all"], DetectorConfig("efficientnet_lite0"), "cpu", 32, None, None,
                              args.json, {"demo": True})
 

@@ -306,7 +306,7 @@ def test_worker_error_names_the_file(tmp_path):
 
 @pytest.mark.skipif(BOTTLE is None, reason=skip_reason("bottle"))
 def test_real_mvtec_bottle():
-    assert list_categories(BOTTLE) == ["bottle"]
+    assert "bottle" in list_categories(BOTTLE)  # alone, or among MVTec AD's 15 categories
     c = MVTecCategory.load(BOTTLE, "bottle")
     assert len(c.train) == 209 and len(c.test) == 83
     assert int((c.test_labels == 0).sum()) == 20
@@ -320,7 +320,7 @@ def test_real_mvtec_bottle():
 
 @pytest.mark.skipif(MAGNETIC is None, reason=skip_reason("magnetic_tile"))
 def test_real_magnetic_tile():
-    assert list_categories(MAGNETIC) == ["magnetic_tile"]
+    assert "magnetic_tile" in list_categories(MAGNETIC)
     c = MVTecCategory.load(MAGNETIC, "magnetic_tile")
     assert len(c.train) == 666 and len(c.test) == 678
     assert int((c.test_labels == 0).sum()) == 286

@@ -331,6 +331,8 @@ def test_bottle_two_processes_equal_one(tmp_path: Path, capsys: pytest.CaptureFi
     argv = ["evaluate", "--dataset_directory", str(root), "--object_category", "bottle", "--model",
             "efficientnet_lite0", "--device", "cpu", "--pixel_metrics", "off"]
     dist_dir, single_dir = tmp_path / "dist", tmp_path / "single"
+    dist_dir.mkdir()
+    single_dir.mkdir()
     proc = _torchrun(str(CLI), *argv, "--json", str(dist_dir / "result.json"), "--scores_csv",
                      str(dist_dir / "scores.csv"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

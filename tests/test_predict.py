@@ -117,3 +117,52 @@ def test_threshold_false_positive_rate_on_magnetic_tile(tmp_path: Path) -> None:
     rows = predict_paths(det, list_images(root / "test" / "good"))
     fpr = sum(bool(r["is_anomalous"]) for r in rows) / len(rows)
     assert abs(fpr - 0.01) <= 0.03, fpr
+
+
+def test_fit_skips_unreadable_images_and_stores_the_threshold_stats(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good"
+    paths = _write_folder(good, 20, seed=0)
+    (good / "broken.png").write_bytes(b"not an image at all")
+    (good / "truncated.png").write_bytes(paths[2].read_bytes()[:200])
+    model = tmp_path / "model.pt"
+    args = ["fit", "--train_dir", str(good), "--out", str(model), "--input_size", "96", "--batch_size", "4"]
+    assert cli.main(args) == 0
+    out, err = capsys.readouterr()
+    assert "warning: skipped 2 unreadable image(s) of 22" in err and "broken.png" in err and "truncated.png" in err
+    det = FREDetector.load(model)
+    # 22 files: 4 held out (2 of 22 at 0.2 rounds to 4), 18 to fit; 2 unreadable dropped from whichever split
+    n_fit = int(det.subspaces[0].n_samples)
+    assert n_fit + det.calibration_scores.numel() == 20
+    stats = det.threshold_stats()
+    assert stats.n_held_out == det.calibration_scores.numel() and not stats.reliable
+    assert f"fitted on {n_fit} images" in out and stats.summary() in out and "warning: only" in err
+    payload = torch.load(model, weights_only=True)
+    assert payload["threshold_stats"] == stats.to_dict()  # stored for readers without fre_torch
+
+    assert cli.main(args + ["--strict"]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+
+    few = tmp_path / "few"
+    _write_folder(few, 3, seed=0)
+    for i in range(5):
+        (few / f"bad{i}.png").write_bytes(b"junk")
+    model.unlink()
+    assert cli.main(["fit", "--train_dir", str(few), "--out", str(model), "--input_size", "96"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could be read, at least 2 are needed" in err[0] and not model.exists()
+
+
+def test_predict_exits_2_when_nothing_is_readable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_folder(tmp_path / "good", 8, seed=0)
+    model = tmp_path / "model.pt"
+    assert cli.main(["fit", "--train_dir", str(tmp_path / "good"), "--out", str(model), "--input_size", "96"]) == 0
+    capsys.readouterr()
+    (tmp_path / "junk").mkdir()
+    for i in range(3):
+        (tmp_path / "junk" / f"{i}.png").write_bytes(b"junk")
+    out = tmp_path / "pred"
+    assert cli.main(["predict", "--model_file", str(model), str(tmp_path / "junk"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none of the 3 input image(s) could be read" in err[0]
+    assert not out.exists()

@@ -1,0 +1,307 @@
+"""The README's commands, run as a user runs them: a new process per command, in a folder holding the files the
+README names (generated data in place of MVTec AD), at the default sizes, each file written by one command read by
+the next (fit -> predict -> export -> ONNX Runtime / TorchScript).
+
+The commands are read from README.md itself. Every command line and Python block of the README must appear in
+``JOURNEYS`` below, which says which test runs it (or, for the few that cannot run here, why): a README command that
+changes, or a new one, fails ``test_every_readme_command_has_a_journey`` until its journey is updated.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from fre_torch.data import list_images, load_image
+from fre_torch.synthetic import write_synthetic_mvtec
+
+README = REPO / "README.md"
+NOT_RUN = "not run"
+
+# README command (continuation lines joined, comment dropped) or "python: <first line>" of a Python block -> the
+# journey (test) that runs it, or NOT_RUN with the reason.
+JOURNEYS: dict[str, str] = {
+    "python -m venv .venv && . .venv/bin/activate": f"{NOT_RUN}: installation (.ci/run does it on a clean clone)",
+    "pip install -r requirements.txt -e .": f"{NOT_RUN}: installation (.ci/run does it on a clean clone)",
+    "pip install -e .[export]": f"{NOT_RUN}: installation (requirements.txt installs the export extras)",
+    "python -m pytest": f"{NOT_RUN}: this test suite itself (.ci/run runs it)",
+    "FRE_TORCH_DATA=./mvtec python -m pytest -rs": "test_real_data_tests_follow_FRE_TORCH_DATA",
+    "python cli.py demo --out demo_data": "test_quick_start",
+    "python cli.py evaluate --dataset_directory demo_data --object_category all --model efficientnet_lite0 "
+    "--device cpu": "test_quick_start",
+    "python cli.py fit --train_dir demo_data/object/train/good --out demo_model.pt": "test_quick_start",
+    "python cli.py predict --model_file demo_model.pt demo_data/object/test --out demo_results/": "test_quick_start",
+    "python cli.py evaluate --dataset_directory ./mvtec --object_category all --model efficientnet_lite0 "
+    "--device cpu --json results.json": "test_evaluate",
+    "python cli.py evaluate --dataset_directory ./mvtec --object_category bottle --model efficientnet_lite0 "
+    "--reference": "test_evaluate",
+    "python cli.py evaluate --list_models": "test_evaluate",
+    "python cli.py fit --train_dir good_parts/ --out model.pt": "test_fit_predict_export",
+    'python cli.py predict --model_file model.pt new_images/ "line2/*.png" --out results/': "test_fit_predict_export",
+    "python cli.py evaluate --dataset_directory ./mvtec --object_category bottle --model efficientnet_lite0 "
+    "--save_heatmaps heat/ --report report/": "test_heatmaps_and_report",
+    "python cli.py predict --model_file model.pt new_images/ --out results/ --save_heatmaps": "test_fit_predict_export",
+    "python cli.py export --model_file model.pt --format onnx --out model.onnx --check_images good_parts/":
+        "test_fit_predict_export",
+    "python cli.py export --model_file model.pt --format torchscript --out model.ts": "test_fit_predict_export",
+    "python: import numpy as np, onnxruntime as ort": "test_fit_predict_export",
+    "python: import numpy as np": "test_python_api",
+    "python: from fre_torch import DetectorConfig, FREDetector": "test_python_api",
+    "torchrun --nproc_per_node 4 cli.py evaluate --dataset_directory ./mvtec --object_category all --model "
+    "efficientnet_lite0 --device cuda --json results.json": f"{NOT_RUN}: needs 4 CUDA GPUs (test_distributed runs "
+                                                            "the same code path on CPU processes)",
+    "torchrun --nnodes 2 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint HOST:29500 --nproc_per_node 8 cli.py fit "
+    "--train_dir good_parts/ --out model.pt --device cuda": f"{NOT_RUN}: needs two machines with 8 GPUs each",
+    "torchrun --nproc_per_node 2 cli.py evaluate --dataset_directory ./mvtec --object_category bottle --model "
+    "efficientnet_lite0 --device cpu": "test_distributed_cpu",
+}
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    """``(language, text)`` of every fenced block of the README."""
+    return re.findall(r"^```(\w*)\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.M | re.S)
+
+
+def readme_commands() -> list[str]:
+    """Every command of the README's ``bash`` blocks (continuations joined, comments dropped) and one
+    ``python: <first line>`` entry per ``python`` block."""
+    out: list[str] = []
+    for lang, text in readme_blocks():
+        if lang == "python":
+            out.append(f"python: {text.splitlines()[0].strip()}")
+        elif lang == "bash":
+            joined = re.sub(r"\\\n\s*", "", text)
+            for line in joined.splitlines():
+                command = re.sub(r"(^|\s+)#.*$", "", line).strip()
+                if command:
+                    out.append(re.sub(r"\s+", " ", command))
+    return out
+
+
+def readme_python(first_line: str) -> str:
+    """The README's Python block that starts with ``first_line``."""
+    blocks = [text for lang, text in readme_blocks() if lang == "python" and text.startswith(first_line)]
+    assert len(blocks) == 1, f"{len(blocks)} README Python blocks start with {first_line!r}"
+    return blocks[0]
+
+
+def test_every_readme_command_has_a_journey() -> None:
+    commands = readme_commands()
+    missing = [c for c in commands if c not in JOURNEYS]
+    assert not missing, f"README commands without a journey test (add them to JOURNEYS and run them): {missing}"
+    stale = [c for c in JOURNEYS if c not in commands]
+    assert not stale, f"JOURNEYS names commands the README no longer has: {stale}"
+    tests = {name for name in JOURNEYS.values() if not name.startswith(NOT_RUN)}
+    assert tests <= set(globals()), f"journeys without a test function: {tests - set(globals())}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A user's folder
+
+
+def _write_workspace(root: Path) -> Path:
+    """The files the README's commands name: ``mvtec/`` (categories ``bottle`` and ``texture``, with masks),
+    ``good_parts/`` (normal images), ``new_images/`` and ``line2/`` (normal and defective), ``a.png``, ``b.png``, and
+    ``cli.py`` (a link to the repository's)."""
+    root.mkdir(parents=True, exist_ok=True)
+    data = write_synthetic_mvtec(root / "mvtec", n_train=20, n_test_good=6, n_test_defect=4, size=128, seed=3)
+    (data / "object").rename(data / "bottle")
+    shutil.copytree(data / "bottle" / "train" / "good", root / "good_parts")
+    new = root / "new_images"
+    new.mkdir()
+    for p in list_images(data / "bottle" / "test"):
+        shutil.copy(p, new / f"{p.parent.name}_{p.name}")
+    (root / "line2").mkdir()
+    for p in list_images(data / "texture" / "test")[:4]:
+        shutil.copy(p, root / "line2" / f"{p.parent.name}_{p.name}")
+    # a.png / b.png (the README's snippets): a normal and a defective image, also under new_images/
+    shutil.copy(new / "good_000.png", root / "a.png")
+    shutil.copy(new / "missing_000.png", root / "b.png")
+    (root / "cli.py").symlink_to(REPO / "cli.py")
+    return root
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_workspace(tmp_path_factory.mktemp("user"))
+
+
+def _env() -> dict[str, str]:
+    """The user's shell: this interpreter's ``python`` first on PATH (a venv's bin folder), no test variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def run(command: str, cwd: Path, *, expect: int = 0, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run one README command in bash, in ``cwd``, as typed (``python`` = this interpreter)."""
+    assert command in JOURNEYS, f"not a README command: {command}"
+    proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == expect, f"{command}\nexit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def _command(prefix: str) -> str:
+    """The README command that starts with ``prefix`` (exactly one)."""
+    found = [c for c in readme_commands() if c.startswith(prefix)]
+    assert len(found) == 1, f"{len(found)} README commands start with {prefix!r}: {found}"
+    return found[0]
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _table(stdout: str) -> dict[str, list[float]]:
+    """Rows of a printed metrics table: first cell -> the numbers after it."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = line.split()
+        if len(cells) > 3 and re.fullmatch(r"[\d.]+", cells[1]):
+            rows[cells[0]] = [float(c) for c in cells[1:]]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The journeys
+
+
+def test_quick_start(tmp_path: Path) -> None:
+    (tmp_path / "cli.py").symlink_to(REPO / "cli.py")
+    demo = run(_command("python cli.py demo"), tmp_path)
+    assert "demo_data" in demo.stdout and (tmp_path / "demo_data" / "object" / "train" / "good").is_dir()
+    table = _table(demo.stdout)
+    assert set(table) == {"object", "texture", "mean"}
+    assert all(0.9 <= v <= 1.0 for v in table["mean"][:3]), demo.stdout  # image AUROC / AUPR / F1-max
+    again = run(_command("python cli.py evaluate --dataset_directory demo_data"), tmp_path)
+    metrics = lambda t: {k: v[:6] for k, v in t.items()}  # noqa: E731  (the metrics, not the timings)
+    assert metrics(_table(again.stdout)) == metrics(table)  # the kept data set evaluates to the same figures
+    fit = run(_command("python cli.py fit --train_dir demo_data"), tmp_path)
+    assert "wrote demo_model.pt" in fit.stdout and "held-out" in fit.stdout
+    run(_command("python cli.py predict --model_file demo_model.pt"), tmp_path)
+    rows = _csv(tmp_path / "demo_results" / "predictions.csv")
+    assert len(rows) == 30 and all(r["error"] == "" for r in rows)
+    flagged = {r["path"].split(os.sep)[-2]: [] for r in rows}
+    for r in rows:
+        flagged[r["path"].split(os.sep)[-2]].append(int(r["is_anomalous"]))
+    assert sum(flagged["good"]) <= 2 and sum(sum(v) for k, v in flagged.items() if k != "good") >= 15, flagged
+
+
+def test_evaluate(workspace: Path) -> None:
+    ev = run(_command("python cli.py evaluate --dataset_directory ./mvtec --object_category all"), workspace)
+    doc = json.loads((workspace / "results.json").read_text(encoding="utf-8"))
+    assert list(doc["categories"]) == ["bottle", "texture"]
+    table = _table(ev.stdout)
+    for name, r in doc["categories"].items():
+        assert table[name][:3] == pytest.approx([r["image_auroc"], r["image_aupr"], r["image_f1_max"]], abs=5e-5)
+        assert r["n_train"] == 20 and r["n_test"] == 14 and r["image_auroc"] >= 0.9
+    assert doc["config"]["input_size"] == 224 and doc["config"]["backbone"] == "efficientnet_lite0"
+    ref = run(_command("python cli.py evaluate --dataset_directory ./mvtec --object_category bottle "
+                       "--model efficientnet_lite0 --reference"), workspace)
+    assert list(_table(ref.stdout)) == ["bottle", "mean"]
+    models = run(_command("python cli.py evaluate --list_models"), workspace)
+    assert {"efficientnet_lite0", "efficientnet_b5", "resnet18", "resnet50"} <= set(models.stdout.split())
+
+
+def test_fit_predict_export(workspace: Path) -> None:
+    """fit -> predict (CSV) -> export ONNX and TorchScript in new processes -> the README's ONNX Runtime snippet and
+    torch.jit on the exported files give predict's CSV scores (1e-4 relative)."""
+    fit = run(_command("python cli.py fit --train_dir good_parts/"), workspace)
+    assert "wrote model.pt" in fit.stdout and "warning: only 4 held-out images" in fit.stderr
+    run(_command('python cli.py predict --model_file model.pt new_images/ "line2/*.png"'), workspace)
+    rows = _csv(workspace / "results" / "predictions.csv")
+    assert len(rows) == len(list_images(workspace / "new_images")) + 4
+    assert all(r["error"] == "" and float(r["score"]) > 0 for r in rows)
+    scores = {Path(r["path"]).as_posix(): float(r["score"]) for r in rows}
+
+    heat = run(_command("python cli.py predict --model_file model.pt new_images/ --out results/ --save_heatmaps"),
+               workspace)
+    assert "heatmaps" in heat.stdout
+    assert len(list((workspace / "results" / "heatmaps").glob("*.png"))) == len(list_images(workspace / "new_images"))
+
+    onnx_line = run(_command("python cli.py export --model_file model.pt --format onnx"), workspace).stdout
+    assert "wrote model.onnx" in onnx_line and "(batch, 3, 224, 224)" in onnx_line
+    run(_command("python cli.py export --model_file model.pt --format torchscript"), workspace)
+
+    # The README's ONNX Runtime snippet, as written (a.png, b.png are new_images/good_000.png, missing_000.png),
+    # then its results printed.
+    snippet = readme_python("import numpy as np, onnxruntime as ort")
+    probe = snippet + "\nimport json; print(json.dumps([score.tolist(), list(amap.shape)]))\n"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=workspace, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    onnx_scores, map_shape = json.loads(out.stdout.strip().splitlines()[-1])
+    assert map_shape == [2, 7, 7]
+    want = torch.tensor([scores["new_images/good_000.png"], scores["new_images/missing_000.png"]], dtype=torch.float64)
+    assert want[1] > want[0]  # the defective image scores higher
+    assert (torch.tensor(onnx_scores, dtype=torch.float64) - want).abs().max() <= 1e-4 * want.abs().max()
+
+    images = torch.stack([load_image(workspace / name, 224) for name in ("a.png", "b.png")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        ts_score, ts_map = torch.jit.load(str(workspace / "model.ts"))(images)
+    assert tuple(ts_map.shape) == (2, 7, 7)
+    assert (ts_score.double() - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_heatmaps_and_report(workspace: Path) -> None:
+    proc = run(_command("python cli.py evaluate --dataset_directory ./mvtec --object_category bottle "
+                        "--model efficientnet_lite0 --save_heatmaps"), workspace)
+    n_test = len(list_images(workspace / "mvtec" / "bottle" / "test"))
+    assert len(list((workspace / "heat" / "bottle").glob("*.png"))) == n_test
+    index = workspace / "report" / "index.html"
+    assert index.is_file() and f"wrote {Path('report') / 'index.html'}" in proc.stdout
+    html = index.read_text(encoding="utf-8")
+    for src in re.findall(r'src="([^"]+)"', html):
+        assert (index.parent / src).is_file(), src
+
+
+def test_python_api(tmp_path: Path) -> None:
+    """Both README Python blocks run as written, in a folder holding good_parts/ and a.png."""
+    _write_workspace(tmp_path)
+    first = subprocess.run([sys.executable, "-c", readme_python("import numpy as np\n")], cwd=tmp_path, env=_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    k_one_shot, k_stream, shape = first.stdout.split(maxsplit=2)
+    assert k_one_shot == k_stream and shape.strip() == "(10,)"
+    code = readme_python("from fre_torch import DetectorConfig, FREDetector")
+    probe = code + "\nimport json; print(json.dumps([float(scores[0]), list(maps.shape), float(det.score(images)[0])]))\n"
+    second = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0, second.stderr
+    score, shape, reloaded = json.loads(second.stdout.strip().splitlines()[-1])
+    assert shape == [1, 7, 7] and score > 0 and reloaded == pytest.approx(score, rel=1e-6)  # saved, loaded, same
+
+
+def test_distributed_cpu(workspace: Path) -> None:
+    proc = run(_command("torchrun --nproc_per_node 2"), workspace)
+    assert list(_table(proc.stdout)) == ["bottle", "mean"]
+
+
+def test_real_data_tests_follow_FRE_TORCH_DATA(workspace: Path, tmp_path: Path) -> None:
+    """The README's command with ./mvtec holding an MVTec-layout ``bottle``: the bottle tests look there (and fail
+    on this generated bottle's counts, which proves they ran), and a skip names the variable."""
+    (tmp_path / "tests").symlink_to(REPO / "tests")
+    (tmp_path / "pytest.ini").symlink_to(REPO / "pytest.ini")
+    (tmp_path / "mvtec").symlink_to(workspace / "mvtec")
+    command = _command("FRE_TORCH_DATA=./mvtec python -m pytest -rs")
+    proc = subprocess.run(["bash", "-c", command + " tests/test_data.py -k real -p no:cacheprovider"], cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    # It read the generated bottle (20 training images), and failed on MVTec's count (209): the test ran there.
+    assert "_ test_real_mvtec_bottle _" in proc.stdout and "1 failed" in proc.stdout, proc.stdout
+    assert "20 == 209" in proc.stdout, proc.stdout
+    assert "FRE_TORCH_DATA=./mvtec" in proc.stdout and "magnetic_tile" in proc.stdout  # the skip says what to set
