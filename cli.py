@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported lazily at run time: --help stays fast
-    from fre_torch.data import FeatureCache
+    from fre_torch.features.images import FeatureCache
 
 EXIT_USAGE = 2
 
@@ -182,14 +182,14 @@ def _add_speed_flags(p: argparse.ArgumentParser, cache: bool) -> None:
 
 def _is_main() -> bool:
     """Rank 0, or not distributed: the process that prints and writes files."""
-    if "fre_torch.distributed" not in sys.modules:  # not imported yet: no process group can exist
+    if "fre_torch.core.distributed" not in sys.modules:  # not imported yet: no process group can exist
         return True
-    return sys.modules["fre_torch.distributed"].is_main_process()
+    return sys.modules["fre_torch.core.distributed"].is_main_process()
 
 
 def _start_distributed(args: argparse.Namespace, device: str) -> str:
     """Join torchrun's process group when asked (--distributed) or launched by torchrun; this rank's device."""
-    from fre_torch import distributed
+    from fre_torch.core import distributed
 
     if not (args.distributed or distributed.env_requests_distributed()):
         return device
@@ -200,9 +200,9 @@ def _start_distributed(args: argparse.Namespace, device: str) -> str:
 
 
 def _check_outputs(files: dict[str, str | None] | None = None, dirs: dict[str, str | None] | None = None) -> None:
-    """Every output path given, checked before any image is read (``fre_torch.outputs``): the wrong kind, a missing
+    """Every output path given, checked before any image is read (``fre_torch.features.files``): the wrong kind, a missing
     parent folder or an unwritable place ends the run now, with one line naming the fix."""
-    from fre_torch.outputs import check_output_dir, check_output_file
+    from fre_torch.features.files import check_output_dir, check_output_file
 
     for flag, path in (files or {}).items():
         if path is not None:
@@ -228,9 +228,9 @@ def _run_evaluate(root: Path, categories: list[str], config, device: str, batch_
                   scores_csv: str | None = None, speed: dict | None = None, modes: tuple[str, ...] = ()) -> int:
     """Evaluate ``config`` once per mode of ``modes`` (empty = ``config.mode`` alone): one table per mode; the JSON
     document is ``summarize``'s for one mode, ``{"modes": {mode: summarize(...)}}`` for several."""
-    from fre_torch.data import list_categories
-    from fre_torch.distributed import is_distributed, world_size
-    from fre_torch.evaluate import format_table, summarize, write_json
+    from fre_torch.features.images import list_categories
+    from fre_torch.core.distributed import is_distributed, world_size
+    from fre_torch.jobs.evaluate import format_table, summarize, write_json
 
     if not root.is_dir():
         raise CliError(f"dataset directory not found: {root} (expected <root>/<category>/train/good, test/...)")
@@ -251,7 +251,7 @@ def _run_evaluate(root: Path, categories: list[str], config, device: str, batch_
     # per image; --cache keeps them on disk instead), so the backbone runs once per image, not once per mode.
     shared = None
     if len(modes) > 1:
-        from fre_torch.data import FeatureCache
+        from fre_torch.features.images import FeatureCache
 
         shared = FeatureCache(None)
     by_mode = {mode: _evaluate_categories(root, categories, cfg, device, batch_size, workers, weights, pixel_metrics,
@@ -272,7 +272,7 @@ def _run_evaluate(root: Path, categories: list[str], config, device: str, batch_
     if heatmap_dir:
         print(f"wrote {sum(r['n_test'] for r in results.values())} heatmaps to {heatmap_dir}")
     if report_dir:
-        from fre_torch.report import write_report
+        from fre_torch.jobs.report import write_report
 
         index = write_report(report_dir, results, title=f"fre_torch evaluate: {root}",
                              config={**config.to_dict(), **extra, "device": device})
@@ -290,10 +290,10 @@ def _evaluate_categories(root: Path, categories: list[str], config, device: str,
                          report_dir: str | None, speed: dict,
                          feature_cache: FeatureCache | None = None) -> tuple[dict, list[tuple[str, str, int, float]]]:
     """Fit and evaluate one configuration on every category: (results per category, score rows for the CSV)."""
-    from fre_torch.data import MVTecCategory
-    from fre_torch.detector import FREDetector
-    from fre_torch.distributed import shard
-    from fre_torch.evaluate import evaluate_category
+    from fre_torch.features.images import MVTecCategory
+    from fre_torch.detection.detector import FREDetector
+    from fre_torch.core.distributed import shard
+    from fre_torch.jobs.evaluate import evaluate_category
 
     detector = FREDetector(config, device=device, weights=weights, compile=speed.get("compile", False),
                            precision=speed.get("precision", "auto"), feature_cache=feature_cache)
@@ -326,7 +326,7 @@ def _write_scores_csv(path: str, rows: list[tuple[str, str, int, float]]) -> Pat
     """``category,path,label,score`` per test image (path relative to the dataset root), written atomically."""
     import csv
 
-    from fre_torch.outputs import atomic_write
+    from fre_torch.features.files import atomic_write
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -338,8 +338,8 @@ def _write_scores_csv(path: str, rows: list[tuple[str, str, int, float]]) -> Pat
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from fre_torch.backbones import list_backbones
-    from fre_torch.detector import DetectorConfig
+    from fre_torch.features.backbones import list_backbones
+    from fre_torch.detection.detector import DetectorConfig
 
     if args.list_models:
         print("\n".join(list_backbones()))
@@ -362,7 +362,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CliError("--save_heatmaps needs anomaly maps, which kernel FRE does not give (it scores whole-image "
                        "vectors); drop --kernel")
     if args.report:
-        from fre_torch.report import check_report_dependencies
+        from fre_torch.jobs.report import check_report_dependencies
 
         check_report_dependencies()  # before the long run, not after it
     if args.kernel is not None and args.pixel_metrics == "auto" and _is_main():
@@ -378,9 +378,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from fre_torch.backbones import list_backbones
-    from fre_torch.detector import DetectorConfig
-    from fre_torch.predict import fit_folder
+    from fre_torch.features.backbones import list_backbones
+    from fre_torch.detection.detector import DetectorConfig
+    from fre_torch.jobs.predict import fit_folder
 
     _check_outputs(files={"--out": args.out}, dirs={"--cache": args.cache})
     if args.model not in list_backbones():
@@ -416,8 +416,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fre_torch.detector import FREDetector
-    from fre_torch.predict import check_predict_outputs, predict_paths, resolve_inputs, write_predictions_csv
+    from fre_torch.detection.detector import FREDetector
+    from fre_torch.jobs.predict import check_predict_outputs, predict_paths, resolve_inputs, write_predictions_csv
 
     check_predict_outputs(args.out, heatmaps=args.save_heatmaps)
     det = FREDetector.load(args.model_file, device=args.device, weights=args.weights, compile=args.compile,
@@ -426,7 +426,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         det.warmup(args.batch_size)
     scale = None
     if args.save_heatmaps:
-        from fre_torch.heatmaps import heatmap_scale
+        from fre_torch.jobs.heatmaps import heatmap_scale
 
         scale = heatmap_scale(det)  # a model without a map scale fails here, before any image is scored
     paths = resolve_inputs(args.paths)
@@ -446,7 +446,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if scale is not None:
         import torch
 
-        from fre_torch.heatmaps import save_heatmaps
+        from fre_torch.jobs.heatmaps import save_heatmaps
 
         scored = [r for r in rows if r["map"] is not None]  # unreadable images: reported in the CSV, no heatmap
         heat_dir = Path(args.out) / "heatmaps"
@@ -458,10 +458,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from fre_torch.data import load_image
-    from fre_torch.detector import FREDetector
-    from fre_torch.export import MAP_TOLERANCE, SCORE_TOLERANCE, export_detector
-    from fre_torch.predict import resolve_inputs
+    from fre_torch.features.images import load_image
+    from fre_torch.detection.detector import FREDetector
+    from fre_torch.jobs.export import MAP_TOLERANCE, SCORE_TOLERANCE, export_detector
+    from fre_torch.jobs.predict import resolve_inputs
 
     _check_outputs(files={"--out": args.out})
     if args.batch_size < 1:
@@ -487,8 +487,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fre_torch.detector import DetectorConfig
-    from fre_torch.synthetic import write_synthetic_mvtec
+    from fre_torch.detection.detector import DetectorConfig
+    from fre_torch.features.synthetic import write_synthetic_mvtec
 
     _check_outputs(files={"--json": args.json}, dirs={"--out": args.out})
     with tempfile.TemporaryDirectory(prefix="fre_torch_demo_") as tmp:
@@ -502,7 +502,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from fre_torch.allocator import retain_if_requested
+    from fre_torch.jobs.allocator import retain_if_requested
 
     # Before any tensor exists: large activations then reuse freed pages (about 2x on the CPU backbone).
     retain_if_requested()
@@ -521,13 +521,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{_error_label()}: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     finally:
-        if "fre_torch.distributed" in sys.modules:
-            sys.modules["fre_torch.distributed"].cleanup()  # leave the process group torchrun set up
+        if "fre_torch.core.distributed" in sys.modules:
+            sys.modules["fre_torch.core.distributed"].cleanup()  # leave the process group torchrun set up
 
 
 def _error_label() -> str:
     """'error', or 'error (rank R of W)' in a data-parallel run, where every failing rank prints its own line."""
-    dist = sys.modules.get("fre_torch.distributed")
+    dist = sys.modules.get("fre_torch.core.distributed")
     if dist is not None and dist.is_distributed():
         return f"error (rank {dist.rank()} of {dist.world_size()})"
     return "error"

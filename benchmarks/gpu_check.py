@@ -40,10 +40,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from fre_torch import PCA  # noqa: E402
-from fre_torch.data import ImageDataset, make_loader  # noqa: E402
-from fre_torch.detector import DetectorConfig, FREDetector  # noqa: E402
-from fre_torch.evaluate import evaluate_category  # noqa: E402
-from fre_torch.synthetic import write_synthetic_mvtec  # noqa: E402
+from fre_torch.features.images import ImageDataset, make_loader  # noqa: E402
+from fre_torch.detection.detector import DetectorConfig, FREDetector  # noqa: E402
+from fre_torch.jobs.evaluate import evaluate_category  # noqa: E402
+from fre_torch.features.synthetic import write_synthetic_mvtec  # noqa: E402
 
 H200_BF16_DENSE_TFLOPS = 989.4  # NVIDIA H200 SXM datasheet, dense (no sparsity)
 
@@ -230,7 +230,7 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--sections", nargs="+", default=["head", "backbone", "auroc", "e2e"])
     args = ap.parse_args()
-    from fre_torch.allocator import retain_if_requested
+    from fre_torch.jobs.allocator import retain_if_requested
 
     retain_if_requested()  # as cli.py does: host-side tensors (decoding, pinned batches) reuse freed memory
     device = torch.device(args.device)

@@ -18,9 +18,9 @@ from PIL import Image
 from sklearn.decomposition import PCA as SkPCA
 from torchvision import transforms
 
-from fre_torch.backbones import IMAGENET_MEAN, IMAGENET_STD, build_feature_extractor, get_backbone_spec
-from fre_torch.data import MVTecCategory
-from fre_torch.metrics import auroc
+from fre_torch.features.backbones import IMAGENET_MEAN, IMAGENET_STD, build_feature_extractor, get_backbone_spec
+from fre_torch.features.images import MVTecCategory
+from fre_torch.detection.metrics import auroc
 
 
 def _features(extractor, layer: str, paths: list[Path], size: int, batch: int = 64) -> np.ndarray:

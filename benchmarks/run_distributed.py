@@ -42,10 +42,10 @@ CASES = (("gram_224", 224, "gram"), ("covariance_128", 128, "covariance"))
 def _worker(args: argparse.Namespace) -> None:
     import torch
 
-    from fre_torch import distributed as fd
-    from fre_torch.data import ImageDataset, MVTecCategory, make_loader
-    from fre_torch.detector import DetectorConfig, FREDetector
-    from fre_torch.subspace import CovarianceAccumulator, GramAccumulator, fit_accumulator
+    from fre_torch.core import distributed as fd
+    from fre_torch.features.images import ImageDataset, MVTecCategory, make_loader
+    from fre_torch.detection.detector import DetectorConfig, FREDetector
+    from fre_torch.core.subspace import CovarianceAccumulator, GramAccumulator, fit_accumulator
 
     fd.init_from_env("cpu")
     root, category = Path(args.root), args.category
@@ -90,7 +90,7 @@ def _free_port() -> int:
 def _data() -> tuple[Path, str]:
     if (BOTTLE / "bottle" / "train" / "good").is_dir():
         return BOTTLE, "bottle"
-    from fre_torch.synthetic import write_synthetic_mvtec
+    from fre_torch.features.synthetic import write_synthetic_mvtec
 
     root = REPO / "benchmarks" / "results" / "_synthetic"
     if not root.is_dir():

@@ -5,7 +5,7 @@
 Each side runs in its own process, one after the other, from a cold start, and is timed from outside, process start
 to exit (interpreter start, imports and the backbone build included on both sides). Besides the reference as users
 run it, the table shows the reference with glibc told to keep freed memory (what ``cli.py`` sets, see
-``fre_torch.allocator``) and fre_torch with that setting off, so the share of the speed-up that is the allocator
+``fre_torch.jobs.allocator``) and fre_torch with that setting off, so the share of the speed-up that is the allocator
 setting is visible. The cache runs use ``--cache`` on a fresh folder: the first fills it (images and features), the
 second reads both (no decoding, no backbone), the third reads the images only (``--cache_images_only``: no
 decoding, the backbone runs). ``--write`` stores the figures in benchmarks/results/pipeline.json and the table in
@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 from benchmarks.common import REPO, data_root, machine, write_section
-from fre_torch.allocator import DEFAULT_RETAIN_BYTES, ENV_OPT_OUT
+from fre_torch.jobs.allocator import DEFAULT_RETAIN_BYTES, ENV_OPT_OUT
 
 
-# glibc's own switch for what cli.py sets with mallopt (fre_torch.allocator): the reference run with it shows how much
+# glibc's own switch for what cli.py sets with mallopt (fre_torch.jobs.allocator): the reference run with it shows how much
 # of the speed-up is the allocator setting alone.
 RETAIN_ENV = {"GLIBC_TUNABLES": f"glibc.malloc.mmap_threshold={DEFAULT_RETAIN_BYTES}:"
                                 f"glibc.malloc.trim_threshold={DEFAULT_RETAIN_BYTES}"}
@@ -81,7 +81,7 @@ def main() -> None:
         ours[mode] = {"total_s": wall, "auroc": doc["image_auroc"], "fit_s": doc["fit_seconds"],
                       "test_images_per_second": doc["test_images_per_second"]}
     shutil.rmtree(cache, ignore_errors=True)
-    from fre_torch.data import MVTecCategory
+    from fre_torch.features.images import MVTecCategory
 
     c = MVTecCategory.load(args.root, args.category)
     n_images = len(c.train) + len(c.test)  # every image is read once per run: fit on train, score test

@@ -3,13 +3,13 @@
     python -m benchmarks.run_predict [--onnx] [--json benchmarks/results/predict.json]
 
 Target (issue 7): with efficientnet_lite0 on the 2-core CPU, ``predict`` scores >= 25 images/s and the model file
-is under 50 MB. The images are the synthetic 'object' category of ``fre_torch.synthetic`` (RGB PNG, 256 x 256,
+is under 50 MB. The images are the synthetic 'object' category of ``fre_torch.features.synthetic`` (RGB PNG, 256 x 256,
 normal and defective), written to a temporary folder; generating them is not timed. ``fit`` is ``fit_folder``
 (20 % held out for the threshold) + ``save``; ``predict`` is ``predict_paths`` on a freshly loaded model file with
 the CLI's defaults (batch 32, decoding in DataLoader workers), timed from the file list to the result rows.
 
 ``--onnx`` adds the model-only speed of the same 1,000 images, already decoded: torch (``FREDetector.score``) vs
-the exported ONNX graph in ONNX Runtime (``fre_torch.export``), both batch 32 on the same threads.
+the exported ONNX graph in ONNX Runtime (``fre_torch.jobs.export``), both batch 32 on the same threads.
 The machine may be shared: the load average before and after is printed with the figures, and so is the rate the
 predict run's CPU time allows (images / (CPU seconds of the process, its threads and its loader workers / cores)),
 which other users' load does not lower.
@@ -39,8 +39,8 @@ def make_images(root: Path, n_fit: int = 200, n_predict: int = 1000, size: int =
     Returns:
         (training folder, test image paths in sorted order).
     """
-    from fre_torch.data import list_images
-    from fre_torch.synthetic import write_synthetic_mvtec
+    from fre_torch.features.images import list_images
+    from fre_torch.features.synthetic import write_synthetic_mvtec
 
     n_defect = (n_predict * 2 // 5) // 2  # per defect type; the object category has two
     ds = write_synthetic_mvtec(root, categories=("object",), n_train=n_fit, n_test_good=n_predict - 2 * n_defect,
@@ -50,8 +50,8 @@ def make_images(root: Path, n_fit: int = 200, n_predict: int = 1000, size: int =
 
 def fit_and_save(train_dir: Path, model_path: Path, *, batch_size: int = 32) -> dict[str, float]:
     """``fit_folder`` with the CLI's defaults + ``save``; seconds and the file size."""
-    from fre_torch.detector import DetectorConfig
-    from fre_torch.predict import fit_folder
+    from fre_torch.detection.detector import DetectorConfig
+    from fre_torch.jobs.predict import fit_folder
 
     t0 = time.perf_counter()
     det = fit_folder(train_dir, DetectorConfig("efficientnet_lite0"), device="cpu", batch_size=batch_size).detector
@@ -61,8 +61,8 @@ def fit_and_save(train_dir: Path, model_path: Path, *, batch_size: int = 32) -> 
 
 def predict(model_path: Path, paths: list[Path], *, batch_size: int = 32) -> dict[str, Any]:
     """Load the model file and ``predict_paths`` on ``paths``; images/s end to end (decoding included)."""
-    from fre_torch.detector import FREDetector
-    from fre_torch.predict import predict_paths
+    from fre_torch.detection.detector import FREDetector
+    from fre_torch.jobs.predict import predict_paths
 
     t0 = time.perf_counter()
     det = FREDetector.load(model_path)
@@ -91,9 +91,9 @@ def onnx_vs_torch(model_path: Path, paths: list[Path], out_dir: Path, *, batch_s
     """Model-only speed on pre-decoded images: torch ``score`` vs the exported graph in ONNX Runtime."""
     import onnxruntime as ort
 
-    from fre_torch.data import load_image
-    from fre_torch.detector import FREDetector
-    from fre_torch.export import export_detector
+    from fre_torch.features.images import load_image
+    from fre_torch.detection.detector import FREDetector
+    from fre_torch.jobs.export import export_detector
 
     det = FREDetector.load(model_path)
     images = torch.stack([load_image(p, det.config.input_size) for p in paths])
@@ -129,7 +129,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from benchmarks.common import machine
-    from fre_torch.allocator import retain_if_requested
+    from fre_torch.jobs.allocator import retain_if_requested
 
     retain_if_requested()  # as cli.py does: the figures are the CLI's
     with tempfile.TemporaryDirectory(prefix="fre_bench_predict_") as tmp:

@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import data_root
-from fre_torch.allocator import retain_if_requested
-from fre_torch.data import FeatureCache, ImageDataset, MVTecCategory, load_image, make_loader
-from fre_torch.detector import DetectorConfig, FREDetector
-from fre_torch.evaluate import evaluation_maps
-from fre_torch.metrics import auroc, pixel_auroc
+from fre_torch.jobs.allocator import retain_if_requested
+from fre_torch.features.images import FeatureCache, ImageDataset, MVTecCategory, load_image, make_loader
+from fre_torch.detection.detector import DetectorConfig, FREDetector
+from fre_torch.jobs.evaluate import evaluation_maps
+from fre_torch.detection.metrics import auroc, pixel_auroc
 
 FAR_PX = 32
 KNN_BANK = 16384

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from benchmarks.common import best_of, low_rank_features
-from fre_torch.kernel import KernelFRE
-from fre_torch.subspace import fit_rows
+from fre_torch.core.kernel import KernelFRE
+from fre_torch.core.subspace import fit_rows
 
 D = 5000
 N_RFF = 1000

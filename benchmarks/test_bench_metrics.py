@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import current_rss_bytes, peak_rss_bytes, reset_peak_rss
-from fre_torch.metrics import pixel_auroc, pro
+from fre_torch.detection.metrics import pixel_auroc, pro
 
 N, SIZE = 300, 384
 _SECONDS: dict[str, float] = {}  # group -> fre_torch's time in this session, for the baselines' ratio

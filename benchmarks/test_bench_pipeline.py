@@ -10,7 +10,7 @@ images and features (``--cache``), and the reference pipeline (PIL in the main p
 PCA). Each prints images/s and its ratio to the reference measured in the same session. The side-by-side table in
 BENCHMARKS.md comes from ``benchmarks/run_pipeline.py`` (cold processes, wall time); this suite times warm
 in-process calls and leaves the allocator at glibc's default for both sides (``cli.py``'s setting, see
-``fre_torch.allocator``, is not applied here), so its ratios show the engine alone.
+``fre_torch.jobs.allocator``, is not applied here), so its ratios show the engine alone.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import pytest
 
 from benchmarks.common import data_root
 from benchmarks.reference_pipeline import run_reference
-from fre_torch.data import MVTecCategory
-from fre_torch.detector import DetectorConfig, FREDetector
-from fre_torch.evaluate import evaluate_category
-from fre_torch.synthetic import write_synthetic_mvtec
+from fre_torch.features.images import MVTecCategory
+from fre_torch.detection.detector import DetectorConfig, FREDetector
+from fre_torch.jobs.evaluate import evaluate_category
+from fre_torch.features.synthetic import write_synthetic_mvtec
 
 MAGNETIC = data_root() / "magnetic_tile"
 _times: dict[str, float] = {}

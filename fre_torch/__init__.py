@@ -1,17 +1,17 @@
 """fre_torch: anomaly detection by Feature Reconstruction Error, in PyTorch.
 
 The engine (``PCA``, ``Subspace`` and the streaming accumulators) imports only torch; ``FREDetector`` adds
-the backbones (torchvision) on top. Drivers live in their own modules: ``fre_torch.data`` (images, MVTec layout,
-``PreprocessCache``), ``fre_torch.evaluate``, ``fre_torch.predict``, ``fre_torch.export`` (ONNX / TorchScript;
-needs the ``export`` extra), ``fre_torch.report`` (needs ``report``), ``fre_torch.distributed`` (torchrun).
+the backbones (torchvision) on top. Drivers live in their own modules: ``fre_torch.features.images`` (images, MVTec layout,
+``PreprocessCache``), ``fre_torch.jobs.evaluate``, ``fre_torch.jobs.predict``, ``fre_torch.jobs.export`` (ONNX / TorchScript;
+needs the ``export`` extra), ``fre_torch.jobs.report`` (needs ``report``), ``fre_torch.core.distributed`` (torchrun).
 """
 
-from .autoencoder import LinearAutoencoder
-from .backbones import WeightsUnavailableError, get_backbone_spec, list_backbones
-from .detector import DetectorConfig, FREDetector, ModelFileError
-from .kernel import ExactKernelFRE, KernelFRE
-from .pca import PCA
-from .subspace import CovarianceAccumulator, GramAccumulator, Subspace, fit_covariance, fit_gram, fit_rows
+from .core.autoencoder import LinearAutoencoder
+from .features.backbones import WeightsUnavailableError, get_backbone_spec, list_backbones
+from .detection.detector import DetectorConfig, FREDetector, ModelFileError
+from .core.kernel import ExactKernelFRE, KernelFRE
+from .core.pca import PCA
+from .core.subspace import CovarianceAccumulator, GramAccumulator, Subspace, fit_covariance, fit_gram, fit_rows
 
 __version__ = "0.1.0"
 

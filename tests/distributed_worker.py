@@ -21,8 +21,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from fre_torch import distributed as fd  # noqa: E402
-from fre_torch.subspace import CovarianceAccumulator, GramAccumulator  # noqa: E402
+from fre_torch.core import distributed as fd  # noqa: E402
+from fre_torch.core.subspace import CovarianceAccumulator, GramAccumulator  # noqa: E402
 
 
 def _data(n: int, d: int, offset: float) -> torch.Tensor:

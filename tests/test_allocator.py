@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from fre_torch.allocator import DEFAULT_RETAIN_BYTES, ENV_OPT_OUT, retain_freed_memory, retain_requested
+from fre_torch.jobs.allocator import DEFAULT_RETAIN_BYTES, ENV_OPT_OUT, retain_freed_memory, retain_requested
 
 # A child process allocates, fills and frees a 64 MiB tensor 11 times and prints the minor page faults of the last 10
 # (the first ones fault their pages in whatever the setting). 64 MiB is above glibc's largest dynamic mmap threshold.
 _CHILD = """
 import resource, sys, torch
-from fre_torch.allocator import retain_freed_memory
+from fre_torch.jobs.allocator import retain_freed_memory
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
 torch.empty(1 << 24).fill_(1.0)
@@ -41,8 +41,10 @@ def test_retained_memory_is_reused_without_page_faults() -> None:
     if default < 10 * pages // 4:
         pytest.skip(f"{default} faults for 10 fresh 64 MiB blocks: huge pages make faulting cheap on this machine")
     # Without the setting every allocation is a fresh mmap whose pages all fault in again (10 x 16,384 here). With it
-    # the freed block comes back from the heap: the heap grows once (one block's pages), then no more faults.
-    assert retained < 2 * pages, (retained, default)
+    # the freed block comes back from the heap: the heap grows once (one block's pages), then no more faults -- or,
+    # in about a third of runs on a busy machine, twice, when a small allocation of another thread lands above the
+    # freed block before it is reused (measured: 16,384 or 32,768, never more, in 20 runs).
+    assert retained <= 2 * pages and retained * 4 < default, (retained, default)
 
 
 def test_threshold_is_validated() -> None:
@@ -65,7 +67,7 @@ def test_opt_out_variable(monkeypatch: pytest.MonkeyPatch, value: str | None, ex
 @pytest.mark.parametrize(("value", "called"), [(None, True), ("0", False)])
 def test_cli_sets_it_at_start_unless_opted_out(monkeypatch: pytest.MonkeyPatch, tmp_path, value, called) -> None:
     import cli
-    import fre_torch.allocator as allocator
+    import fre_torch.jobs.allocator as allocator
 
     calls: list[int] = []
     monkeypatch.setattr(allocator, "retain_freed_memory", lambda threshold=DEFAULT_RETAIN_BYTES: calls.append(1))

@@ -16,10 +16,10 @@ from scipy.linalg import subspace_angles
 from sklearn.decomposition import PCA as SkPCA
 
 import cli
-from fre_torch.autoencoder import LinearAutoencoder, principal_angles
-from fre_torch.data import MVTecCategory, load_image
-from fre_torch.detector import DetectorConfig, FREDetector
-from fre_torch.synthetic import write_synthetic_mvtec
+from fre_torch.core.autoencoder import LinearAutoencoder, principal_angles
+from fre_torch.features.images import MVTecCategory, load_image
+from fre_torch.detection.detector import DetectorConfig, FREDetector
+from fre_torch.features.synthetic import write_synthetic_mvtec
 
 D, RANK, NOISE = 64, 5, 0.05
 SCALES = (5.0, 4.0, 3.0, 2.0, 1.5)  # distinct signal scales: the top-5 subspace and its axes are well determined

@@ -1,4 +1,4 @@
-"""Tests for fre_torch.backbones: specs vs real outputs, truncation, weights loading, normalisation."""
+"""Tests for fre_torch.features.backbones: specs vs real outputs, truncation, weights loading, normalisation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from fre_torch.backbones import (
+from fre_torch.features.backbones import (
 
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -444,7 +444,7 @@ def test_folded_batchnorm_matches_unfused(name: str) -> None:
     model = copy.deepcopy(build_backbone(name, pretrained=False))
     missing, unexpected = model.load_state_dict(plain.body.state_dict(), strict=False)  # same weights as `plain`
     assert not unexpected
-    from fre_torch.backbones import fold_batchnorm
+    from fre_torch.features.backbones import fold_batchnorm
 
     fused = FeatureExtractor(spec, fold_batchnorm(model), plain.layers)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())

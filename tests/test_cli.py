@@ -14,9 +14,9 @@ import torch
 
 import cli
 from conftest import NEEDS_NO_CUDA, REPO
-from fre_torch.detector import DetectorConfig
-from fre_torch.evaluate import METRICS, PIXEL_METRICS
-from fre_torch.synthetic import write_synthetic_mvtec
+from fre_torch.detection.detector import DetectorConfig
+from fre_torch.jobs.evaluate import METRICS, PIXEL_METRICS
+from fre_torch.features.synthetic import write_synthetic_mvtec
 
 # The synthetic categories have masks, so the pixel metrics are reported too.
 CATEGORY_KEYS = {*METRICS, *PIXEL_METRICS, "n_train", "n_test", "fit_seconds", "test_images_per_second"}

@@ -1,4 +1,4 @@
-"""fre_torch.data: decoding against PIL directly, the MVTec AD layout reader, loaders and their errors.
+"""fre_torch.features.images: decoding against PIL directly, the MVTec AD layout reader, loaders and their errors.
 
 Images are generated into tmp_path; the real data sets are used when present (skipped otherwise).
 """
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fre_torch.data import (
+from fre_torch.features.images import (
 
     ImageDataset,
     ImageReadError,

@@ -13,10 +13,10 @@ from sklearn.decomposition import PCA as SkPCA
 
 from conftest import NEEDS_NO_CUDA, require_category
 from fre_torch import PCA
-from fre_torch.data import MVTecCategory, load_image
-from fre_torch.detector import DetectorConfig, FREDetector, ModelFileError
-from fre_torch.evaluate import evaluate_category
-from fre_torch.synthetic import write_synthetic_mvtec
+from fre_torch.features.images import MVTecCategory, load_image
+from fre_torch.detection.detector import DetectorConfig, FREDetector, ModelFileError
+from fre_torch.jobs.evaluate import evaluate_category
+from fre_torch.features.synthetic import write_synthetic_mvtec
 
 
 def _load(paths, size: int) -> torch.Tensor:
@@ -327,7 +327,7 @@ def test_concat_fusion_is_one_subspace_on_the_concatenated_vectors() -> None:
 
 def test_maps_sum_to_scores_and_vanish_inside_the_subspace() -> None:
     """The fused map summed over its grid is the image score; a vector in the subspace has a zero map."""
-    from fre_torch.detector import upsample_maps
+    from fre_torch.detection.detector import upsample_maps
 
     g = torch.Generator().manual_seed(5)
     train = torch.randint(0, 256, (30, 3, 64, 64), dtype=torch.uint8, generator=g)
@@ -353,7 +353,7 @@ def test_maps_sum_to_scores_and_vanish_inside_the_subspace() -> None:
 def test_kernel_mode_round_trip_and_no_maps(tmp_path, method: str) -> None:
     """Kernel FRE on the detector: fused scores equal the per-layer KernelFRE scores over their scales, a saved
     model scores identically, and maps are refused with the reason."""
-    from fre_torch.kernel import KernelFRE
+    from fre_torch.core.kernel import KernelFRE
 
     g = torch.Generator().manual_seed(7)
     train = torch.randint(0, 256, (40, 3, 64, 64), dtype=torch.uint8, generator=g)

@@ -1,4 +1,4 @@
-"""Data-parallel fitting and scoring (``fre_torch.distributed``): sharding, exact reductions, failure modes, and
+"""Data-parallel fitting and scoring (``fre_torch.core.distributed``): sharding, exact reductions, failure modes, and
 ``torchrun`` end to end (2 processes, gloo on the CPU) against one process.
 
 The multi-process parts run real processes: ``python -m torch.distributed.run --nproc_per_node=2`` for the CLI and
@@ -23,12 +23,12 @@ import torch
 
 import cli
 from conftest import REPO, require_category
-from fre_torch import distributed as fd
-from fre_torch.data import load_image
-from fre_torch.detector import FREDetector
-from fre_torch.evaluate import METRICS, PIXEL_METRICS
-from fre_torch.subspace import CovarianceAccumulator, GramAccumulator
-from fre_torch.synthetic import _one_thread, write_synthetic_mvtec
+from fre_torch.core import distributed as fd
+from fre_torch.features.images import load_image
+from fre_torch.detection.detector import FREDetector
+from fre_torch.jobs.evaluate import METRICS, PIXEL_METRICS
+from fre_torch.core.subspace import CovarianceAccumulator, GramAccumulator
+from fre_torch.features.synthetic import _one_thread, write_synthetic_mvtec
 
 WORKER = REPO / "tests" / "distributed_worker.py"
 CLI = REPO / "cli.py"

@@ -15,9 +15,9 @@ import torch
 
 import cli
 from conftest import REPO, require_category
-from fre_torch.data import ImageDataset, MVTecCategory, list_images, make_loader
-from fre_torch.detector import DetectorConfig, FREDetector
-from fre_torch.export import (
+from fre_torch.features.images import ImageDataset, MVTecCategory, list_images, make_loader
+from fre_torch.detection.detector import DetectorConfig, FREDetector
+from fre_torch.jobs.export import (
     ONNX_OPSET,
     MAP_TOLERANCE,
     SCORE_TOLERANCE,
@@ -27,7 +27,7 @@ from fre_torch.export import (
     export_detector,
     max_relative_difference,
 )
-from fre_torch.synthetic import write_synthetic_mvtec
+from fre_torch.features.synthetic import write_synthetic_mvtec
 
 ort = pytest.importorskip("onnxruntime")  # installed in this repo (requirements.txt); the tests must really run it
 # torch.jit.load's deprecation notice: the TorchScript format is what this file tests.
@@ -247,7 +247,7 @@ def test_onnx_without_onnxruntime_is_written_unchecked(detector: FREDetector, tm
     """No onnxruntime: the file is written, the result says it was not checked (the CLI prints the warning)."""
     import importlib.util
 
-    import fre_torch.export as export_module
+    import fre_torch.jobs.export as export_module
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime"
@@ -260,7 +260,7 @@ def test_onnx_without_onnxruntime_is_written_unchecked(detector: FREDetector, tm
 
 def test_library_imports_without_onnx() -> None:
     """fre_torch and the CLI import no ONNX package until an ONNX export runs."""
-    code = ("import sys, fre_torch, fre_torch.export, cli; "
+    code = ("import sys, fre_torch, fre_torch.jobs.export, cli; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'onnx', 'onnxruntime', 'onnxscript'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

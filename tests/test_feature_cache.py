@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fre_torch.data import FeatureCache
-from fre_torch.detector import DetectorConfig, FREDetector
-from fre_torch.evaluate import evaluate_category
-from fre_torch.synthetic import write_synthetic_mvtec
+from fre_torch.features.images import FeatureCache
+from fre_torch.detection.detector import DetectorConfig, FREDetector
+from fre_torch.jobs.evaluate import evaluate_category
+from fre_torch.features.synthetic import write_synthetic_mvtec
 
 CONFIG = DetectorConfig("efficientnet_lite0", input_size=64)
 
@@ -164,7 +164,7 @@ def test_evaluate_second_run_reads_features_and_restores_the_detector(tmp_path):
 
 
 def test_fit_folder_second_fit_reads_features(tmp_path, monkeypatch):
-    from fre_torch import predict
+    from fre_torch.jobs import predict
 
     root = write_synthetic_mvtec(tmp_path / "data", categories=("object",), n_train=10, n_test_good=1,
                                  n_test_defect=1, size=64, seed=2)
@@ -189,9 +189,9 @@ def test_fit_folder_second_fit_reads_features(tmp_path, monkeypatch):
 
 
 def test_cross_fitting_reads_the_fit_features_from_memory(tmp_path):
-    from fre_torch.crossfit import cross_fit
-    from fre_torch.data import MVTecCategory, make_loader, ImageDataset
-    from fre_torch.evaluate import THRESHOLD_QUANTILE
+    from fre_torch.jobs.crossfit import cross_fit
+    from fre_torch.features.images import MVTecCategory, make_loader, ImageDataset
+    from fre_torch.jobs.evaluate import THRESHOLD_QUANTILE
 
     root = write_synthetic_mvtec(tmp_path / "data", categories=("object",), n_train=12, n_test_good=3,
                                  n_test_defect=3, size=80, seed=5)

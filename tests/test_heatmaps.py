@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 import cli
-from fre_torch.data import image_size, load_mask
-from fre_torch.detector import FREDetector
-from fre_torch.heatmaps import (COLORMAP, OUTLINE_COLOUR, OVERLAY_ALPHA, colorize, heatmap_names, heatmap_scale,
+from fre_torch.features.images import image_size, load_mask
+from fre_torch.detection.detector import FREDetector
+from fre_torch.jobs.heatmaps import (COLORMAP, OUTLINE_COLOUR, OVERLAY_ALPHA, colorize, heatmap_names, heatmap_scale,
                                 mask_outline, render_panel)
-from fre_torch.synthetic import write_synthetic_mvtec
+from fre_torch.features.synthetic import write_synthetic_mvtec
 
 LITE = ["--model", "efficientnet_lite0", "--input_size", "64", "--device", "cpu", "--batch_size", "32"]
 

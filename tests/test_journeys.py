@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from fre_torch.data import list_images, load_image
-from fre_torch.synthetic import write_synthetic_mvtec
+from fre_torch.features.images import list_images, load_image
+from fre_torch.features.synthetic import write_synthetic_mvtec
 
 README = REPO / "README.md"
 NOT_RUN = "not run"

@@ -10,7 +10,7 @@ import torch
 
 from conftest import NEEDS_CUDA
 
-from fre_torch.kernel import (
+from fre_torch.core.kernel import (
     ExactKernelFRE,
     KernelFRE,
     NystroemFeatures,

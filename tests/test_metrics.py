@@ -1,4 +1,4 @@
-"""fre_torch.metrics against scikit-learn, ties included, and its documented errors."""
+"""fre_torch.detection.metrics against scikit-learn, ties included, and its documented errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from conftest import NEEDS_CUDA
 from sklearn import metrics as skm
 
-from fre_torch.metrics import aupr, auroc, f1_max, precision_recall_curve, roc_curve
+from fre_torch.detection.metrics import aupr, auroc, f1_max, precision_recall_curve, roc_curve
 
 
 def _sk_f1_max(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from fre_torch import FREDetector
-from fre_torch.data import list_images, load_image
-from fre_torch.synthetic import write_synthetic_mvtec
+from fre_torch.features.images import list_images, load_image
+from fre_torch.features.synthetic import write_synthetic_mvtec
 
 DATA = Path(__file__).parent / "data"
 

@@ -1,4 +1,4 @@
-"""Output paths checked before the work (``fre_torch.outputs``), atomic writes, and the same checks through every
+"""Output paths checked before the work (``fre_torch.features.files``), atomic writes, and the same checks through every
 output flag of ``cli.py`` in a new process: exit 2, one line, nothing written, before any image is read."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from fre_torch.outputs import OutputPathError, atomic_write, check_output_dir, check_output_file
-from fre_torch.synthetic import write_synthetic_mvtec
+from fre_torch.features.files import OutputPathError, atomic_write, check_output_dir, check_output_file
+from fre_torch.features.synthetic import write_synthetic_mvtec
 
 # A place no file can be created in, even as root: /proc accepts no new entries.
 UNWRITABLE = Path("/proc")

@@ -13,8 +13,8 @@ from PIL import Image
 
 import cli
 from conftest import REPO, require_category
-from fre_torch.detector import FREDetector
-from fre_torch.predict import split_holdout
+from fre_torch.detection.detector import FREDetector
+from fre_torch.jobs.predict import split_holdout
 
 
 def _write_folder(root: Path, n: int, seed: int, defect: bool = False) -> list[Path]:
@@ -109,9 +109,9 @@ def test_cli_fit_subprocess_no_traceback(tmp_path: Path) -> None:
 def test_threshold_false_positive_rate_on_magnetic_tile(tmp_path: Path) -> None:
     """Fit on train/good only: at the automatic 0.99 threshold the FPR on test/good is within 0.03 of 1 %."""
     root = require_category("magnetic_tile") / "magnetic_tile"
-    from fre_torch.detector import DetectorConfig
-    from fre_torch.predict import fit_folder, predict_paths
-    from fre_torch.data import list_images
+    from fre_torch.detection.detector import DetectorConfig
+    from fre_torch.jobs.predict import fit_folder, predict_paths
+    from fre_torch.features.images import list_images
 
     det = fit_folder(root / "train" / "good", DetectorConfig("efficientnet_lite0")).detector
     rows = predict_paths(det, list_images(root / "test" / "good"))

@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 import cli
-from fre_torch.crossfit import cross_fit
-from fre_torch.data import MVTecCategory, load_image
-from fre_torch.detector import DetectorConfig, FREDetector
-from fre_torch.evaluate import THRESHOLD_QUANTILE, evaluate_category
-from fre_torch.report import NORMAL_COLOUR, write_report
-from fre_torch.synthetic import write_synthetic_mvtec
+from fre_torch.jobs.crossfit import cross_fit
+from fre_torch.features.images import MVTecCategory, load_image
+from fre_torch.detection.detector import DetectorConfig, FREDetector
+from fre_torch.jobs.evaluate import THRESHOLD_QUANTILE, evaluate_category
+from fre_torch.jobs.report import NORMAL_COLOUR, write_report
+from fre_torch.features.synthetic import write_synthetic_mvtec
 
 LITE = ["--model", "efficientnet_lite0", "--input_size", "64", "--device", "cpu", "--batch_size", "32"]
 

@@ -15,9 +15,9 @@ import torch
 from conftest import NEEDS_CUDA
 from sklearn import metrics as skm
 
-from fre_torch import metrics as M
-from fre_torch.metrics import pixel_auroc, pixel_f1_max, pro
-from fre_torch.regions import label_components
+from fre_torch.detection import metrics as M
+from fre_torch.detection.metrics import pixel_auroc, pixel_f1_max, pro
+from fre_torch.detection.regions import label_components
 
 SCIPY_REASON = "scipy.ndimage, the reference labelling, comes with scikit-learn (requirements.txt); pip install scipy"
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fre_torch.data import ImageDataset, PreprocessCache, _read_image
-from fre_torch.detector import DetectorConfig, FREDetector
-from fre_torch.evaluate import evaluate_category
-from fre_torch.precision import autocast, backbone_dtype, check_precision
-from fre_torch.synthetic import write_synthetic_mvtec
+from fre_torch.features.images import ImageDataset, PreprocessCache, _read_image
+from fre_torch.detection.detector import DetectorConfig, FREDetector
+from fre_torch.jobs.evaluate import evaluate_category
+from fre_torch.core.precision import autocast, backbone_dtype, check_precision
+from fre_torch.features.synthetic import write_synthetic_mvtec
 
 from conftest import REPO
 
@@ -36,7 +36,7 @@ def test_cache_hit_is_bit_identical_and_skips_decoding(tmp_path, monkeypatch):
     expected = _read_image(img, 32)
     assert torch.equal(first[0], expected[0]) and first[1] == expected[1] == (56, 40)
 
-    import fre_torch.data as data
+    import fre_torch.features.images as data
 
     def no_decode(*a, **k):
         raise AssertionError("a cache hit must not decode")

@@ -12,7 +12,7 @@ from sklearn.decomposition import PCA as SkPCA
 
 from conftest import NEEDS_CUDA
 from fre_torch import PCA
-from fre_torch.subspace import (
+from fre_torch.core.subspace import (
     CovarianceAccumulator,
     GramAccumulator,
     Subspace,
@@ -103,7 +103,7 @@ def test_select_rule_on_exact_boundaries() -> None:
 
 def test_auto_solver_choice() -> None:
     assert PCA(0.9).fit(low_rank_plus_noise(20, 100)).subspace_ is not None
-    from fre_torch.subspace import resolve_solver
+    from fre_torch.core.subspace import resolve_solver
     assert resolve_solver("auto", 300, 16384) == "gram"
     assert resolve_solver("auto", 5000, 256) == "covariance"
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fre_torch import synthetic
-from fre_torch.data import MVTecCategory, list_categories, load_image, load_mask
-from fre_torch.synthetic import CATEGORY_DEFECTS, write_synthetic_mvtec
+from fre_torch.features import synthetic
+from fre_torch.features.images import MVTecCategory, list_categories, load_image, load_mask
+from fre_torch.features.synthetic import CATEGORY_DEFECTS, write_synthetic_mvtec
 
 SMALL = {"n_train": 4, "n_test_good": 2, "n_test_defect": 3, "size": 48}
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fre_torch.threshold import MIN_RELIABLE_HELD_OUT, beta_quantile, held_out_needed, threshold_stats
+from fre_torch.detection.threshold import MIN_RELIABLE_HELD_OUT, beta_quantile, held_out_needed, threshold_stats
 
 beta = pytest.importorskip("scipy.stats", reason="scipy (installed with scikit-learn by requirements.txt) is the "
                                                  "reference for Beta quantiles; pip install scipy").beta

@@ -395,7 +395,7 @@ def pro(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> torc
     """Normalised area under the per-region-overlap curve up to a false-positive rate (AUPRO, "PRO").
 
     The MVTec AD definition: the ground-truth regions are the 8-connected components of each mask
-    (``fre_torch.regions``). At a threshold ``t``, ``PRO(t)`` is the mean over all regions of the batch of the
+    (``fre_torch.detection.regions``). At a threshold ``t``, ``PRO(t)`` is the mean over all regions of the batch of the
     fraction of the region's pixels with ``map >= t``, and ``FPR(t)`` the fraction of normal pixels with
     ``map >= t``; images without defects add only normal pixels. The curve runs from (0, 0) through one point per
     distinct score; its area for FPR in ``[0, fpr_limit]`` is taken by the trapezoid rule, with the curve cut by

@@ -591,7 +591,7 @@ class FeatureExtractor(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
             raise ValueError(
                 f"expected normalised float images (B, 3, H, W), got {x.dtype} {tuple(x.shape)}; "
-                "convert uint8 images with fre_torch.backbones.normalize"
+                "convert uint8 images with fre_torch.features.backbones.normalize"
             )
         found: dict[str, Tensor] = {}
         for name, modules in self._stages:

@@ -1,8 +1,8 @@
 """A static HTML report of an evaluation run: ``DIR/index.html`` with its PNG files beside it.
 
-Per category: the metrics table, ROC and precision-recall curves (``fre_torch.metrics``) with the operating point
+Per category: the metrics table, ROC and precision-recall curves (``fre_torch.detection.metrics``) with the operating point
 of the threshold, histograms of the normal and defective test images' scores with the threshold drawn, the colour
-bar of the heatmaps, and the heatmap panels (``fre_torch.heatmaps``) of the worst images: the highest-scoring
+bar of the heatmaps, and the heatmap panels (``fre_torch.jobs.heatmaps``) of the worst images: the highest-scoring
 normal ones (false positives when above the threshold) and the lowest-scoring defective ones (false negatives when
 at or below it). The page has no script and no external resource, so it opens offline from the file system.
 
@@ -27,11 +27,11 @@ from urllib.parse import quote
 import torch
 from torch import Tensor
 
-from .detector import MAP_SCALE_QUANTILE
+from ..detection.detector import MAP_SCALE_QUANTILE
 from .evaluate import THRESHOLD_QUANTILE
 from .heatmaps import COLORMAP, OVERLAY_ALPHA, heatmap_names, render_file
-from .metrics import precision_recall_curve, roc_curve
-from .outputs import atomic_write
+from ..detection.metrics import precision_recall_curve, roc_curve
+from ..features.files import atomic_write
 
 __all__ = ["DEFECTIVE_COLOUR", "NORMAL_COLOUR", "N_WORST", "check_report_dependencies", "write_report"]
 

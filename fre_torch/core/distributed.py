@@ -46,6 +46,7 @@ __all__ = [
     "ENV_KEYS",
     "ConfigMismatchError",
     "DistributedError",
+    "ProcessContext",
     "barrier",
     "cleanup",
     "config_hash",
@@ -56,6 +57,7 @@ __all__ = [
     "init_from_env",
     "is_distributed",
     "is_main_process",
+    "process_context",
     "rank",
     "reduce_accumulator",
     "shard",
@@ -241,6 +243,64 @@ def barrier(stage: str = "barrier") -> None:
         # A tiny all_reduce rather than dist.barrier: it honours the group timeout on every backend and needs no
         # device guess on NCCL.
         dist.all_reduce(torch.zeros(1, device=_state.comm_device))
+
+
+@dataclass(frozen=True)
+class ProcessContext:
+    """This process's place in a job: its device, rank and world size (rank 0 of 1 when not data-parallel).
+
+    Made by ``process_context``; the jobs of ``fre_torch.jobs.run`` take their device from it and write files only
+    where ``is_main``.
+    """
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0, or not data-parallel: the process that prints and writes files."""
+        return self.rank == 0
+
+    @property
+    def label(self) -> str:
+        """``"rank R of W"`` in a data-parallel run, else empty."""
+        return f"rank {self.rank} of {self.world}" if self.world > 1 else ""
+
+
+@contextmanager
+def process_context(device: str | torch.device = "cpu", *, distributed: bool | None = None,
+                    timeout: float | None = None) -> Iterator[ProcessContext]:
+    """Run one job in this process: join torchrun's process group if asked, yield the context, leave the group.
+
+    Args:
+        device: ``'cpu'`` or ``'cuda'``; in a data-parallel run on CUDA this rank's ``cuda:LOCAL_RANK``.
+        distributed: True joins (``init_from_env``); None joins when torchrun's environment is set
+            (``env_requests_distributed``); False never does.
+        timeout: seconds a collective waits for the other ranks (default ``DEFAULT_TIMEOUT_S``).
+
+    An exception raised inside a data-parallel run gets the attribute ``rank_label`` (``"rank R of W"``), so that
+    each failing rank can say which it is in its one-line message. The group is left however the job ends.
+
+    Raises:
+        ValueError: ``timeout <= 0``.
+        DistributedError: the launch is incomplete or the rendezvous failed.
+    """
+    if not (distributed or (distributed is None and env_requests_distributed())):
+        yield ProcessContext(torch.device(device))
+        return
+    timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
+    if timeout <= 0:
+        raise ValueError(f"--dist_timeout must be > 0 seconds, got {timeout}")
+    try:
+        ctx = ProcessContext(init_from_env(device, timeout=timeout), rank(), world_size())
+        try:
+            yield ctx
+        except BaseException as err:
+            err.rank_label = ctx.label  # type: ignore[attr-defined]
+            raise
+    finally:
+        cleanup()
 
 
 # ---------------------------------------------------------------------------------------------------- sharding

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from .data import IMAGE_EXTENSIONS, ImageDataset, list_images, make_loader
-from .detector import DetectorConfig, FREDetector
-from .distributed import config_hash_check, gather_rows, shard
-from .outputs import atomic_write, check_output_dir, check_output_file
+from ..features.images import IMAGE_EXTENSIONS, ImageDataset, list_images, make_loader
+from ..detection.detector import DetectorConfig, FREDetector
+from ..core.distributed import config_hash_check, gather_rows, shard
+from ..features.files import atomic_write, check_output_dir, check_output_file
 
 __all__ = ["FitResult", "check_predict_outputs", "fit_folder", "predict_paths", "resolve_inputs", "split_holdout",
            "write_predictions_csv"]
@@ -44,21 +44,52 @@ def split_holdout(paths: Sequence[Path], fraction: float, seed: int = 0) -> tupl
 
 @dataclass
 class FitResult:
-    """What ``fit_folder`` did.
+    """What ``fit_folder`` (and ``fre_torch.jobs.run.fit``) did.
 
     Attributes:
         detector: the fitted, calibrated detector (without the feature cache).
         n_images: images found under the training folder.
         n_fit / n_held_out: readable images the subspaces were fitted on / the threshold was set on.
+        holdout: the fraction held out.
         skipped: ``(path, reason)`` of every unreadable image that was left out, in folder order (data-parallel:
             every rank's; the reason is empty for another rank's file).
+        path: the model file written, if any.
+        is_main: False on ranks other than 0 of a data-parallel run (they write and print nothing).
     """
 
     detector: FREDetector
     n_images: int
     n_fit: int
     n_held_out: int
+    holdout: float = 0.2
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    path: Path | None = None
+    is_main: bool = True
+
+    def lines(self) -> list[str]:
+        """What ``cli.py fit`` prints: the model file and the threshold with its statistics."""
+        det, c = self.detector, self.detector.config
+        stats = det.threshold_stats()
+        out = []
+        if self.path is not None:
+            size_mb = self.path.stat().st_size / 2**20
+            out.append(f"wrote {self.path} ({size_mb:.1f} MB): {c.backbone} {list(c.layers)}, fitted on {self.n_fit} "
+                       "images")
+        out.append(f"threshold {float(det.threshold):.4g} = the {det.threshold_quantile:g} quantile of the held-out "
+                   f"normal images' scores: {stats.summary()}")
+        return out
+
+    @property
+    def warnings(self) -> list[str]:
+        """Skipped images, and a threshold set on too few held-out images."""
+        out = []
+        if self.skipped:
+            shown = "; ".join(f"{p}" + (f" ({why.split(': ', 1)[-1]})" if why else "") for p, why in self.skipped[:3])
+            more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            out.append(f"warning: skipped {len(self.skipped)} unreadable image(s) of {self.n_images}: {shown}{more} "
+                       "(--strict to stop instead)")
+        warning = self.detector.threshold_stats().warning(self.holdout)
+        return out + ([f"warning: {warning}"] if warning else [])
 
 
 class _Readable:
@@ -96,7 +127,7 @@ def fit_folder(train_dir: str | os.PathLike, config: DetectorConfig, *, device: 
                weights: str | None = None, seed: int = 0, cache: str | os.PathLike | None = None,
                compile: bool = False, precision: str = "auto", strict: bool = False) -> FitResult:
     """Fit a detector on every image under ``train_dir`` (recursive), holding out ``holdout`` for the threshold.
-    ``cache``: an optional folder for decoded images (``fre_torch.data.PreprocessCache``) and, in ``<cache>/features``,
+    ``cache``: an optional folder for decoded images (``fre_torch.features.images.PreprocessCache``) and, in ``<cache>/features``,
     their feature vectors (``FeatureCache``), reused by later fits on the same images (e.g. another ``n_components``).
     The returned detector does not keep the feature cache.
 
@@ -105,7 +136,7 @@ def fit_folder(train_dir: str | os.PathLike, config: DetectorConfig, *, device: 
     is a ``ValueError``. The split is made over the files found, before reading, so it does not depend on which
     files turn out unreadable.
 
-    Data-parallel (``fre_torch.distributed``): every rank checks that all see the same settings and files, reads
+    Data-parallel (``fre_torch.core.distributed``): every rank checks that all see the same settings and files, reads
     its contiguous shard of whole batches of each split, and ends with the same fitted, calibrated detector.
     """
     train_dir = Path(train_dir)
@@ -140,7 +171,7 @@ def fit_folder(train_dir: str | os.PathLike, config: DetectorConfig, *, device: 
     skipped = [(paths[i], reasons.get(paths[i], "")) for i in sorted(every.tolist())]
     n_held = int(det.calibration_scores.numel())  # every rank's readable held-out images
     return FitResult(det, n_images=len(paths), n_fit=len(paths) - len(skipped) - n_held, n_held_out=n_held,
-                     skipped=skipped)
+                     holdout=holdout, skipped=skipped)
 
 
 def resolve_inputs(items: Sequence[str]) -> list[Path]:

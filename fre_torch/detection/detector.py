@@ -1,7 +1,7 @@
 """``FREDetector``: backbone features -> streaming subspace fits -> feature reconstruction error per image.
 
 The detector owns no I/O beyond ``save``/``load``: images arrive as uint8 tensors (or a DataLoader of them, see
-``fre_torch.data.make_loader``), are normalised and run through the backbone on ``device`` under the precision
+``fre_torch.features.images.make_loader``), are normalised and run through the backbone on ``device`` under the precision
 policy, embedded into one vector per image and layer, and streamed into the engine's accumulators. Nothing keeps a
 Python list of embeddings: the Gram path stores the (N, D) rows it needs in one tensor, the covariance path only
 D x D moments.
@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .autoencoder import LinearAutoencoder
-from .backbones import (IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, FeatureExtractor, Normalize,
+from ..core.autoencoder import LinearAutoencoder
+from ..features.backbones import (IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, FeatureExtractor, Normalize,
                         build_feature_extractor, get_backbone_spec)
-from .distributed import gather_rows, reduce_accumulator
-from .outputs import atomic_write
+from ..core.distributed import gather_rows, reduce_accumulator
+from ..features.files import atomic_write
 from .threshold import ThresholdStats, threshold_stats
-from .precision import autocast, backbone_dtype, check_device, check_precision
-from .subspace import (
+from ..core.precision import autocast, backbone_dtype, check_device, check_precision
+from ..core.subspace import (
     check_features,
     CovarianceAccumulator,
     GramAccumulator,
@@ -49,7 +49,7 @@ from .subspace import (
 )
 
 if TYPE_CHECKING:  # the cache does file I/O; the detector only calls its key / get / put
-    from .data import FeatureCache
+    from ..features.images import FeatureCache
 
 __all__ = ["DEFAULT_LAYERS", "DetectorConfig", "FREDetector", "MAP_SCALE_QUANTILE", "MODES", "ModelFileError",
            "embed", "upsample_maps"]
@@ -87,17 +87,17 @@ class DetectorConfig:
         input_size: square input side in pixels; 0 = the backbone's default.
         pool: average-pooling kernel of the first layer's map; it sets the common grid (the reference uses 2).
         n_components: int, float in (0, 1) (explained-variance fraction, scikit-learn's rule) or None.
-        solver: 'auto', 'gram' or 'covariance' (see ``fre_torch.subspace``).
+        solver: 'auto', 'gram' or 'covariance' (see ``fre_torch.core.subspace``).
         normalization: 'native' (the mean/std the backbone's weights were trained with) or 'imagenet' (the
             reference pipeline's ImageNet mean/std, whatever the backbone).
         normalize_scores: divide each layer's FRE by its training residual variance before summing.
         fusion: 'sum' (one subspace per layer, scores summed) or 'concat' (one subspace on the concatenation).
-        kernel: None (linear FRE) or 'rbf' / 'laplacian': FRE in a kernel feature space (``fre_torch.kernel``),
+        kernel: None (linear FRE) or 'rbf' / 'laplacian': FRE in a kernel feature space (``fre_torch.core.kernel``),
             bandwidth by the median heuristic on the training vectors. Image scores only: maps need linear mode.
         kernel_features: M, the number of explicit kernel features (random Fourier features or landmarks).
         kernel_method: 'rff' (random Fourier features) or 'nystroem' (M k-center landmarks; needs N >= M).
         mode: 'pca' (closed-form float64 subspace, the default), 'tae' (tied linear autoencoder) or 'ae' (untied),
-            trained with Adam on the device (``fre_torch.autoencoder``; the reference's trained alternatives), at the
+            trained with Adam on the device (``fre_torch.core.autoencoder``; the reference's trained alternatives), at the
             k PCA would keep. Linear only: not with ``kernel``.
     """
 
@@ -258,8 +258,8 @@ class FREDetector(nn.Module):
         weights: a local weights file for the backbone instead of the registry's source.
         compile: ``torch.compile`` the backbone and embedding (static shapes; call ``warmup`` before timing).
         precision: the backbone's compute precision, ``"auto"`` (bf16 on CUDA, float32 on the CPU), ``"fp32"``,
-            ``"bf16"`` or ``"fp16"`` (``fre_torch.precision``). Fitting is float64 and scoring float32 regardless.
-        feature_cache: a ``fre_torch.data.FeatureCache`` (or its folder): ``features`` reads each image's vectors
+            ``"bf16"`` or ``"fp16"`` (``fre_torch.core.precision``). Fitting is float64 and scoring float32 regardless.
+        feature_cache: a ``fre_torch.features.images.FeatureCache`` (or its folder): ``features`` reads each image's vectors
             from it when present and stores the ones it computes, so a repeated run over the same images skips the
             backbone. Keyed by the exact input pixels and everything that shapes the features (see
             ``feature_settings``); a run-time choice, not saved with the model. Also settable as an attribute.
@@ -292,7 +292,7 @@ class FREDetector(nn.Module):
         # torch.compile (opt-in): the backbone and the embedding as one graph, shapes kept static (dynamic=False) by
         # padding a short last batch up to the largest batch seen, so one compiled graph serves the whole run.
         # It pays on CUDA (fused kernels, fewer launches); on a CPU the ~30 s compile is rarely won back.
-        self.precision = check_precision(precision)  # the backbone's (fre_torch.precision); fits stay float64
+        self.precision = check_precision(precision)  # the backbone's (fre_torch.core.precision); fits stay float64
         self.compiled = bool(compile)
         self._backbone = torch.compile(self._extract_embed, dynamic=False) if compile else self._extract_embed
         self._static_batch = 0
@@ -307,7 +307,7 @@ class FREDetector(nn.Module):
         self.register_buffer("map_scale", torch.full((), float("nan"), dtype=torch.float32, device=self.device))
         self._weights_id = _weights_identity(self.config.backbone, pretrained, weights)
         if isinstance(feature_cache, (str, os.PathLike)):
-            from .data import FeatureCache
+            from ..features.images import FeatureCache
 
             feature_cache = FeatureCache(feature_cache)
         self.feature_cache: FeatureCache | None = feature_cache
@@ -404,7 +404,7 @@ class FREDetector(nn.Module):
                 with an ``"image"`` entry.
             batch_size: batch size when ``data`` is a tensor.
 
-        In data-parallel mode (``fre_torch.distributed.init_from_env``) ``data`` is this rank's shard: the
+        In data-parallel mode (``fre_torch.core.distributed.init_from_env``) ``data`` is this rank's shard: the
         statistics of all ranks are merged exactly and every rank ends with the same fit (as do ``calibrate``'s
         quantiles).
         """
@@ -422,7 +422,7 @@ class FREDetector(nn.Module):
             # No per-batch host sync: finiteness is checked once, on the accumulated statistics.
             for acc, rows in zip(accs, self.features(batch)):
                 acc.update(rows, check_finite=False)
-        # Data-parallel (fre_torch.distributed): ``data`` was this rank's shard; merge all ranks' statistics exactly.
+        # Data-parallel (fre_torch.core.distributed): ``data`` was this rank's shard; merge all ranks' statistics exactly.
         # The identity otherwise.
         accs = [reduce_accumulator(acc, self.config.solver) for acc in accs]
         subspaces = [self._solve(acc) for acc in accs]
@@ -473,7 +473,7 @@ class FREDetector(nn.Module):
             for buf, r in zip(rows, self.features(batch)):
                 buf[start:start + r.shape[0]] = r
             start += batch.shape[0]
-        # Fewer than reported: a loader that drops unreadable images (``fre_torch.predict.fit_folder``).
+        # Fewer than reported: a loader that drops unreadable images (``fre_torch.jobs.predict.fit_folder``).
         rows = [r[:start] for r in rows]
         rows = [gather_rows(r) for r in rows]  # data-parallel: every rank's rows, in order (identity otherwise)
         for r in rows:
@@ -481,7 +481,7 @@ class FREDetector(nn.Module):
         return rows
 
     def _kernel_model(self) -> nn.Module:
-        from .kernel import KernelFRE
+        from ..core.kernel import KernelFRE
 
         c = self.config
         return KernelFRE(c.n_components, kernel=c.kernel, method=c.kernel_method, kernel_features=c.kernel_features,
@@ -569,7 +569,7 @@ class FREDetector(nn.Module):
     def set_map_scale(self, normal: Any, *, batch_size: int = 32) -> FREDetector:
         """Set ``map_scale``, the value shown as full colour in heatmaps, from normal images: the
         ``MAP_SCALE_QUANTILE`` of their grid-map values. Prefer images the subspaces were not fitted on (``calibrate``
-        does this with the held-out split, ``fre_torch.crossfit`` with out-of-fold maps); the training images' own
+        does this with the held-out split, ``fre_torch.jobs.crossfit`` with out-of-fold maps); the training images' own
         residuals are far smaller (17x on MVTec bottle), which would make every test heatmap saturate."""
         _, maps = self.score_and_maps(normal, batch_size=batch_size)
         self.map_scale = _map_quantile(gather_rows(maps))  # data-parallel: every rank's maps (identity otherwise)
@@ -578,7 +578,7 @@ class FREDetector(nn.Module):
     def threshold_stats(self) -> ThresholdStats:
         """How far the held-out threshold can be trusted: the number of held-out images, the threshold's rank among
         their scores, the false-positive rate on them, and a 95 % interval of the rate on new normal images
-        (``fre_torch.threshold``). Read from the stored held-out scores, so a loaded model gives the same."""
+        (``fre_torch.detection.threshold``). Read from the stored held-out scores, so a loaded model gives the same."""
         if self.calibration_scores.numel() == 0 or self.threshold_quantile is None:
             raise ValueError("this detector has no held-out threshold; fit it with a held-out split (cli.py fit) or "
                              "call calibrate(held_out_normal_images)")

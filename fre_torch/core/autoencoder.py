@@ -71,7 +71,7 @@ class LinearAutoencoder(AdoptsBufferShapes):
 
     Args:
         n_components: an int k in [1, min(N - 1, D)], a float in (0, 1) (PCA's explained-variance rule on the same
-            rows, see ``fre_torch.subspace.select_n_components``) or None (min(N - 1, D)).
+            rows, see ``fre_torch.core.subspace.select_n_components``) or None (min(N - 1, D)).
         tied: True = one weight matrix ``W`` (decoder ``W^T``); False = separate encoder and decoder.
         device: where the (empty) buffers start; ``fit`` trains on the rows' device and moves the model there.
 

@@ -1,7 +1,7 @@
 """The MVTec-layout evaluation driver: fit on ``train/good``, score ``test/*``, compute image metrics.
 
-Thin on purpose: data comes from ``fre_torch.data``, the model from ``fre_torch.detector``, the numbers from
-``fre_torch.metrics``. Test labels are used only to report metrics.
+Thin on purpose: data comes from ``fre_torch.features.images``, the model from ``fre_torch.detection.detector``, the numbers from
+``fre_torch.detection.metrics``. Test labels are used only to report metrics.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from .data import FeatureCache, ImageDataset, MVTecCategory, image_size, load_mask, make_loader
-from .detector import DetectorConfig, FREDetector, upsample_maps
-from .distributed import config_hash_check, gather_rows, is_main_process, shard
+from ..features.images import FeatureCache, ImageDataset, MVTecCategory, image_size, load_mask, make_loader
+from ..detection.detector import DetectorConfig, FREDetector, upsample_maps
+from ..core.distributed import config_hash_check, gather_rows, is_main_process, shard
 from .crossfit import cross_fit
 from .heatmaps import save_heatmaps
-from .metrics import aupr, auroc, f1_max, pixel_auroc, pixel_f1_max, pro
-from .outputs import atomic_write
+from ..detection.metrics import aupr, auroc, f1_max, pixel_auroc, pixel_f1_max, pro
+from ..features.files import atomic_write
 
 __all__ = ["evaluate_category", "evaluation_maps", "format_table", "summarize", "write_json", "METRICS",
            "PIXEL_METRICS", "THRESHOLD_QUANTILE"]
@@ -34,7 +34,7 @@ PIXEL_METRICS = ("pixel_auroc", "pro", "pixel_f1_max")
 # (e.g. Magnetic Tile) is compared at this common square size instead, maps bilinear and masks nearest.
 MIXED_SIZE_EVAL = 256
 # evaluate's decision threshold (heatmaps / report only): this quantile of the training images' OUT-OF-FOLD scores
-# (fre_torch.crossfit: 5-fold cross-fitting on features extracted once). evaluate has no held-out split, and
+# (fre_torch.jobs.crossfit: 5-fold cross-fitting on features extracted once). evaluate has no held-out split, and
 # in-sample training scores are far too small to set it (see crossfit). It never sees a test image or label.
 THRESHOLD_QUANTILE = 0.99
 
@@ -70,11 +70,11 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
     Args:
         pixel_metrics: also compute maps and pixel AUROC / PRO / pixel F1-max when the category has masks (and
             the detector is linear).
-        heatmap_dir: write one heatmap PNG per test image there (``fre_torch.heatmaps``; linear mode only).
-        keep_maps: also return what ``fre_torch.report`` needs (see Returns).
-        cache: a folder for ``fre_torch.data.PreprocessCache``: decoded, resized images are kept there (keyed by
+        heatmap_dir: write one heatmap PNG per test image there (``fre_torch.jobs.heatmaps``; linear mode only).
+        keep_maps: also return what ``fre_torch.jobs.report`` needs (see Returns).
+        cache: a folder for ``fre_torch.features.images.PreprocessCache``: decoded, resized images are kept there (keyed by
             file content and settings) and reused by later runs; with ``cache_features`` (default) the detector's
-            feature vectors too, in ``<cache>/features`` (``fre_torch.data.FeatureCache``, keyed by the exact input
+            feature vectors too, in ``<cache>/features`` (``fre_torch.features.images.FeatureCache``, keyed by the exact input
             pixels, the backbone's weights and every feature setting), so a repeated run skips the backbone as well.
             The detector's own ``feature_cache`` is restored on return.
         resize: 'cpu' (LANCZOS in the DataLoader workers, the reference), 'device' (decode in the workers, resize
@@ -82,7 +82,7 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
             category's images share one size, else cpu).
 
     With ``heatmap_dir`` or ``keep_maps``, one extra pass over the training images after the fit cross-fits them
-    (``fre_torch.crossfit``, 5 folds; their features are kept in memory from the fit, or read from ``cache``): each
+    (``fre_torch.jobs.crossfit``, 5 folds; their features are kept in memory from the fit, or read from ``cache``): each
     gets a score and a map from a model that did not see it. The decision threshold is the ``THRESHOLD_QUANTILE``
     of those scores and the heatmap colour scale the ``MAP_SCALE_QUANTILE`` of those maps' values; neither uses a
     test image or label, and the detector's own calibration (``threshold``, ``map_scale``) is left as it was.
@@ -111,7 +111,7 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
         cat = MVTecCategory.load(root, category)
         size = detector.config.input_size
         device = detector.device
-        # Data-parallel (fre_torch.distributed): every rank must see the same settings and files, then reads its
+        # Data-parallel (fre_torch.core.distributed): every rank must see the same settings and files, then reads its
         # own contiguous shard of whole batches; the fit reduces across ranks and scores are gathered in the
         # original order.
         config_hash_check({"category": category, "config": detector.config.to_dict(),

@@ -10,7 +10,7 @@ The pieces:
 - ``Subspace``: the fitted state as buffers (mean, orthonormal components, spectrum) with batched projection,
   reconstruction and FRE. ``.to()``, ``state_dict()`` and ``load_state_dict()`` work as for any module.
 
-Precision (``fre_torch.precision``): accumulation and decomposition in float64; fitted components are cast back to
+Precision (``fre_torch.core.precision``): accumulation and decomposition in float64; fitted components are cast back to
 the dtype of the data (``type_as``), so float32 features give a float32 subspace that scores in float32.
 """
 

@@ -19,7 +19,7 @@ Linear-mode detectors only: kernel FRE (``config.kernel`` set) is refused with a
 have no maps, and its feature maps (random Fourier features / Nystroem landmarks) were never checked for export.
 
 Input of the exported graph: ``images`` uint8 ``(B, 3, S, S)`` RGB at the config's ``input_size`` S (resize with
-``fre_torch.data.load_image``, LANCZOS as the reader of ``fit``/``predict``), any B >= 1. Outputs: ``score``
+``fre_torch.features.images.load_image``, LANCZOS as the reader of ``fit``/``predict``), any B >= 1. Outputs: ``score``
 ``(B,)`` float32 and ``map`` ``(B, grid, grid)`` float32.
 """
 
@@ -37,7 +37,7 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-from .detector import FREDetector
+from ..detection.detector import FREDetector
 
 __all__ = [
     "EXPORT_FORMATS",

@@ -10,7 +10,7 @@ with ``P`` the projection on the top principal directions of the training ``phi`
 Two ways to compute it:
 
 - ``KernelFRE``: an explicit finite map ``phi: R^D -> R^M`` (``RandomFourierFeatures`` or ``NystroemFeatures``)
-  followed by the SAME streaming linear engine as the linear case (``fre_torch.subspace``): fitting is linear in N
+  followed by the SAME streaming linear engine as the linear case (``fre_torch.core.subspace``): fitting is linear in N
   with memory O(min(N, M) * M), scoring is one map and one ``Subspace.fre``.
 - ``ExactKernelFRE``: kernel PCA by the kernel trick in float64 (N x N Gram matrix), for small N. The reference.
 

@@ -10,7 +10,7 @@ features, to the other ``k - 1`` folds. Every training image thus gets a score (
 saw it. The fold models see ``(k - 1) / k`` of the images, so their scores of unseen images run a little higher
 than the full model's would: a threshold from them errs on the side of fewer false positives.
 
-Data-parallel mode (``fre_torch.distributed``): each rank passes its shard and cuts it into the same number of folds;
+Data-parallel mode (``fre_torch.core.distributed``): each rank passes its shard and cuts it into the same number of folds;
 fold ``f`` of the whole set is the union of the ranks' folds ``f``, which the fold fits merge as any fit does, and the
 out-of-fold scores and maps are gathered (in rank order) before the quantiles.
 """
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .detector import FREDetector, _batches, _map_quantile
-from .distributed import gather_rows, is_distributed, rank
+from ..detection.detector import FREDetector, _batches, _map_quantile
+from ..core.distributed import gather_rows, is_distributed, rank
 
 __all__ = ["CROSS_FIT_FOLDS", "CrossFit", "cross_fit"]
 

@@ -6,7 +6,7 @@ and blended over the image with opacity ``OVERLAY_ALPHA * t``. So 0 leaves the i
 get the full colour at the full opacity, and nothing is ever normalised per image or from test scores. ``scale``
 is a high quantile of normal images' map values, so on a normal image almost nothing reaches the full colour: the
 detector's ``map_scale`` (``FREDetector.calibrate`` on held-out images, as ``cli.py fit`` does) for ``predict``, and
-the out-of-fold maps of the training images (``fre_torch.crossfit``) for ``evaluate``.
+the out-of-fold maps of the training images (``fre_torch.jobs.crossfit``) for ``evaluate``.
 
 A PNG is ``panels * W`` wide and ``H`` high, ``(H, W)`` the image file's own size (maps are upsampled to it):
 
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from .data import _decode, _to_rgb, load_mask
-from .detector import FREDetector, upsample_maps
-from .outputs import atomic_write
+from ..features.images import _decode, _to_rgb, load_mask
+from ..detection.detector import FREDetector, upsample_maps
+from ..features.files import atomic_write
 
 __all__ = ["COLORMAP", "OUTLINE_COLOUR", "OVERLAY_ALPHA", "colorize", "heatmap_names", "heatmap_scale",
            "mask_outline", "render_file", "render_panel", "save_heatmaps"]
@@ -174,7 +174,7 @@ def render_panel(image: Tensor | np.ndarray, heat: Tensor, scale: float | Tensor
     heat = torch.as_tensor(heat)
     if tuple(heat.shape) != (h, w):
         raise ValueError(f"heat map is {tuple(heat.shape)} but the image is {(h, w)}; upsample it with "
-                         "fre_torch.detector.upsample_maps(maps, (H, W))")
+                         "fre_torch.detection.detector.upsample_maps(maps, (H, W))")
     if panels not in (2, 3):
         raise ValueError(f"panels must be 2 (image, overlay) or 3 (image, overlay, ground truth), got {panels}")
     if panels == 2 and mask is not None:
@@ -193,7 +193,7 @@ def render_panel(image: Tensor | np.ndarray, heat: Tensor, scale: float | Tensor
             mask = torch.as_tensor(mask).to("cpu", torch.bool)
             if tuple(mask.shape) != (h, w):
                 raise ValueError(f"mask is {tuple(mask.shape)} but the image is {(h, w)}; load it at the image's "
-                                 "own size (fre_torch.data.load_mask(path))")
+                                 "own size (fre_torch.features.images.load_mask(path))")
             # About 1 px per 256 px of the shorter side, so the outline stays visible on large images.
             edge = mask_outline(mask, max(1, round(min(h, w) / 256)))
             truth[edge] = torch.tensor(OUTLINE_COLOUR, dtype=torch.uint8)

@@ -26,7 +26,7 @@ import PIL
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .outputs import atomic_write
+from .files import atomic_write
 
 __all__ = [
     "IMAGE_EXTENSIONS",
