@@ -1,17 +1,16 @@
 """fre_torch: anomaly detection by Feature Reconstruction Error, in PyTorch.
 
-The engine (``PCA``, ``Subspace`` and the streaming accumulators) imports only torch; ``FREDetector`` adds
-the backbones (torchvision) on top. Drivers live in their own modules: ``fre_torch.features.images`` (images, MVTec layout,
-``PreprocessCache``), ``fre_torch.jobs.evaluate``, ``fre_torch.jobs.predict``, ``fre_torch.jobs.export`` (ONNX / TorchScript;
-needs the ``export`` extra), ``fre_torch.jobs.report`` (needs ``report``), ``fre_torch.core.distributed`` (torchrun).
+Four layers, each importing only the ones before it (README, "Architecture"): ``core`` (the engine: subspaces, PCA,
+kernel FRE, the precision policy, data-parallel collectives; torch only), ``features`` (backbones, images, caches),
+``detection`` (``FREDetector``, metrics, the threshold's statistics) and ``jobs`` (what ``cli.py`` runs, one call per
+command: ``run.evaluate``, ``run.fit``, ``run.predict``, ``run.export``, ``run.demo``).
 """
 
-from .core.autoencoder import LinearAutoencoder
-from .features.backbones import WeightsUnavailableError, get_backbone_spec, list_backbones
-from .detection.detector import DetectorConfig, FREDetector, ModelFileError
-from .core.kernel import ExactKernelFRE, KernelFRE
-from .core.pca import PCA
-from .core.subspace import CovarianceAccumulator, GramAccumulator, Subspace, fit_covariance, fit_gram, fit_rows
+from .core import (PCA, CovarianceAccumulator, ExactKernelFRE, GramAccumulator, KernelFRE, LinearAutoencoder, Subspace,
+                   fit_covariance, fit_gram, fit_rows)
+from .detection import DetectorConfig, FREDetector, ModelFileError
+from .features import WeightsUnavailableError, get_backbone_spec, list_backbones
+from .jobs import run
 
 __version__ = "0.1.0"
 
@@ -32,5 +31,6 @@ __all__ = [
     "fit_covariance",
     "fit_gram",
     "fit_rows",
+    "run",
     "__version__",
 ]

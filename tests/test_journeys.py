@@ -57,6 +57,7 @@ JOURNEYS: dict[str, str] = {
     "python cli.py export --model_file model.pt --format torchscript --out model.ts": "test_fit_predict_export",
     "python: import numpy as np, onnxruntime as ort": "test_fit_predict_export",
     "python: import numpy as np": "test_python_api",
+    "python: from fre_torch import DetectorConfig, run": "test_python_api",
     "python: from fre_torch import DetectorConfig, FREDetector": "test_python_api",
     "torchrun --nproc_per_node 4 cli.py evaluate --dataset_directory ./mvtec --object_category all --model "
     "efficientnet_lite0 --device cuda --json results.json": f"{NOT_RUN}: needs 4 CUDA GPUs (test_distributed runs "
@@ -271,19 +272,30 @@ def test_heatmaps_and_report(workspace: Path) -> None:
 
 
 def test_python_api(tmp_path: Path) -> None:
-    """Both README Python blocks run as written, in a folder holding good_parts/ and a.png."""
+    """The README's Python blocks run as written, in a folder holding the files they name."""
     _write_workspace(tmp_path)
-    first = subprocess.run([sys.executable, "-c", readme_python("import numpy as np\n")], cwd=tmp_path, env=_env(),
-                           capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
-    k_one_shot, k_stream, shape = first.stdout.split(maxsplit=2)
+
+    def python(code: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip().splitlines()[-1]
+
+    jobs = python(readme_python("from fre_torch import DetectorConfig, run") +
+                  "\nimport json; print(json.dumps([auroc, len(flagged), len(predicted.rows)]))\n")
+    auroc, n_flagged, n_rows = json.loads(jobs)
+    doc = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert auroc == doc["categories"]["bottle"]["image_auroc"] >= 0.9
+    assert (tmp_path / "report" / "index.html").is_file() and len(list((tmp_path / "heat").rglob("*.png"))) == 28
+    assert n_rows == 14 and 4 <= n_flagged <= 10  # 8 of the 14 bottle test images are defective
+    assert (tmp_path / "results" / "predictions.csv").is_file() and (tmp_path / "model.pt").is_file()
+
+    k_one_shot, k_stream, shape = python(readme_python("import numpy as np\n")).split(maxsplit=2)
     assert k_one_shot == k_stream and shape.strip() == "(10,)"
+
     code = readme_python("from fre_torch import DetectorConfig, FREDetector")
     probe = code + "\nimport json; print(json.dumps([float(scores[0]), list(maps.shape), float(det.score(images)[0])]))\n"
-    second = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                            timeout=600)
-    assert second.returncode == 0, second.stderr
-    score, shape, reloaded = json.loads(second.stdout.strip().splitlines()[-1])
+    score, shape, reloaded = json.loads(python(probe))
     assert shape == [1, 7, 7] and score > 0 and reloaded == pytest.approx(score, rel=1e-6)  # saved, loaded, same
 
 

@@ -6,6 +6,7 @@ Thin on purpose: data comes from ``fre_torch.features.images``, the model from `
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -21,11 +22,11 @@ from ..features.images import FeatureCache, ImageDataset, MVTecCategory, image_s
 from ..detection.detector import DetectorConfig, FREDetector, upsample_maps
 from ..core.distributed import config_hash_check, gather_rows, is_main_process, shard
 from .crossfit import cross_fit
-from .heatmaps import save_heatmaps
 from ..detection.metrics import aupr, auroc, f1_max, pixel_auroc, pixel_f1_max, pro
 from ..features.files import atomic_write
 
-__all__ = ["evaluate_category", "evaluation_maps", "format_table", "summarize", "write_json", "METRICS",
+__all__ = ["evaluate_category", "evaluation_maps", "format_table", "summarize", "write_json", "write_scores_csv",
+           "METRICS",
            "PIXEL_METRICS", "THRESHOLD_QUANTILE"]
 
 METRICS = ("image_auroc", "image_aupr", "image_f1_max")
@@ -62,16 +63,15 @@ def _sync(device: torch.device) -> None:
 
 def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: str, *, batch_size: int = 32,
                       num_workers: int | None = None, progress: Progress | None = None,
-                      pixel_metrics: bool = True, heatmap_dir: str | os.PathLike | None = None,
-                      keep_maps: bool = False, cache: str | os.PathLike | None = None,
+                      pixel_metrics: bool = True, keep_maps: bool = False, cache: str | os.PathLike | None = None,
                       cache_features: bool = True, resize: str = "auto") -> dict[str, Any]:
     """Fit ``detector`` on ``<root>/<category>/train/good`` and evaluate it on ``test/*``.
 
     Args:
         pixel_metrics: also compute maps and pixel AUROC / PRO / pixel F1-max when the category has masks (and
             the detector is linear).
-        heatmap_dir: write one heatmap PNG per test image there (``fre_torch.jobs.heatmaps``; linear mode only).
-        keep_maps: also return what ``fre_torch.jobs.report`` needs (see Returns).
+        keep_maps: also return what heatmaps (``fre_torch.jobs.heatmaps``) and the report (``fre_torch.jobs.report``)
+            need (see Returns).
         cache: a folder for ``fre_torch.features.images.PreprocessCache``: decoded, resized images are kept there (keyed by
             file content and settings) and reused by later runs; with ``cache_features`` (default) the detector's
             feature vectors too, in ``<cache>/features`` (``fre_torch.features.images.FeatureCache``, keyed by the exact input
@@ -81,7 +81,7 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
             on the device: bilinear, antialiased; needs images of one size) or 'auto' (device on CUDA when the
             category's images share one size, else cpu).
 
-    With ``heatmap_dir`` or ``keep_maps``, one extra pass over the training images after the fit cross-fits them
+    With ``keep_maps``, one extra pass over the training images after the fit cross-fits them
     (``fre_torch.jobs.crossfit``, 5 folds; their features are kept in memory from the fit, or read from ``cache``): each
     gets a score and a map from a model that did not see it. The decision threshold is the ``THRESHOLD_QUANTILE``
     of those scores and the heatmap colour scale the ``MAP_SCALE_QUANTILE`` of those maps' values; neither uses a
@@ -90,20 +90,15 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
     Returns:
         ``{"image_auroc", "image_aupr", "image_f1_max", "n_train", "n_test", "fit_seconds",
         "test_images_per_second"}``, ``"pixel_auroc", "pro", "pixel_f1_max"`` when computed, plus ``"scores"``
-        (list, test order) and ``"labels"``. With the extra pass also ``"threshold"``, ``"threshold_quantile"``,
-        ``"cross_fit_folds"`` and (linear mode) ``"map_scale"``; with ``keep_maps`` also ``"paths"``,
-        ``"mask_paths"`` (str or None, test order) and ``"grid_maps"`` (``(N, g, g)`` float32 CPU tensor, None in
-        kernel mode).
+        (list, test order), ``"labels"`` and ``"paths"`` (str, test order). With ``keep_maps`` also ``"threshold"``,
+        ``"threshold_quantile"``, ``"cross_fit_folds"``, ``"map_scale"`` (linear mode), ``"mask_paths"`` (str or
+        None, test order) and ``"grid_maps"`` (``(N, g, g)`` float32 CPU tensor, None in kernel mode).
     """
     linear = detector.config.kernel is None
-    if heatmap_dir is not None and not linear:
-        raise ValueError("heatmaps need anomaly maps, which kernel FRE does not give (it scores whole-image "
-                         "vectors); drop --kernel or --save_heatmaps")
-    calibrate = heatmap_dir is not None or keep_maps
     store = None
     if cache is not None and cache_features:
         store = FeatureCache(Path(cache) / "features")
-    elif detector.feature_cache is None and calibrate:
+    elif detector.feature_cache is None and keep_maps:
         # The cross-fitting pass reads the training features again: keep them in memory from the fit (N x D
         # float32) rather than run the backbone over the training images a second time.
         store = FeatureCache(None)
@@ -116,7 +111,7 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
         # original order.
         config_hash_check({"category": category, "config": detector.config.to_dict(),
                            "weights": detector._weights_id, "batch_size": batch_size,
-                           "pixel_metrics": pixel_metrics, "calibrate": calibrate,
+                           "pixel_metrics": pixel_metrics, "calibrate": keep_maps,
                            "train": [p.name for p in cat.train],
                            "test": [str(p.relative_to(cat.root)) for p in cat.test_paths]})
         train_paths = shard(cat.train, unit=batch_size, what=f"{category} training images")
@@ -134,7 +129,7 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
 
         segment = pixel_metrics and linear and any(m is not None for m in cat.mask_paths)
         t0 = time.perf_counter()
-        if segment or (calibrate and linear):
+        if segment or (keep_maps and linear):
             scores, grid_maps = detector.score_and_maps(_Counted(test, progress))
             grid_maps = gather_rows(grid_maps)  # data-parallel: all ranks' maps in test order (identity otherwise)
         else:
@@ -149,7 +144,7 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
         labels = cat.test_labels
         pixel = _pixel_metrics(cat, grid_maps) if segment and is_main_process() else {}
         extra: dict[str, Any] = {}
-        if calibrate:
+        if keep_maps:
             # After the timings, so fit_seconds and the test throughput stay comparable with runs without it.
             oof = cross_fit(detector, _Counted(train, progress), quantile=THRESHOLD_QUANTILE, batch_size=batch_size)
             extra = {"threshold": oof.threshold, "threshold_quantile": THRESHOLD_QUANTILE, "cross_fit_folds": oof.folds}
@@ -160,12 +155,8 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
             return {"n_train": len(cat.train), "n_test": len(cat.test), "fit_seconds": fit_seconds,
                     "test_images_per_second": len(cat.test) / test_seconds if test_seconds > 0 else math.inf,
                     "scores": scores_cpu.tolist(), "labels": labels.tolist()}
-        if heatmap_dir is not None:
-            save_heatmaps(heatmap_dir, cat.test_paths, grid_maps, extra["map_scale"], masks=cat.mask_paths,
-                          labels=labels)
         if keep_maps:
-            extra.update(paths=[str(p) for p in cat.test_paths],
-                         mask_paths=[None if m is None else str(m) for m in cat.mask_paths],
+            extra.update(mask_paths=[None if m is None else str(m) for m in cat.mask_paths],
                          grid_maps=grid_maps.float().cpu() if linear else None)
         return {**pixel, **extra,
             "image_auroc": float(auroc(scores_cpu, labels)),
@@ -177,6 +168,7 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
             "test_images_per_second": len(cat.test) / test_seconds if test_seconds > 0 else math.inf,
             "scores": scores_cpu.tolist(),
             "labels": labels.tolist(),
+            "paths": [str(p) for p in cat.test_paths],
         }
 
 
@@ -261,6 +253,18 @@ def write_json(path: str | os.PathLike, document: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def write_scores_csv(path: str | os.PathLike, rows: Sequence[tuple[str, str, int, float]]) -> Path:
+    """``category,path,label,score`` per test image, written atomically; 9 significant digits (a float32 round
+    trip)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["category", "path", "label", "score"])
+        w.writerows([c, p, label, f"{score:.9g}"] for c, p, label, score in rows)
     return path
 
 
