@@ -34,7 +34,7 @@ What is shared and what is measured:
   (on objects in front of a uniform background, the background's level: an exposure estimate that the object's size
   and pose do not move); ``zstd``: an affine map so the mean and standard deviation of the grey level match.
 - Timing: per candidate, ``FREDetector(config).features`` on the same 32 real images (bottle test) at the candidate's
-  input size, best of 2 after a warm-up (crops and gain included where the candidate has them), on this machine's
+  input size, best of 3 after a warm-up (crops and gain included where the candidate has them), on this machine's
   CPU threads; other processes may share the CPU, so the figures are rough. The backbone is truncated after the
   candidate's last layer, so a candidate's figure is its own, not that of the shared pass.
 
@@ -72,6 +72,7 @@ SETS: dict[str, tuple[str, str]] = {
 }
 BATCH = 32
 TIMING_IMAGES = 32
+BASELINE = "det_l0_224"  # today's default: the table gives every candidate's speed relative to it
 
 L0, L1, L2 = "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"
 
@@ -492,7 +493,7 @@ def time_candidate(cand: Candidate, images: torch.Tensor, threads: int) -> dict[
 
     run()
     best = math.inf
-    for _ in range(2):
+    for _ in range(3):
         t0 = time.perf_counter()
         run()
         best = min(best, time.perf_counter() - t0)
@@ -577,10 +578,13 @@ def _write(path: Path, document: dict[str, Any]) -> None:
 
 
 def table(document: dict[str, Any]) -> str:
-    """Markdown: one row per candidate, per set image AUROC / pixel AUROC / PRO, then images/s and model floats."""
+    """Markdown: one row per candidate, per set image AUROC / pixel AUROC / PRO, then images/s, its ratio to
+    ``BASELINE``'s measured in the same run, and model floats."""
     sets = [s for s in SETS if s in document.get("results", {})]
-    head = "| candidate | " + " | ".join(f"{s} img / px / PRO" for s in sets) + " | img/s | floats (largest set) |"
-    lines = [head, "|" + "---|" * (len(sets) + 3)]
+    head = ("| candidate | " + " | ".join(f"{s} img / px / PRO" for s in sets)
+            + " | img/s | x default | floats (largest set) |")
+    lines = [head, "|" + "---|" * (len(sets) + 4)]
+    base = document.get("timing", {}).get(BASELINE, {}).get("images_per_second")
     for name in document.get("candidates", {}):
         cells = []
         for s in sets:
@@ -589,7 +593,8 @@ def table(document: dict[str, Any]) -> str:
         speed = document.get("timing", {}).get(name, {}).get("images_per_second")
         floats = max((document["results"][s][name]["model_floats"] for s in sets if name in document["results"][s]),
                      default=None)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'' if speed is None else f'{speed:.0f}'} | "
+        ratio = "" if speed is None or base is None else f"{speed / base:.2f}"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'' if speed is None else f'{speed:.0f}'} | {ratio} | "
                      f"{'' if floats is None else f'{floats:,}'} |")
     return "\n".join(lines)
 
