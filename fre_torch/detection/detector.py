@@ -70,6 +70,10 @@ class ModelFileError(ValueError):
 # maps share the reference's grid (stride-16 map pooled by 2 = stride-32 map).
 DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
     "efficientnet_lite0": ("blocks.8", "blocks.14"),
+    # Same roles as Lite0's, in the deeper Lite1 / Lite2 (stages 1.1 / 1.2 x as deep): the first block of the
+    # stride-16 112-channel (Lite2: 120) stage and the last block of the stride-32 192-channel (Lite2: 208) stage.
+    "efficientnet_lite1": ("blocks.11", "blocks.19"),
+    "efficientnet_lite2": ("blocks.11", "blocks.19"),
     "efficientnet_b5": ("features.6", "features.7"),
     "resnet18": ("layer3", "layer4"),
     "resnet50": ("layer3", "layer4"),

