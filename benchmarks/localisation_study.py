@@ -12,17 +12,17 @@ reported too, as the "score = map" figure), the images/s of its feature extracti
 
 What is shared and what is measured:
 
-- Images are decoded once per (set, input size) with ``fre_torch.data`` (``ImageDataset`` / ``make_loader``: PIL,
+- Images are decoded once per (set, input size) with ``fre_torch.features.images`` (``ImageDataset`` / ``make_loader``: PIL,
   LANCZOS to a square) and kept as uint8 in ``--cache_dir``.
 - Features: one backbone pass per (set, backbone, input size, tiling, photometric mode) over train and test images
-  (``fre_torch.backbones``), every layer any candidate of that pass needs kept at its own resolution in
+  (``fre_torch.features.backbones``), every layer any candidate of that pass needs kept at its own resolution in
   ``--cache_dir``. Cache entries are keyed by the set's files (names, sizes, modification times), the pass settings,
   the backbone's weights name and the torch version.
-- Each candidate is then a :class:`fre_torch.detector.DetectorConfig` (backbone, layers, input size, pool): its rows
-  come from ``fre_torch.detector.embed`` on the cached maps, and a ``FREDetector`` runs its own ``fit``,
-  ``score_and_maps`` on them (the way ``fre_torch.crossfit`` reuses features): float64 PCA(0.97) per layer, scores
-  divided by each layer's training residual variance. Pixel metrics come from ``fre_torch.evaluate.evaluation_maps``
-  and ``fre_torch.metrics`` (the images' own size; magnetic_tile's mixed sizes at 256 x 256).
+- Each candidate is then a :class:`fre_torch.detection.detector.DetectorConfig` (backbone, layers, input size, pool): its rows
+  come from ``fre_torch.detection.detector.embed`` on the cached maps, and a ``FREDetector`` runs its own ``fit``,
+  ``score_and_maps`` on them (the way ``fre_torch.jobs.crossfit`` reuses features): float64 PCA(0.97) per layer, scores
+  divided by each layer's training residual variance. Pixel metrics come from ``fre_torch.jobs.evaluate.evaluation_maps``
+  and ``fre_torch.detection.metrics`` (the images' own size; magnetic_tile's mixed sizes at 256 x 256).
 - Tiling: overlapping ``tile`` px crops of an ``input_size`` px image at ``stride``, each run through the backbone at
   ``tile`` px; one subspace per tile position (``position``: aligned objects) or one shared by all positions
   (``shared``: textures, N x T training rows). The tile maps are placed on the image's grid and overlaps averaged;
@@ -52,18 +52,17 @@ import platform
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from fre_torch.backbones import Normalize, build_feature_extractor, get_backbone_spec
-from fre_torch.data import ImageDataset, MVTecCategory, make_loader
-from fre_torch.detector import DetectorConfig, FREDetector, embed
-from fre_torch.evaluate import evaluation_maps
-from fre_torch.metrics import auroc, pixel_auroc, pro
+from fre_torch.features.backbones import Normalize, build_feature_extractor, get_backbone_spec
+from fre_torch.features.images import ImageDataset, MVTecCategory, make_loader
+from fre_torch.detection.detector import DetectorConfig, FREDetector, embed
+from fre_torch.jobs.evaluate import evaluation_maps
+from fre_torch.detection.metrics import auroc, pixel_auroc, pro
 
 SETS: dict[str, tuple[str, str]] = {
     "bottle": ("mvtec_bottle", "bottle"),
@@ -265,7 +264,7 @@ class Store:
 
 
 def decode(cat: MVTecCategory, size: int, store: Store, digest: str) -> dict[str, torch.Tensor]:
-    """``{"train": (N, 3, size, size), "test": (M, 3, size, size)}`` uint8, decoded by ``fre_torch.data``."""
+    """``{"train": (N, 3, size, size), "test": (M, 3, size, size)}`` uint8, decoded by ``fre_torch.features.images``."""
     settings = f"{cat.name}|{digest}|{size}|LANCZOS"
     found = store.load(f"images_{cat.name}_{size}", settings)
     if found is not None:
@@ -371,7 +370,7 @@ def features(spec: Pass, cat: MVTecCategory, store: Store, digest: str,
 
 class RowsDetector(FREDetector):
     """An ``FREDetector`` whose ``features`` looks rows up by index: its own ``fit`` and ``score_and_maps`` then run
-    unchanged on features extracted once (as ``fre_torch.crossfit`` does). The backbone it builds is never run.
+    unchanged on features extracted once (as ``fre_torch.jobs.crossfit`` does). The backbone it builds is never run.
 
     Args:
         config: the candidate's configuration.

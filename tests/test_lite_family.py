@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from fre_torch.backbones import (
+from fre_torch.features.backbones import (
     LITE_MEAN,
     LITE_STD,
     EfficientNetLite,
@@ -27,7 +27,7 @@ from fre_torch.backbones import (
     get_backbone_spec,
     normalize,
 )
-from fre_torch.detector import DEFAULT_LAYERS, DetectorConfig
+from fre_torch.detection.detector import DEFAULT_LAYERS, DetectorConfig
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BOTTLE_TRAIN = DATA / "mvtec_bottle" / "bottle" / "train" / "good"
