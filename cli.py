@@ -110,8 +110,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_model(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--model", default=default, help=f"backbone (default {default}; see evaluate --list_models)")
-    p.add_argument("--layers", nargs="+", default=None, help="backbone layers (default: per backbone)")
-    p.add_argument("--input_size", type=int, default=0, help="square input side (default: per backbone)")
+    p.add_argument("--layers", nargs="+", default=None, help="score head's layers (default: per backbone)")
+    p.add_argument("--input_size", type=int, nargs="+", default=[0], metavar="S | H W",
+                   help="image size: a square side, or height and width for long parts (default: per backbone)")
+    p.add_argument("--map_layers", nargs="+", default=None,
+                   help="map head's layers (default: per backbone); 'none': maps from the score layers")
+    p.add_argument("--map_pool", type=int, default=2, help="pool of the first map layer: the map grid (default 2)")
+    p.add_argument("--map_input_size", type=int, nargs="+", default=[0], metavar="S | H W",
+                   help="map head's image size, a second backbone pass (default: the input size, one pass)")
+    p.add_argument("--tile_size", type=int, nargs="+", default=[0], metavar="S | H W",
+                   help="cut the image into overlapping tiles of this size, each through the backbone (default: off)")
+    p.add_argument("--tile_stride", type=int, nargs="+", default=[0], metavar="S | H W",
+                   help="step between tiles in pixels (default: half a tile)")
     p.add_argument("--pca", type=float, default=0.97, help="variance fraction in (0, 1), or a number of components")
     p.add_argument("--solver", choices=["auto", "gram", "covariance"], default="auto",
                    help="subspace solver: Gram (N x N, when N < D), covariance (D x D, streaming) or auto")
@@ -137,7 +147,9 @@ def _add_run_options(p: argparse.ArgumentParser, device: str | None, cache: bool
 
 def _config(args: argparse.Namespace, run, **fields):
     return run.detector_config(args.model, layers=args.layers, input_size=args.input_size, pca=args.pca,
-                               solver=args.solver, **fields)
+                               solver=args.solver, map_layers=args.map_layers, map_pool=args.map_pool,
+                               map_input_size=args.map_input_size, tile_size=args.tile_size,
+                               tile_stride=args.tile_stride, **fields)
 
 
 def cmd_evaluate(args: argparse.Namespace, run) -> object:

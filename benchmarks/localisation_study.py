@@ -139,12 +139,14 @@ class Candidate:
     @property
     def config(self) -> DetectorConfig:
         size = self.source.tile or self.source.input_size
-        return DetectorConfig(self.source.backbone, layers=self.layers, input_size=size, pool=self.pool)
+        # One head (map_layers=None): a candidate is one set of layers, judged as a score or as a map.
+        return DetectorConfig(self.source.backbone, layers=self.layers, input_size=size, pool=self.pool,
+                              map_layers=None)
 
     def describe(self) -> dict[str, Any]:
         c = self.config
         d = {"head": self.head, "backbone": c.backbone, "input_size": self.source.input_size, "layers": list(c.layers),
-             "pool": c.pool, "grid": c.grid, "photometric": self.source.photometric, "note": self.note}
+             "pool": c.pool, "grid": c.map_grid[0], "photometric": self.source.photometric, "note": self.note}
         if self.tiling:
             n = len(self.source.offsets)
             d.update(tiling=self.tiling, tile=self.source.tile, stride=self.source.stride, tiles=f"{n}x{n}",
@@ -403,7 +405,7 @@ def model_floats(detector: FREDetector) -> int:
 def _canvas_side(cand: Candidate) -> int:
     """Side of the image-level grid a tiled candidate's maps are placed on (cell = tile / grid pixels)."""
     s = cand.source
-    cell = s.tile // cand.config.grid
+    cell = s.tile // cand.config.map_grid[0]
     if s.stride % cell or s.input_size % cell:
         raise ValueError(f"{cand.name}: stride {s.stride} and image {s.input_size} must be multiples of the "
                          f"{cell} px grid cell")
@@ -413,7 +415,7 @@ def _canvas_side(cand: Candidate) -> int:
 def _rows(cand: Candidate, maps: dict[str, torch.Tensor], select: torch.Tensor | slice = slice(None)
           ) -> list[torch.Tensor]:
     """The candidate's per-layer rows ``[(n, C_l * g * g)]`` from cached maps ``{layer: (n_all, C, h, w)}``."""
-    return embed([maps[name][select] for name in cand.layers], cand.config.grid)
+    return embed([maps[name][select] for name in cand.layers], cand.config.map_grid)
 
 
 def run_candidate(cand: Candidate, feats: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor,
@@ -449,7 +451,7 @@ def run_candidate(cand: Candidate, feats: dict[str, dict[str, torch.Tensor]]) ->
     else:
         raise ValueError(f"tiling must be '', 'position' or 'shared', got {cand.tiling!r}")
     fit_seconds = time.perf_counter() - t0
-    g = config.grid
+    g = config.map_grid[0]
     side = _canvas_side(cand)
     cell = cand.source.tile // g
     total = torch.zeros(n_test, side, side)

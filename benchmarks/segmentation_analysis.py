@@ -179,7 +179,9 @@ def run(root: str, category: str, *, layers: Sequence[str] = (), pool: int = 2, 
     """Fit efficientnet_lite0 FRE on the category, map its test images and break the pixel AUROC down."""
     t0 = time.perf_counter()
     cat = MVTecCategory.load(root, category)
-    config = DetectorConfig(backbone="efficientnet_lite0", layers=tuple(layers), pool=pool)
+    # One head (map_layers=None): the maps of exactly these layers, the analysed configuration.
+    config = DetectorConfig(backbone="efficientnet_lite0", layers=tuple(layers), pool=pool, map_layers=None)
+    grid = config.map_grid[0]  # square at the default input size
     # The kNN baseline reads the features a second time: keep them in memory (one backbone pass per image).
     detector = FREDetector(config, device="cpu", feature_cache=FeatureCache(None) if knn else None)
     size = config.input_size
@@ -189,7 +191,7 @@ def run(root: str, category: str, *, layers: Sequence[str] = (), pool: int = 2, 
     with torch.inference_mode():
         _, grid_maps = detector.score_and_maps(test)
     maps, masks = evaluation_maps(cat, grid_maps)
-    out: dict[str, Any] = {"category": category, "layers": list(config.layers), "pool": pool, "grid": config.grid,
+    out: dict[str, Any] = {"category": category, "layers": list(config.layers), "pool": pool, "grid": grid,
                            "fre": breakdown(maps, masks, cat.defect_types, far=far)}
     h, w = masks.shape[-2:]
     if h == w:  # the evaluation size is square (MVTec, or mixed sizes compared at MIXED_SIZE_EVAL)
@@ -197,7 +199,7 @@ def run(root: str, category: str, *, layers: Sequence[str] = (), pool: int = 2, 
         out["image_far_leak"] = image_far_leak(images, masks, cat.defect_types, far=far)
     if knn:
         with torch.inference_mode():
-            knn_maps = knn_grid_maps(_rows(detector, train), _rows(detector, test), config.grid)
+            knn_maps = knn_grid_maps(_rows(detector, train), _rows(detector, test), grid)
         out["knn"] = breakdown(evaluation_maps(cat, knn_maps)[0], masks, cat.defect_types, far=far)
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -264,22 +264,25 @@ def synth_images(synth_root: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def pca_detector(synth_images) -> FREDetector:
-    return FREDetector(DetectorConfig("efficientnet_lite0", input_size=64), device="cpu").fit(synth_images["train"])
+    # image_score='fre': these tests compare the subspace fits, through the plain FRE they give
+    return FREDetector(DetectorConfig("efficientnet_lite0", input_size=64, image_score="fre"),
+                       device="cpu").fit(synth_images["train"])
 
 
 @pytest.mark.parametrize("mode", ["tae", "ae"])
 def test_detector_mode_fits_scores_maps_and_round_trips(mode: str, synth_images, pca_detector: FREDetector,
                                                         tmp_path: Path) -> None:
-    det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=64, mode=mode), device="cpu")
+    det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=64, mode=mode, image_score="fre"), device="cpu")
     det.fit(synth_images["train"])
-    assert all(isinstance(m, LinearAutoencoder) and m.tied == (mode == "tae") for m in det.subspaces)
+    models = [*det.subspaces, *det.map_subspaces]  # both heads train the same kind of model
+    assert len(models) == 4 and all(isinstance(m, LinearAutoencoder) and m.tied == (mode == "tae") for m in models)
     # Same k as PCA on the same rows; the score scale is the AE's training residual variance.
     assert [m.n_components_ for m in det.subspaces] == [s.n_components for s in pca_detector.subspaces]
     assert torch.equal(det.scales, torch.stack([m.residual_variance for m in det.subspaces]))
     scores, maps = det.anomaly_maps(synth_images["test"])
-    g = det.config.grid
-    assert maps.shape == (len(scores), g, g) and bool(torch.isfinite(scores).all())
-    assert torch.allclose(maps.sum(dim=(1, 2)), scores, rtol=1e-4)
+    assert maps.shape == (len(scores), *det.config.map_grid) and bool(torch.isfinite(scores).all())
+    score_maps = det.head_maps(det.features(synth_images["test"]), "score", stitched=False)
+    assert torch.allclose(score_maps.sum(dim=(1, 2, 3)), scores, rtol=1e-4)  # 'fre': the sum of the score cells
     # Trained to convergence, the fused scores follow PCA's (tied: to float32 rounding; untied: within 5 %).
     rel = scores.double() / pca_detector.score(synth_images["test"]).double() - 1
     assert float(rel.abs().max()) < (1e-3 if mode == "tae" else 0.05)

@@ -62,16 +62,19 @@ def small_images() -> torch.Tensor:
 def test_default_config_shape() -> None:
     cfg = DetectorConfig()
     assert cfg.backbone == "efficientnet_lite0"
-    assert cfg.layers == ("blocks.8", "blocks.14")
-    assert cfg.input_size == 224
-    assert cfg.grid == 7
-    assert cfg.layer_features == (5488, 9408)
+    assert cfg.layers == ("blocks.8", "blocks.14") and cfg.map_layers == ("blocks.4", "blocks.8")
+    assert cfg.input_size == 224 and cfg.load_size == 224 and cfg.map_input_size == 0  # one backbone pass
+    assert cfg.score_head.grid == (7, 7) and cfg.map_head.grid == (14, 14) == cfg.map_grid
+    # score head: 112 x 7 x 7, 192 x 7 x 7; map head: 40 x 14 x 14, 112 x 14 x 14
+    assert cfg.layer_features == (5488, 9408, 7840, 21952) and cfg.n_score_subspaces == 2
 
 
-def test_default_score_is_sum_of_fre_over_residual_variance(fitted_default: FREDetector, synth) -> None:
-    det = fitted_default
-    train_feats = det.features(synth["train"])
-    test_feats = det.features(synth["test"])
+def test_fre_score_is_sum_of_fre_over_residual_variance(synth) -> None:
+    """image_score='fre': the sum over the score layers of each layer's FRE divided by its training residual
+    variance (the default 'top' is built from the same layers' cells: tests/test_heads.py)."""
+    det = FREDetector(DetectorConfig("efficientnet_lite0", image_score="fre"), device="cpu").fit(synth["train"])
+    train_feats = det.features(synth["train"])[:2]  # the score head's rows (the map head's follow)
+    test_feats = det.features(synth["test"])[:2]
     assert [tuple(f.shape) for f in train_feats] == [(40, 5488), (40, 9408)]
     expected = torch.zeros(len(synth["test"]), dtype=torch.float64)
     for layer, (sub, tr, te) in enumerate(zip(det.subspaces, train_feats, test_feats)):
@@ -89,7 +92,7 @@ def test_default_score_is_sum_of_fre_over_residual_variance(fitted_default: FRED
 
 def test_scores_finite_when_subspace_keeps_every_direction(small_images: torch.Tensor) -> None:
     # 12 noise images: PCA(0.97) keeps all 11 directions they span, the training residual is 0 up to rounding.
-    det = FREDetector(DetectorConfig(input_size=64), device="cpu").fit(small_images)
+    det = FREDetector(DetectorConfig(input_size=64, image_score="fre"), device="cpu").fit(small_images)
     assert all(sub.n_components == 11 for sub in det.subspaces)
     totals = torch.stack([sub.total_variance for sub in det.subspaces])
     assert bool((det.scales >= 1e-6 * totals * (1 - 1e-12)).all())
@@ -217,7 +220,7 @@ def test_bad_config_raises(kwargs: dict, match: str) -> None:
 
 
 def test_largest_pool_is_accepted() -> None:
-    assert DetectorConfig(pool=14).grid == 1
+    assert DetectorConfig(pool=14).score_head.grid == (1, 1)
 
 
 def test_score_before_fit_raises(small_images: torch.Tensor) -> None:
@@ -268,7 +271,8 @@ def test_nan_features_fail_fit(value: float, small_images: torch.Tensor, monkeyp
     det = FREDetector(DetectorConfig(input_size=64), device="cpu")
     forward = det.extractor.forward
     monkeypatch.setattr(det.extractor, "forward",
-                        lambda x: {name: torch.full_like(m, value) for name, m in forward(x).items()})
+                        lambda x, layers=None: {name: torch.full_like(m, value)
+                                                for name, m in forward(x, layers).items()})
     with pytest.raises(ValueError, match="NaN"):
         det.fit(small_images)
     assert not det.is_fitted
@@ -312,8 +316,10 @@ def test_concat_fusion_is_one_subspace_on_the_concatenated_vectors() -> None:
     g = torch.Generator().manual_seed(3)
     train = torch.randint(0, 256, (24, 3, 64, 64), dtype=torch.uint8, generator=g)
     test = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8, generator=g)
-    cfg = DetectorConfig("efficientnet_lite0", input_size=64, pool=2, fusion="concat", normalize_scores=False)
-    assert cfg.layer_features == (sum(DetectorConfig("efficientnet_lite0", input_size=64).layer_features),)
+    cfg = DetectorConfig("efficientnet_lite0", input_size=64, pool=2, fusion="concat", normalize_scores=False,
+                         map_layers=None, image_score="fre")
+    assert cfg.layer_features == (sum(DetectorConfig("efficientnet_lite0", input_size=64,
+                                                     map_layers=None).layer_features),)
     det = FREDetector(cfg, device="cpu").fit(train)
     (f_train,) = det.features(train)
     (f_test,) = det.features(test)
@@ -326,16 +332,18 @@ def test_concat_fusion_is_one_subspace_on_the_concatenated_vectors() -> None:
 
 
 def test_maps_sum_to_scores_and_vanish_inside_the_subspace() -> None:
-    """The fused map summed over its grid is the image score; a vector in the subspace has a zero map."""
+    """One head (map_layers=None, the reference's model): the fused map summed over its grid is the image score;
+    a vector in the subspace has a zero map."""
     from fre_torch.detection.detector import upsample_maps
 
     g = torch.Generator().manual_seed(5)
     train = torch.randint(0, 256, (30, 3, 64, 64), dtype=torch.uint8, generator=g)
     test = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8, generator=g)
-    det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=64), device="cpu").fit(train)
+    det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=64, map_layers=None, image_score="fre"),
+                      device="cpu").fit(train)
     scores, maps = det.anomaly_maps(test)
-    grid = det.config.grid
-    assert maps.shape == (5, grid, grid) and bool((maps >= 0).all())
+    gh, gw = det.config.map_grid
+    assert maps.shape == (5, gh, gw) == (5, 2, 2) and bool((maps >= 0).all())
     torch.testing.assert_close(maps.sum(dim=(1, 2)), scores, rtol=1e-4, atol=0)
     torch.testing.assert_close(scores, det.score(test), rtol=0, atol=0)
     # rows reconstructed from subspace coordinates lie in the subspace: their maps are zero

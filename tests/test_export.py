@@ -103,8 +103,8 @@ def test_cli_export_onnx_end_to_end(cli_onnx: tuple[int, str, Path], detector: F
     assert len(lines) == 1, printed
     line = lines[0]
     assert f"onnx (opset {ONNX_OPSET})" in line and f"uint8 (batch, 3, {SIZE}, {SIZE})" in line
-    grid = detector.config.grid
-    assert "score (batch,)" in line and f"map (batch, {grid}, {grid})" in line
+    gh, gw = detector.config.map_grid  # the map head's grid: 4 x 4 at 64 px (blocks.4, stride 8, pooled by 2)
+    assert (gh, gw) == (4, 4) and "score (batch,)" in line and f"map (batch, {gh}, {gw})" in line
     # 2 * 4 + 3 random images and the 20 training images, at batch sizes 4 and 5 (and the remainders)
     assert "on 31 images" in line and "4, 5" in line
     measured = float(line.split("max relative difference score ")[1].split(",")[0])
@@ -113,7 +113,7 @@ def test_cli_export_onnx_end_to_end(cli_onnx: tuple[int, str, Path], detector: F
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (inp,), outs = session.get_inputs(), session.get_outputs()
     assert (inp.name, inp.type, inp.shape) == ("images", "tensor(uint8)", ["batch", 3, SIZE, SIZE])
-    assert [(o.name, o.shape) for o in outs] == [("score", ["batch"]), ("map", ["batch", grid, grid])]
+    assert [(o.name, o.shape) for o in outs] == [("score", ["batch"]), ("map", ["batch", gh, gw])]
     meta = session.get_modelmeta().custom_metadata_map
     assert meta["fre_torch.opset"] == str(ONNX_OPSET)
     assert float(meta["fre_torch.threshold"]) == pytest.approx(float(detector.threshold), rel=1e-7)
@@ -131,8 +131,9 @@ def test_onnx_parity_on_new_images_and_batch_sizes(cli_onnx: tuple[int, str, Pat
     assert got_score.dtype == got_map.dtype == torch.float32
     assert max_relative_difference(got_score, want_score) <= SCORE_TOLERANCE
     assert max_relative_difference(got_map, want_map) <= 1e-4
-    # the score output is the map summed over its grid, as in the detector
-    torch.testing.assert_close(got_score, got_map.sum(dim=(1, 2)), rtol=1e-5, atol=0)
+    # the score output is made from the score head's cells (not from the map output: that is the map head's)
+    cells = detector.head_maps(detector.features(test_images), "score", stitched=False)
+    torch.testing.assert_close(got_score, detector.score_from_cells(cells), rtol=1e-5, atol=1e-5)
 
 
 def test_torchscript_parity_and_input_guard(detector: FREDetector, test_images: torch.Tensor,

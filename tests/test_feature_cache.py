@@ -34,9 +34,9 @@ class _Counting:
         self.step, self.images = det._backbone, 0
         det._backbone = self
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor, *pass_index: int) -> list[list[torch.Tensor]]:
         self.images += x.shape[0]
-        return self.step(x)
+        return self.step(x, *pass_index)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -81,8 +81,9 @@ def test_concat_fusion_uses_the_same_per_layer_entries(tmp_path):
     summed = _detector(tmp_path).features(images)
     concat = _detector(tmp_path, config=DetectorConfig("efficientnet_lite0", input_size=64, fusion="concat"))
     counted = _Counting(concat)
-    (joined,) = concat.features(images)
-    assert counted.images == 0 and torch.equal(joined, torch.cat(summed, dim=1))
+    score_row, map_row = concat.features(images)  # one concatenated row per head
+    assert counted.images == 0 and torch.equal(score_row, torch.cat(summed[:2], dim=1))
+    assert torch.equal(map_row, torch.cat(summed[2:], dim=1))
 
 
 @pytest.mark.parametrize("change", ["weights", "layers", "input_size", "pool", "normalization", "precision",

@@ -193,7 +193,7 @@ def test_default_layers_have_lite0s_roles(name: str) -> None:
     assert spec.layers[last_of_6th].channels == STAGE_CHANNELS[name][5]
     config = DetectorConfig(name)
     assert config.layers == DEFAULT_LAYERS[name] and config.input_size == spec.input_size
-    assert config.grid == spec.input_size // 32  # 7, 7, 8
+    assert config.score_head.grid == (spec.input_size // 32,) * 2  # 7, 7, 8
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def test_corrupt_entry_is_ignored_and_rewritten(tmp_path):
     (entry,) = (tmp_path / "cache").rglob("*.u8")
     entry.write_bytes(entry.read_bytes()[:100])  # truncated, e.g. a disk-full write by another tool
     assert torch.equal(cache.read(img, 32)[0], _read_image(img, 32)[0])
-    assert entry.stat().st_size == 16 + 3 * 32 * 32
+    assert entry.stat().st_size == 20 + 3 * 32 * 32  # header: magic, original H, W, stored H, W
 
 
 def test_unwritable_cache_only_costs_speed(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from ..features.backbones import (IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, Fea
                         build_feature_extractor, get_backbone_spec)
 from ..core.distributed import gather_rows, reduce_accumulator
 from ..features.files import atomic_write
+from .geometry import HeadGeometry, as_hw, cut_tiles, embed, stitch, tile_offsets
 from .threshold import ThresholdStats, threshold_stats
 from ..core.precision import autocast, backbone_dtype, check_device, check_precision
 from ..core.subspace import (
@@ -44,6 +46,7 @@ from ..core.subspace import (
     GramAccumulator,
     Subspace,
     fit_accumulator,
+    fit_rows,
     resolve_solver,
     select_n_components,
 )
@@ -51,14 +54,16 @@ from ..core.subspace import (
 if TYPE_CHECKING:  # the cache does file I/O; the detector only calls its key / get / put
     from ..features.images import FeatureCache
 
-__all__ = ["DEFAULT_LAYERS", "DetectorConfig", "FREDetector", "MAP_SCALE_QUANTILE", "MODES", "ModelFileError",
+__all__ = ["CELL_FOLDS", "DEFAULT_LAYERS", "DEFAULT_MAP_LAYERS", "DetectorConfig", "FREDetector", "MAP_SCALE_QUANTILE", "MODES", "ModelFileError",
            "embed", "upsample_maps"]
 
 _FORMAT = "fre_torch.detector"
-_VERSION = 1
+_VERSION = 2  # 2: two heads (map_subspaces, map_scales); version-1 files load as one head
 _MIN_RESIDUAL_FRACTION = 1e-6  # floor of a layer's score scale, as a fraction of its total variance
 # Fitting modes: closed-form PCA, or a linear autoencoder trained by gradient descent, tied or untied.
 MODES = ("pca", "tae", "ae")
+# Folds of the cross-fitting that gives the score head's per-cell normal statistics (``image_score='top'``).
+CELL_FOLDS = 5
 
 
 class ModelFileError(ValueError):
@@ -67,7 +72,7 @@ class ModelFileError(ValueError):
 
 # Default layers per backbone: the reference layer plus the end of the deepest spatial stage. Anomalies range from
 # local texture flaws (mid-level features) to structural ones (deep features); two depths cover both, and their
-# maps share the reference's grid (stride-16 map pooled by 2 = stride-32 map).
+# maps share the reference's grid (stride-16 map pooled by 2 = stride-32 map). These layers DETECT: the image score.
 DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
     "efficientnet_lite0": ("blocks.8", "blocks.14"),
     # Same roles as Lite0's, in the deeper Lite1 / Lite2 (stages 1.1 / 1.2 x as deep): the first block of the
@@ -79,35 +84,79 @@ DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
     "resnet50": ("layer3", "layer4"),
     "wide_resnet50_2": ("layer3", "layer4"),
 }
+# Default layers of the map head, which LOCATES: the end of the stride-8 stage and the reference's stride-16 layer,
+# on a grid twice as fine (stride 8 pooled by 2 = stride 16). Without the stride-32 layers, whose receptive field
+# spans the whole image and blurs every defect over its neighbours (benchmarks/localisation_study.py).
+DEFAULT_MAP_LAYERS: dict[str, tuple[str, ...]] = {
+    "efficientnet_lite0": ("blocks.4", "blocks.8"),
+    "efficientnet_lite1": ("blocks.6", "blocks.11"),
+    "efficientnet_lite2": ("blocks.6", "blocks.11"),
+    "efficientnet_b5": ("features.3", "features.5"),
+    "resnet18": ("layer2", "layer3"),
+    "resnet50": ("layer2", "layer3"),
+    "wide_resnet50_2": ("layer2", "layer3"),
+}
+
+
+def _size_field(value: Any, what: str, minimum: int) -> int | tuple[int, int]:
+    """An ``input_size``-like field: an int (square) or ``(height, width)``, each side >= ``minimum``; a square
+    ``(S, S)`` is kept as ``S`` (model files and JSON stay as they were)."""
+    h, w = as_hw(value if not isinstance(value, list) else tuple(value), what)
+    if min(h, w) < minimum:
+        raise ValueError(f"{what} must be >= {minimum} pixels per side, got {value!r}")
+    return h if h == w else (h, w)
 
 
 @dataclass(frozen=True)
 class DetectorConfig:
     """Everything that defines a detector, validated on construction.
 
+    A detector has two heads over one backbone: the **score head** (``layers``, ``pool``) gives the image score,
+    the **map head** (``map_layers``, ``map_pool``, optionally its own ``map_input_size``) gives the anomaly map.
+    Each has its own subspaces. With ``map_layers=None`` there is one head: maps come from the score layers and the
+    score is the sum of the map (the reference's model, and model files written before the two heads).
+
     Args:
         backbone: a name from ``fre_torch.list_backbones()``.
-        layers: layer names of that backbone; empty = ``DEFAULT_LAYERS`` (else the backbone's default layer).
-        input_size: square input side in pixels; 0 = the backbone's default.
-        pool: average-pooling kernel of the first layer's map; it sets the common grid (the reference uses 2).
+        layers: the score head's layers; empty = ``DEFAULT_LAYERS`` (else the backbone's default layer).
+        input_size: the image size in pixels, an int (square) or ``(height, width)`` for long parts (keep their
+            aspect: the image is resized to exactly this); 0 = the backbone's default square.
+        pool: average-pooling kernel of the first score layer's map; it sets the score grid (the reference uses 2).
         n_components: int, float in (0, 1) (explained-variance fraction, scikit-learn's rule) or None.
         solver: 'auto', 'gram' or 'covariance' (see ``fre_torch.core.subspace``).
         normalization: 'native' (the mean/std the backbone's weights were trained with) or 'imagenet' (the
             reference pipeline's ImageNet mean/std, whatever the backbone).
         normalize_scores: divide each layer's FRE by its training residual variance before summing.
-        fusion: 'sum' (one subspace per layer, scores summed) or 'concat' (one subspace on the concatenation).
+        fusion: 'sum' (one subspace per layer, scores summed) or 'concat' (one subspace on the concatenation),
+            in each head.
         kernel: None (linear FRE) or 'rbf' / 'laplacian': FRE in a kernel feature space (``fre_torch.core.kernel``),
-            bandwidth by the median heuristic on the training vectors. Image scores only: maps need linear mode.
+            bandwidth by the median heuristic on the training vectors. Image scores only: no map head.
         kernel_features: M, the number of explicit kernel features (random Fourier features or landmarks).
         kernel_method: 'rff' (random Fourier features) or 'nystroem' (M k-center landmarks; needs N >= M).
         mode: 'pca' (closed-form float64 subspace, the default), 'tae' (tied linear autoencoder) or 'ae' (untied),
-            trained with Adam on the device (``fre_torch.core.autoencoder``; the reference's trained alternatives), at the
-            k PCA would keep. Linear only: not with ``kernel``.
+            trained with Adam on the device (``fre_torch.core.autoencoder``; the reference's trained alternatives), at
+            the k PCA would keep, in both heads. Linear only: not with ``kernel``.
+        map_layers: the map head's layers; empty = ``DEFAULT_MAP_LAYERS``; None = no map head (maps from ``layers``).
+        map_pool: average-pooling kernel of the first map layer's map: the map grid.
+        map_input_size: the map head's image size (int or ``(height, width)``); 0 = ``input_size`` (one backbone pass
+            for both heads), else a second pass at this size.
+        tile_size: 0 (no tiling) or the side (int or ``(height, width)``) of square-ish tiles cut from the
+            ``input_size`` image, each run through the backbone at that size; both heads read the tiles, and one
+            subspace per layer is shared by all tile positions (the tiles are its samples).
+        tile_stride: step between tiles in pixels (int or ``(height, width)``); 0 = half a tile.
+        image_score: how the score head's cells make the image score. 'top' (default): each cell's error is
+            standardised by the mean and standard deviation that cell has on normal images the subspaces did not
+            see (out-of-fold, ``CELL_FOLDS``-fold cross-fitting of the training images at fit time), and the score is
+            the mean of the ``top_fraction`` largest standardised cells: a small defect raises a few cells, which a
+            sum over all cells dilutes, and the standardisation keeps cells that vary a lot on normal parts from
+            always being the top ones. 'fre': the sum over all cells and layers, i.e. the (normalised) FRE of the
+            image -- the reference's score, used by ``reference()`` and kernel FRE (which has no cells).
+        top_fraction: the share of the score head's cells (over all tiles) averaged by ``image_score='top'``.
     """
 
     backbone: str = "efficientnet_lite0"
     layers: tuple[str, ...] = ()
-    input_size: int = 0
+    input_size: int | tuple[int, int] = 0
     pool: int = 2
     n_components: int | float | None = 0.97
     solver: str = "auto"
@@ -118,26 +167,24 @@ class DetectorConfig:
     kernel_features: int = 4096
     kernel_method: str = "rff"
     mode: str = "pca"
+    map_layers: tuple[str, ...] | None = ()
+    map_pool: int = 2
+    map_input_size: int | tuple[int, int] = 0
+    tile_size: int | tuple[int, int] = 0
+    tile_stride: int | tuple[int, int] = 0
+    image_score: str = "top"
+    top_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         spec = get_backbone_spec(self.backbone)  # ValueError naming the known backbones
-        layers = tuple(self.layers) if self.layers else DEFAULT_LAYERS.get(self.backbone, spec.default_layers)
-        unknown = [name for name in layers if name not in spec.layers]
-        if unknown:
-            raise ValueError(f"{self.backbone} has no layer(s) {unknown}; choose from {', '.join(spec.layers)}")
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"layers must be distinct, got {list(layers)}")
+        layers = self._check_layers(tuple(self.layers) if self.layers else
+                                    DEFAULT_LAYERS.get(self.backbone, spec.default_layers), "layers")
         object.__setattr__(self, "layers", layers)
-        if not self.input_size:
-            object.__setattr__(self, "input_size", spec.input_size)
-        if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or self.input_size < 32:
-            raise ValueError(f"input_size must be an int >= 32 pixels, got {self.input_size!r}")
-        if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1:
-            raise ValueError(f"pool must be an int >= 1, got {self.pool!r}")
-        first = -(-self.input_size // spec.layers[layers[0]].stride)
-        if self.pool > first:
-            raise ValueError(f"pool={self.pool} is larger than the {first}x{first} map of {layers[0]} at "
-                             f"{self.input_size} px; use a smaller pool or a larger input_size")
+        object.__setattr__(self, "input_size", _size_field(self.input_size or spec.input_size, "input_size", 32))
+        for name in ("pool", "map_pool"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.kernel not in (None, "rbf", "laplacian"):
             raise ValueError(f"kernel must be None, 'rbf' or 'laplacian', got {self.kernel!r}")
         if self.kernel_method not in ("rff", "nystroem"):
@@ -156,6 +203,62 @@ class DetectorConfig:
             raise ValueError(f"normalization must be 'native' or 'imagenet', got {self.normalization!r}")
         resolve_solver(self.solver, 1, 1)
         select_n_components(torch.ones(1), self.n_components, 2 ** 31 - 1, 2 ** 31 - 1)  # range check only
+        self._resolve_map_head(spec)
+        self._resolve_tiling()
+        if self.image_score not in ("fre", "top"):
+            raise ValueError(f"image_score must be 'fre' or 'top', got {self.image_score!r}")
+        if self.kernel is not None:
+            object.__setattr__(self, "image_score", "fre")  # kernel FRE scores whole-image vectors: no cells
+        if isinstance(self.top_fraction, bool) or not isinstance(self.top_fraction, (int, float)) \
+                or not 0.0 < self.top_fraction <= 1.0:
+            raise ValueError(f"top_fraction must lie in (0, 1], got {self.top_fraction!r}")
+        for head in self.heads:
+            first = tuple(-(-side // head.strides[0]) for side in head.pass_size)
+            pool = head.pool
+            if pool > min(first):
+                raise ValueError(f"pool {pool} is larger than the {first[0]}x{first[1]} map of {head.layers[0]} at "
+                                 f"{head.pass_size[0]}x{head.pass_size[1]} px; use a smaller pool or a larger size")
+        (self.map_head or self.score_head).check_tiling()  # the head whose tile maps are stitched
+
+    def _check_layers(self, layers: tuple[str, ...], what: str) -> tuple[str, ...]:
+        spec = get_backbone_spec(self.backbone)
+        unknown = [name for name in layers if name not in spec.layers]
+        if unknown:
+            raise ValueError(f"{self.backbone} has no layer(s) {unknown}; choose from {', '.join(spec.layers)}")
+        if len(set(layers)) != len(layers) or not layers:
+            raise ValueError(f"{what} must be distinct layer names, got {list(layers)}")
+        return layers
+
+    def _resolve_map_head(self, spec: BackboneSpec) -> None:
+        if self.kernel is not None:
+            if self.map_layers:
+                raise ValueError("map_layers needs the linear mode: kernel FRE has no maps; drop map_layers or kernel")
+            object.__setattr__(self, "map_layers", None)
+        elif self.map_layers is not None:
+            layers = tuple(self.map_layers) or DEFAULT_MAP_LAYERS.get(self.backbone, ())
+            object.__setattr__(self, "map_layers", self._check_layers(layers, "map_layers") if layers else None)
+        if self.map_input_size:
+            if self.map_layers is None:
+                raise ValueError("map_input_size needs a map head (map_layers); it sets the map head's image size")
+            object.__setattr__(self, "map_input_size", _size_field(self.map_input_size, "map_input_size", 32))
+            if as_hw(self.map_input_size) == as_hw(self.input_size):
+                object.__setattr__(self, "map_input_size", 0)  # the same size: one pass, not two
+
+    def _resolve_tiling(self) -> None:
+        if not self.tile_size:
+            if self.tile_stride:
+                raise ValueError("tile_stride needs tile_size")
+            return
+        tile = _size_field(self.tile_size, "tile_size", 32)
+        object.__setattr__(self, "tile_size", tile)
+        th, tw = as_hw(tile)
+        stride = _size_field(self.tile_stride or (max(th // 2, 1), max(tw // 2, 1)), "tile_stride", 1)
+        object.__setattr__(self, "tile_stride", stride)
+        if self.map_input_size:
+            raise ValueError("tiling and map_input_size do not combine: both heads read the tiles of input_size")
+        if self.kernel is not None or self.fusion == "concat":
+            raise ValueError("tiling needs the linear mode and fusion='sum' (one subspace per layer, shared by the "
+                             "tile positions)")
 
     @property
     def spec(self) -> BackboneSpec:
@@ -165,34 +268,83 @@ class DetectorConfig:
             spec = dataclasses.replace(spec, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         return spec
 
+    def _head(self, layers: tuple[str, ...], pool: int, image_size: int | tuple[int, int]) -> HeadGeometry:
+        spec = get_backbone_spec(self.backbone)
+        image = as_hw(image_size)
+        tiles, pass_size = ((0, 0),), image
+        if self.tile_size:
+            pass_size, (sh, sw) = as_hw(self.tile_size), as_hw(self.tile_stride)
+            tiles = tuple((top, left) for top in tile_offsets(image[0], pass_size[0], sh)
+                          for left in tile_offsets(image[1], pass_size[1], sw))
+        return HeadGeometry(layers, tuple(spec.layers[n].channels for n in layers),
+                            tuple(spec.layers[n].stride for n in layers), pass_size, image, pool, tiles)
+
     @property
-    def grid(self) -> int:
-        """Side of the common feature grid: the first layer's map pooled by ``pool``."""
-        return -(-self.input_size // self.spec.layers[self.layers[0]].stride) // self.pool
+    def score_head(self) -> HeadGeometry:
+        """The score head: ``layers`` at ``input_size`` (its tiles when tiled), pooled by ``pool``."""
+        return self._head(self.layers, self.pool, self.input_size)
+
+    @property
+    def map_head(self) -> HeadGeometry | None:
+        """The map head (``map_layers``), or None when maps come from the score head."""
+        if self.map_layers is None:
+            return None
+        return self._head(self.map_layers, self.map_pool, self.map_input_size or self.input_size)
+
+    @property
+    def heads(self) -> tuple[HeadGeometry, ...]:
+        """The score head, then the map head if there is one: the order of ``features``' vectors."""
+        map_head = self.map_head
+        return (self.score_head,) if map_head is None else (self.score_head, map_head)
+
+    @property
+    def load_size(self) -> int | tuple[int, int]:
+        """The size images are read at (the larger head's image size): each head resizes on the device from it."""
+        sizes = [h.image_size for h in self.heads]
+        h, w = max(sizes, key=lambda s: s[0] * s[1])
+        return h if h == w else (h, w)
+
+    @property
+    def map_grid(self) -> tuple[int, int]:
+        """``(GH, GW)`` of the anomaly maps: the map head's (the score head's without one), tiles stitched."""
+        return (self.map_head or self.score_head).canvas
 
     @property
     def layer_dims(self) -> tuple[int, ...]:
-        """D of each layer's embedded vector, C x grid x grid, before any fusion."""
-        return tuple(self.spec.layers[name].channels * self.grid * self.grid for name in self.layers)
+        """D of each layer's row per image, score head first, then map head (all tiles), before any fusion."""
+        return tuple(d for head in self.heads for d in head.dims)
+
+    def _fused(self, head: HeadGeometry, dims: tuple[int, ...]) -> tuple[int, ...]:
+        return (sum(dims),) if self.fusion == "concat" else dims
 
     @property
     def layer_features(self) -> tuple[int, ...]:
-        """D of each fitted subspace's vectors (``layer_dims``, or their sum with 'concat')."""
-        dims = self.layer_dims
-        return (sum(dims),) if self.fusion == "concat" else dims
+        """D of each subspace's row per image (``layer_dims``, or their sum per head with 'concat')."""
+        return tuple(d for head in self.heads for d in self._fused(head, head.dims))
+
+    @property
+    def subspace_dims(self) -> tuple[int, ...]:
+        """D of the vectors each subspace is fitted on: one tile's (a whole image's when untiled)."""
+        return tuple(d for head in self.heads for d in self._fused(head, head.tile_dims))
+
+    @property
+    def n_score_subspaces(self) -> int:
+        """How many of ``layer_features`` belong to the score head (the rest to the map head)."""
+        return len(self._fused(self.score_head, self.score_head.dims))
 
     @classmethod
     def reference(cls, backbone: str = "efficientnet_b5") -> DetectorConfig:
         """The reference run_mvtec.py configuration: the backbone's one default layer, pool 2, ImageNet
-        normalisation, PCA(0.97) with scikit-learn's rule, the plain FRE as score."""
+        normalisation, PCA(0.97) with scikit-learn's rule, the plain FRE as score, the map from the same layer."""
         spec = get_backbone_spec(backbone)
         return cls(backbone=backbone, layers=tuple(spec.default_layers), input_size=spec.input_size, pool=2,
-                   n_components=0.97, solver="auto", normalization="imagenet", normalize_scores=False)
+                   n_components=0.97, solver="auto", normalization="imagenet", normalize_scores=False,
+                   map_layers=None, image_score="fre")
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain values (lists for tuples): JSON documents and model files."""
         d = dataclasses.asdict(self)
-        d["layers"] = list(self.layers)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DetectorConfig:
@@ -200,31 +352,7 @@ class DetectorConfig:
         extra = set(d) - known
         if extra:
             raise ValueError(f"unknown detector settings {sorted(extra)}")
-        return cls(**{**d, "layers": tuple(d.get("layers", ()))})
-
-
-def embed(maps: Sequence[Tensor], grid: int) -> list[Tensor]:
-    """Per-image vectors from feature maps, one per layer.
-
-    Args:
-        maps: one ``(B, C_l, h_l, w_l)`` map per layer.
-        grid: side of the common grid; each map is adaptive-average-pooled to ``grid x grid`` (for the reference
-            layer at pool 2 this is exactly ``avg_pool2d(kernel=2)``).
-
-    Returns:
-        ``[(B, C_l * grid * grid)]`` float32 rows in the reference's C x H x W order.
-    """
-    out = []
-    for m in maps:
-        m = m.float()
-        if m.shape[-2:] != (grid, grid):
-            h, w = m.shape[-2:]
-            if h % grid == 0 and w % grid == 0:
-                m = F.avg_pool2d(m, (h // grid, w // grid))  # the reference's pooling, exactly
-            else:
-                m = F.adaptive_avg_pool2d(m, grid)
-        out.append(m.contiguous().flatten(1))  # NCHW order whatever the memory format was
-    return out
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def _batches(data: Any, batch_size: int) -> Iterator[Tensor]:
@@ -289,19 +417,34 @@ class FREDetector(nn.Module):
         self.device = check_device(device)
         self.pretrained = pretrained
         self.weights = None if weights is None else str(weights)
-        extractor = build_feature_extractor(self.config.backbone, list(self.config.layers),
-                                            pretrained=pretrained, weights=weights)
+        # One extractor holds every layer either head reads; each backbone pass runs it only as far as it needs.
+        layers = list(dict.fromkeys(name for head in self.config.heads for name in head.layers))
+        extractor = build_feature_extractor(self.config.backbone, layers, pretrained=pretrained, weights=weights)
         self.extractor: FeatureExtractor = extractor.to(self.device, memory_format=torch.channels_last)
         self.normalize = Normalize(self.config.spec.mean, self.config.spec.std).to(self.device)
-        # torch.compile (opt-in): the backbone and the embedding as one graph, shapes kept static (dynamic=False) by
-        # padding a short last batch up to the largest batch seen, so one compiled graph serves the whole run.
+        # Backbone passes: the heads that read the same input (size and tiles) share one.
+        self._passes: list[tuple[HeadGeometry, list[int]]] = []
+        for i, head in enumerate(self.config.heads):
+            same = [p for p in self._passes if (p[0].image_size, p[0].pass_size, p[0].tiles) ==
+                    (head.image_size, head.pass_size, head.tiles)]
+            if same:
+                same[0][1].append(i)
+            else:
+                self._passes.append((head, [i]))
+        # torch.compile (opt-in): each pass's backbone and embedding as one graph, shapes kept static (dynamic=False)
+        # by padding a short last batch up to the largest batch seen, so one compiled graph serves the whole run.
         # It pays on CUDA (fused kernels, fewer launches); on a CPU the ~30 s compile is rarely won back.
         self.precision = check_precision(precision)  # the backbone's (fre_torch.core.precision); fits stay float64
         self.compiled = bool(compile)
         self._backbone = torch.compile(self._extract_embed, dynamic=False) if compile else self._extract_embed
         self._static_batch = 0
-        self.subspaces = nn.ModuleList()
+        self.subspaces = nn.ModuleList()  # the score head's, one per layer (or one with fusion='concat')
+        self.map_subspaces = nn.ModuleList()  # the map head's; empty without a map head
         self.register_buffer("scales", torch.ones(0, dtype=torch.float64, device=self.device))
+        self.register_buffer("map_scales", torch.ones(0, dtype=torch.float64, device=self.device))
+        # image_score='top': each score-head cell's mean and standard deviation on out-of-fold normal images.
+        self.register_buffer("cell_mean", torch.zeros(0, dtype=torch.float32, device=self.device))
+        self.register_buffer("cell_std", torch.ones(0, dtype=torch.float32, device=self.device))
         # Calibration on held-out normal images (see ``calibrate``): their sorted scores and the threshold.
         self.register_buffer("calibration_scores", torch.empty(0, dtype=torch.float32, device=self.device))
         self.register_buffer("threshold", torch.full((), float("nan"), dtype=torch.float32, device=self.device))
@@ -319,34 +462,60 @@ class FREDetector(nn.Module):
 
     @property
     def is_fitted(self) -> bool:
-        return len(self.subspaces) == len(self.config.layer_features)
+        n = self.config.n_score_subspaces
+        return len(self.subspaces) == n and len(self.map_subspaces) == len(self.config.layer_features) - n
 
     # ------------------------------------------------------------------------------------------------ features
     @torch.inference_mode()
     def features(self, images: Tensor) -> list[Tensor]:
-        """uint8 images ``(B, 3, H, W)`` (any device) -> per-layer float32 vectors ``[(B, D_l)]`` on the device.
+        """uint8 images ``(B, 3, H, W)`` (any device) -> one float32 row per image and subspace, ``[(B, D_s)]`` on the
+        device: the score head's subspaces first, then the map head's (``config.layer_features`` gives each D).
 
-        Images not at ``input_size`` are resized on the device (bilinear, antialiased); the data reader already
-        delivers the reference's LANCZOS-resized squares, so this only matters for raw tensors.
+        A row holds the layer's C x gh x gw vector of each tile, tile after tile (one tile untiled). Images not at
+        ``config.load_size`` are resized on the device (bilinear, antialiased); the data reader already delivers the
+        reference's LANCZOS-resized images at that size, so this only matters for raw tensors. A head whose image is
+        smaller than the load size (a map head at a second size) resizes on the device too.
         """
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 RGB images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         rows = self._layer_rows(images) if self.feature_cache is None else self._cached_layer_rows(images)
-        return [torch.cat(rows, dim=1)] if self.config.fusion == "concat" and len(rows) > 1 else rows
+        if self.config.fusion != "concat":
+            return rows
+        out, start = [], 0
+        for head in self.config.heads:  # one concatenated row per head
+            n = len(head.layers)
+            out.append(torch.cat(rows[start:start + n], dim=1) if n > 1 else rows[start])
+            start += n
+        return out
 
     def _layer_rows(self, images: Tensor) -> list[Tensor]:
-        """uint8 images -> per-layer rows ``[(B, C_l * g * g)]`` through the backbone (before any concat fusion)."""
+        """uint8 images -> per-layer rows ``[(B, T * C_l * gh * gw)]`` of every head, through the backbone passes."""
         x = self.normalize(images.to(self.device, non_blocking=True))
-        size = self.config.input_size
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        x = x.contiguous(memory_format=torch.channels_last)
+        size = as_hw(self.config.load_size)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
         b = x.shape[0]
         if self.compiled:
             self._static_batch = max(self._static_batch, b)
             if b < self._static_batch:  # pad with zeros (cheap, finite); the padded rows are dropped below
                 x = torch.cat([x, x.new_zeros(self._static_batch - b, *x.shape[1:])])
-        return [r[:b] for r in self._backbone(x)]
+        by_head: dict[int, list[Tensor]] = {}
+        for index, (head, members) in enumerate(self._passes):
+            xp = x if tuple(x.shape[-2:]) == head.image_size else F.interpolate(
+                x, size=head.image_size, mode="bilinear", antialias=True, align_corners=False)
+            xp = cut_tiles(xp, head).contiguous(memory_format=torch.channels_last)
+            for i, rows in zip(members, self._backbone(xp, index)):
+                by_head[i] = [r.view(x.shape[0], -1)[:b] for r in rows]  # (B * T, D) -> (B, T * D): tile after tile
+        return [r for i in range(len(self.config.heads)) for r in by_head[i]]
+
+    def _extract_embed(self, x: Tensor, index: int) -> list[list[Tensor]]:
+        """Normalised float inputs of pass ``index`` -> for each head of that pass, its embedded rows (the compiled
+        step). The backbone runs only as far as the pass's deepest layer."""
+        head, members = self._passes[index]
+        heads = [self.config.heads[i] for i in members]
+        with autocast(self.device, self.precision):
+            maps = self.extractor(x, layers=[name for h in heads for name in h.layers])
+        return [embed([maps[name] for name in h.layers], h.grid) for h in heads]
 
     def _cached_layer_rows(self, images: Tensor) -> list[Tensor]:
         """``_layer_rows`` through ``feature_cache``: entries found are read, the rest computed (one backbone call
@@ -369,8 +538,8 @@ class FREDetector(nn.Module):
 
     def feature_settings(self) -> str:
         """Everything besides the input pixels that shapes ``features``, as one string (``FeatureCache`` keys):
-        a SHA-256 of the backbone's weights as loaded, the layers, input size, grid, normalisation, compute dtype,
-        device type, compilation and the torch version. Computed once per detector."""
+        a SHA-256 of the backbone's weights as loaded, each head's layers, sizes, grid and tiles, the normalisation,
+        compute dtype, device type, compilation and the torch version. Computed once per detector."""
         if self._feature_settings is None:
             h = hashlib.sha256()
             for name, t in self.extractor.state_dict().items():
@@ -378,61 +547,116 @@ class FREDetector(nn.Module):
                 h.update(f"{name}|{t.dtype}|{t.numel()}|".encode())
                 h.update(t.view(torch.uint8).numpy().data)
             c, spec = self.config, self.config.spec
+            heads = ";".join(f"{','.join(g.layers)}@{g.image_size}/{g.pass_size}:{g.grid}:{g.tiles}" for g in c.heads)
             self._feature_settings = (
-                f"{c.backbone}|weights={h.hexdigest()}|layers={','.join(c.layers)}|size={c.input_size}|"
-                f"grid={c.grid}|mean={spec.mean}|std={spec.std}|"
-                f"dtype={backbone_dtype(self.device, self.precision)}|device={self.device.type}|"
+                f"{c.backbone}|weights={h.hexdigest()}|heads={heads}|load={c.load_size}|mean={spec.mean}|"
+                f"std={spec.std}|dtype={backbone_dtype(self.device, self.precision)}|device={self.device.type}|"
                 f"compiled={self.compiled}|torch={torch.__version__}")
         return self._feature_settings
-
-    def _extract_embed(self, x: Tensor) -> list[Tensor]:
-        """Normalised float images ``(B, 3, S, S)`` -> per-layer embedded rows ``[(B, D_l)]`` (the compiled step)."""
-        with autocast(self.device, self.precision):
-            maps = self.extractor(x)
-        return embed(list(maps.values()), self.config.grid)
 
     @torch.inference_mode()
     def warmup(self, batch_size: int) -> FREDetector:
         """Run one batch of zeros through the feature path, so compilation (``compile=True``) and one-time
         allocations happen before a timed run and fix the static batch size."""
-        s = self.config.input_size
-        self.features(torch.zeros(batch_size, 3, s, s, dtype=torch.uint8, device=self.device))
+        h, w = as_hw(self.config.load_size)
+        self.features(torch.zeros(batch_size, 3, h, w, dtype=torch.uint8, device=self.device))
         return self
 
     # ------------------------------------------------------------------------------------------------ fitting
-    def fit(self, data: Any, *, batch_size: int = 32) -> FREDetector:
-        """Fit one subspace per layer on normal images.
+    def fit(self, data: Any, *, batch_size: int = 32, cell_statistics: bool = True) -> FREDetector:
+        """Fit the subspaces of both heads on normal images, in one streaming pass.
 
         Args:
             data: uint8 images ``(N, 3, H, W)``, or an iterable (e.g. ``make_loader``) of such batches or of dicts
                 with an ``"image"`` entry.
             batch_size: batch size when ``data`` is a tensor.
+            cell_statistics: with ``image_score='top'``, also estimate each score-head cell's normal mean and
+                standard deviation by ``CELL_FOLDS``-fold cross-fitting of the score head on the same features
+                (closed-form PCA fits, no second backbone pass). False keeps the current ones (cross-fitting's own
+                fold models take their parent's).
 
-        In data-parallel mode (``fre_torch.core.distributed.init_from_env``) ``data`` is this rank's shard: the
-        statistics of all ranks are merged exactly and every rank ends with the same fit (as do ``calibrate``'s
-        quantiles).
+        Each subspace is fitted on its vectors (with tiling: every tile of every image). In data-parallel mode
+        (``fre_torch.core.distributed.init_from_env``) ``data`` is this rank's shard: the statistics of all ranks are
+        merged exactly and every rank ends with the same fit (as do ``calibrate``'s quantiles).
         """
         if self.config.kernel is not None:
             return self._fit_kernel(data, batch_size)
         if self.config.mode != "pca":
-            return self._fit_autoencoder(data, batch_size)
+            return self._fit_autoencoder(data, batch_size, cell_statistics)
         n = _length(data)
         accs: list[GramAccumulator | CovarianceAccumulator] = []
-        for d in self.config.layer_features:
-            solver = resolve_solver(self.config.solver, n if n is not None else d, d)
+        for d, t in zip(self.config.subspace_dims, self._tiles_per_subspace()):
+            solver = resolve_solver(self.config.solver, n * t if n is not None else d, d)
             accs.append(GramAccumulator(d, device=self.device) if solver == "gram"
                         else CovarianceAccumulator(d, device=self.device))
+        keep = self.config.image_score == "top" and cell_statistics
+        score_rows = self._row_buffers(n, self.config.layer_features[:self.config.n_score_subspaces]) if keep else []
+        start = 0
         for batch in _batches(data, batch_size):
+            feats = self.features(batch)
             # No per-batch host sync: finiteness is checked once, on the accumulated statistics.
-            for acc, rows in zip(accs, self.features(batch)):
-                acc.update(rows, check_finite=False)
-        # Data-parallel (fre_torch.core.distributed): ``data`` was this rank's shard; merge all ranks' statistics exactly.
-        # The identity otherwise.
+            for acc, rows in zip(accs, feats):
+                acc.update(rows.view(-1, acc.n_features), check_finite=False)
+            for buf, rows in zip(score_rows, feats):  # the score head's rows, for the cross-fitted cell statistics
+                buf[start:start + rows.shape[0]] = rows
+            start += batch.shape[0]
+        # Data-parallel (fre_torch.core.distributed): ``data`` was this rank's shard; merge all ranks' statistics
+        # exactly. The identity otherwise.
         accs = [reduce_accumulator(acc, self.config.solver) for acc in accs]
-        subspaces = [self._solve(acc) for acc in accs]
-        self.subspaces = nn.ModuleList(subspaces)
-        self.scales = self._scales(subspaces)
+        self._set_models([self._solve(acc) for acc in accs])
+        if keep:
+            self._fit_cell_statistics([gather_rows(r[:start]) for r in score_rows])
         return self
+
+    def _row_buffers(self, n: int | None, dims: Sequence[int]) -> list[Tensor]:
+        if n is None:
+            raise ValueError("image_score='top' needs a sized training set (a tensor, a list or a DataLoader) to "
+                             "keep its rows for the cell statistics; or use image_score='fre'")
+        return [torch.empty(n, d, device=self.device) for d in dims]
+
+    def _fit_cell_statistics(self, rows: Sequence[Tensor]) -> None:
+        """Each score-head cell's mean and standard deviation on out-of-fold normal images.
+
+        ``rows``: the score head's ``(N, D_s)`` rows of every training image (all ranks'). The images are cut into
+        ``CELL_FOLDS`` seeded folds; each fold's cell maps come from score-head subspaces fitted (closed-form PCA, in
+        float64, at the configured ``n_components``) on the other folds, divided by those subspaces' own scales, so
+        every map is that of an image its model did not see -- as a test image's is. In-sample maps would be far too
+        small (17x on MVTec bottle). Fewer than 4 images: mean 0, standard deviation 1 (the raw cells).
+        """
+        head = self.config.score_head
+        n = rows[0].shape[0]
+        cells = head.n_tiles * head.grid[0] * head.grid[1]
+        if n < 4:
+            self.cell_mean = torch.zeros(cells, device=self.device)
+            self.cell_std = torch.ones(cells, device=self.device)
+            return
+        k = min(CELL_FOLDS, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(self.device)
+        fold_of = torch.empty(n, dtype=torch.int64, device=self.device)
+        fold_of[order] = torch.arange(n, device=self.device) % k
+        oof = torch.empty(n, cells, device=self.device)
+        for f in range(k):
+            held = fold_of == f
+            models = [fit_rows(r[~held].reshape(-1, d), self.config.n_components, solver=self.config.solver)
+                      for r, d in zip(rows, self.config.subspace_dims)]
+            scales = self._scales(models)
+            maps = self._cell_maps([r[held] for r in rows], models, scales, head)
+            oof[held] = maps.flatten(1)
+        self.cell_mean = oof.mean(dim=0)
+        std = oof.std(dim=0)
+        # A cell that is constant on normal images (padding, a fixed background) would divide by ~0: floor the
+        # deviation at a millionth of the largest one.
+        self.cell_std = std.clamp_min(float(std.max()) * 1e-6 + torch.finfo(torch.float32).tiny)
+
+    def _tiles_per_subspace(self) -> list[int]:
+        return [head.n_tiles for head in self.config.heads for _ in self.config._fused(head, head.dims)]
+
+    def _set_models(self, models: Sequence[nn.Module], residual_models: Sequence[Any] | None = None) -> None:
+        """Install fitted models (score head's first) and their score scales."""
+        n = self.config.n_score_subspaces
+        scales = self._scales(residual_models if residual_models is not None else models)
+        self.subspaces, self.map_subspaces = nn.ModuleList(models[:n]), nn.ModuleList(models[n:])
+        self.scales, self.map_scales = scales[:n], scales[n:]
 
     def _scales(self, subspaces: Sequence[Subspace | LinearAutoencoder]) -> Tensor:
         total = torch.stack([s.total_variance for s in subspaces])
@@ -450,22 +674,24 @@ class FREDetector(nn.Module):
         """Kernel mode: the bandwidth (median heuristic) and landmarks come from ALL training vectors, so their rows
         are gathered (``_gather_rows``), then fitted in one shot."""
         models = [self._kernel_model().fit(r) for r in self._gather_rows(data, batch_size, "kernel mode")]
-        self.subspaces = nn.ModuleList(models)
-        self.scales = self._scales([m.fitted_subspace() for m in models])
+        self._set_models(models, [m.fitted_subspace() for m in models])
         return self
 
-    def _fit_autoencoder(self, data: Any, batch_size: int) -> FREDetector:
+    def _fit_autoencoder(self, data: Any, batch_size: int, cell_statistics: bool = True) -> FREDetector:
         """Modes 'tae' / 'ae': gradient descent runs over all training rows many times, so they are gathered
-        (``_gather_rows``); one autoencoder per layer, each seeded alike (deterministic)."""
-        models = [self._autoencoder_model().fit(r, seed=0)
-                  for r in self._gather_rows(data, batch_size, f"mode={self.config.mode!r}")]
-        self.subspaces = nn.ModuleList(models)
-        self.scales = self._scales(models)
+        (``_gather_rows``); one autoencoder per subspace, each seeded alike (deterministic). The cell statistics
+        come from closed-form fold fits, as in mode 'pca' (the autoencoders converge to the same subspaces)."""
+        rows = self._gather_rows(data, batch_size, f"mode={self.config.mode!r}")
+        self._set_models([self._autoencoder_model().fit(r, seed=0) for r in rows])
+        if self.config.image_score == "top" and cell_statistics:
+            tiles = self.config.score_head.n_tiles
+            n = self.config.n_score_subspaces
+            self._fit_cell_statistics([r.view(-1, tiles * r.shape[1]) for r in rows[:n]])
         return self
 
     def _gather_rows(self, data: Any, batch_size: int, what: str) -> list[Tensor]:
-        """All training rows, one preallocated ``(N, D_l)`` float32 tensor per layer on the device (data-parallel:
-        every rank's rows, in order), checked finite once per layer after the loop."""
+        """All training vectors, one ``(N * T, D_s)`` float32 tensor per subspace on the device (data-parallel:
+        every rank's rows, in order), checked finite once per subspace after the loop."""
         n = _length(data)
         if n is None:
             raise ValueError(f"{what} needs a sized training set (a tensor, a list or a DataLoader)")
@@ -478,10 +704,10 @@ class FREDetector(nn.Module):
                 buf[start:start + r.shape[0]] = r
             start += batch.shape[0]
         # Fewer than reported: a loader that drops unreadable images (``fre_torch.jobs.predict.fit_folder``).
-        rows = [r[:start] for r in rows]
-        rows = [gather_rows(r) for r in rows]  # data-parallel: every rank's rows, in order (identity otherwise)
+        rows = [gather_rows(r[:start]) for r in rows]  # data-parallel: every rank's rows, in order
+        rows = [r.view(-1, d) for r, d in zip(rows, self.config.subspace_dims)]
         for r in rows:
-            check_features(r, name="training features")  # one sync per layer, after the loop
+            check_features(r, name="training features")  # one sync per subspace, after the loop
         return rows
 
     def _kernel_model(self) -> nn.Module:
@@ -503,37 +729,88 @@ class FREDetector(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ scoring
     def score_features(self, features: Sequence[Tensor]) -> Tensor:
-        """Fused score ``sum_l FRE_l / scale_l`` from per-layer vectors ``[(B, D_l)]`` -> (B,) float32."""
+        """The image score from ``features``' rows -> (B,) float32: with ``image_score='top'`` the mean of the
+        largest standardised score-head cells (``score_from_cells``), with 'fre' the score head's
+        ``sum_l sum_tiles FRE_l / scale_l``."""
         self._fitted()
+        if self.config.image_score == "top":
+            return self.score_from_cells(self.head_maps(features, "score", stitched=False))
         total = None
         kernel = self.config.kernel is not None
+        head = self.config.score_head
         for model, rows, scale in zip(self.subspaces, features, self.scales):
-            fre = (model.score(rows) if kernel else model.fre(rows)) / scale.to(rows.dtype)
+            flat = rows.view(rows.shape[0] * head.n_tiles, -1)
+            fre = (model.score(flat) if kernel else model.fre(flat)).view(rows.shape[0], -1).sum(dim=1)
+            fre = fre / scale.to(fre.dtype)
             total = fre if total is None else total + fre
         return total
 
-    def maps_from_features(self, features: Sequence[Tensor]) -> Tensor:
-        """Anomaly maps on the feature grid from per-layer vectors ``[(B, D_l)]`` -> ``(B, grid, grid)`` float32.
+    def score_from_cells(self, cells: Tensor) -> Tensor:
+        """The image score from the score head's unstitched maps ``(B, T, gh, gw)`` -> (B,) float32.
 
-        Each layer's squared reconstruction error is reshaped to ``(B, C_l, grid, grid)``, summed over channels and
-        divided by the layer's scale; layers are summed (they share the grid). The sum of a map over its grid is
-        the image's score (up to rounding: scores use the one-product FRE, maps the explicit residual). A feature
-        vector inside the fitted subspace gives a map of exactly zero up to rounding.
+        'top': each cell standardised by its out-of-fold normal mean and standard deviation (``cell_mean``,
+        ``cell_std``), then the mean of the ``ceil(top_fraction * cells)`` largest. 'fre': the sum of all cells.
+        """
+        flat = cells.flatten(1)
+        if self.config.image_score == "fre":
+            return flat.sum(dim=1)
+        if self.cell_mean.numel() != flat.shape[1]:
+            raise ValueError("this detector has no cell statistics for image_score='top': fit it (fit computes them) "
+                             "or load a model file that has them")
+        z = (flat - self.cell_mean.to(flat.dtype)) / self.cell_std.to(flat.dtype)
+        k = max(1, math.ceil(self.config.top_fraction * flat.shape[1]))
+        return z.topk(k, dim=1).values.mean(dim=1)
+
+    def _cell_maps(self, rows: Sequence[Tensor], models: Sequence[nn.Module], scales: Tensor,
+                   geometry: HeadGeometry) -> Tensor:
+        """One head's unstitched maps ``(B, T, gh, gw)``: each subspace's squared residual summed over channels,
+        divided by its scale, summed over the head's subspaces."""
+        gh, gw = geometry.grid
+        total = None
+        for model, r, scale in zip(models, rows, scales):
+            b = r.shape[0]
+            err = model.error_map(r.reshape(b * geometry.n_tiles, -1)).view(b, geometry.n_tiles, -1, gh, gw)
+            err = err.sum(dim=2) / scale.to(err.dtype)
+            total = err if total is None else total + err
+        return total
+
+    def head_maps(self, features: Sequence[Tensor], head: str = "map", *, stitched: bool = True) -> Tensor:
+        """One head's anomaly maps from ``features``' rows.
+
+        Each subspace's squared reconstruction error is reshaped to ``(B, T, C, gh, gw)``, summed over channels and
+        divided by the subspace's scale; a head's layers are summed (they share the grid). A vector inside its
+        subspace gives a map of exactly zero up to rounding.
+
+        Args:
+            features: rows from ``features``.
+            head: 'map' (the map head; the score head when there is none) or 'score'.
+            stitched: the tiles placed on the image's grid, ``(B, GH, GW)``; False gives them apart,
+                ``(B, T, gh, gw)``. The score head's unstitched maps are the cells of the image score
+                (``score_from_cells``); with ``image_score='fre'`` the score is their sum (up to rounding: that
+                score uses the one-product FRE, maps the explicit residual).
         """
         self._fitted()
         if self.config.kernel is not None:
             raise ValueError("anomaly maps need the linear mode: kernel FRE is computed on whole-image vectors, whose "
                              "kernel features have no spatial layout; fit with kernel=None for maps")
-        g = self.config.grid
-        total = None
-        for sub, rows, scale in zip(self.subspaces, features, self.scales):
-            err = sub.error_map(rows).view(rows.shape[0], -1, g, g).sum(dim=1) / scale.to(rows.dtype)
-            total = err if total is None else total + err
-        return total
+        n = self.config.n_score_subspaces
+        if head == "score" or not self.map_subspaces:
+            geometry, models, rows_, scales = self.config.score_head, self.subspaces, features[:n], self.scales
+        elif head == "map":
+            geometry, models, rows_, scales = self.config.map_head, self.map_subspaces, features[n:], self.map_scales
+        else:
+            raise ValueError(f"head must be 'map' or 'score', got {head!r}")
+        total = self._cell_maps(rows_, models, scales, geometry)
+        return stitch(total, geometry) if stitched else total
+
+    def maps_from_features(self, features: Sequence[Tensor]) -> Tensor:
+        """The anomaly maps ``(B, GH, GW)`` float32 from ``features``' rows: the map head's (``head_maps``)."""
+        return self.head_maps(features, "map")
 
     @torch.inference_mode()
     def anomaly_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """uint8 images ``(B, 3, H, W)`` -> (scores ``(B,)``, maps ``(B, grid, grid)``), both float32 on the device.
+        """uint8 images ``(B, 3, H, W)`` -> (scores ``(B,)``, maps ``(B, GH, GW)``), both float32 on the device:
+        the score from the score head, the map from the map head, in one backbone pass (two with ``map_input_size``).
 
         Use ``upsample_maps`` to bring the maps to each image's own size.
         """
@@ -600,7 +877,7 @@ class FREDetector(nn.Module):
 
     @torch.inference_mode()
     def score_and_maps(self, data: Any, *, batch_size: int = 32) -> tuple[Tensor, Tensor]:
-        """Scores ``(N,)`` and grid maps ``(N, grid, grid)`` for a tensor or loader of images, in one pass."""
+        """Scores ``(N,)`` and anomaly maps ``(N, GH, GW)`` for a tensor or loader of images, in one pass."""
         self._fitted()
         scores, maps = zip(*(self.anomaly_maps(batch) for batch in _batches(data, batch_size)))
         return torch.cat(scores), torch.cat(maps)
@@ -633,6 +910,10 @@ class FREDetector(nn.Module):
             "weights_id": self._weights_id,
             "subspaces": [{k: v.detach().cpu() for k, v in s.state_dict().items()} for s in self.subspaces],
             "scales": self.scales.detach().cpu(),
+            "map_subspaces": [{k: v.detach().cpu() for k, v in s.state_dict().items()} for s in self.map_subspaces],
+            "map_scales": self.map_scales.detach().cpu(),
+            "cell_mean": self.cell_mean.detach().cpu(),
+            "cell_std": self.cell_std.detach().cpu(),
             "calibration_scores": self.calibration_scores.detach().cpu(),
             "threshold": self.threshold.detach().cpu(),
             "threshold_quantile": self.threshold_quantile,
@@ -663,10 +944,17 @@ class FREDetector(nn.Module):
                                  "re-create it with FREDetector.save or `cli.py fit`") from err
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise ModelFileError(f"{path} is not a fre_torch detector file")
-        if payload.get("version") != _VERSION:
-            raise ModelFileError(f"{path} has model-file version {payload.get('version')}; this fre_torch reads "
-                                 f"version {_VERSION}")
-        config = DetectorConfig.from_dict(payload["config"])
+        version = payload.get("version")
+        if version not in (1, _VERSION):
+            raise ModelFileError(f"{path} has model-file version {version}; this fre_torch reads versions 1 and "
+                                 f"{_VERSION}")
+        config_dict = dict(payload["config"])
+        if version == 1:
+            # Written before the two heads: its maps came from the score layers. Converted as such, so it loads and
+            # scores exactly as it did (DetectorConfig's map head default would ask for subspaces it does not have).
+            config_dict["map_layers"] = None
+            config_dict["image_score"] = "fre"
+        config = DetectorConfig.from_dict(config_dict)
         saved_id = str(payload.get("weights_id", ""))
         if weights is None and saved_id.startswith("file:"):
             raise ModelFileError(f"{path} was fitted with a local backbone weights file "
@@ -676,8 +964,12 @@ class FREDetector(nn.Module):
         if det._weights_id != saved_id:
             raise ModelFileError(f"{path} was fitted with backbone weights {saved_id!r}, "
                                  f"but these are {det._weights_id!r}")
+        states = list(payload["subspaces"]) + list(payload.get("map_subspaces", []))
+        if len(states) != len(config.subspace_dims):
+            raise ModelFileError(f"{path}: {len(states)} subspaces where the config implies "
+                                 f"{len(config.subspace_dims)}")
         subspaces = []
-        for state, d in zip(payload["subspaces"], config.layer_features):
+        for state, d in zip(states, config.subspace_dims):
             if config.kernel is not None:
                 model = det._kernel_model()
                 model.load_state_dict(state)
@@ -688,11 +980,12 @@ class FREDetector(nn.Module):
             if sub.n_features != d:
                 raise ModelFileError(f"{path}: a subspace has {sub.n_features} features, the config implies {d}")
             subspaces.append(sub.to(det.device))
-        if len(subspaces) != len(config.layer_features):
-            raise ModelFileError(f"{path}: {len(subspaces)} subspaces where the config implies "
-                                 f"{len(config.layer_features)}")
-        det.subspaces = nn.ModuleList(subspaces)
+        n = config.n_score_subspaces
+        det.subspaces, det.map_subspaces = nn.ModuleList(subspaces[:n]), nn.ModuleList(subspaces[n:])
         det.scales = payload["scales"].to(det.device)
+        det.map_scales = payload.get("map_scales", torch.ones(0, dtype=torch.float64)).to(det.device)
+        det.cell_mean = payload.get("cell_mean", torch.zeros(0)).to(det.device)
+        det.cell_std = payload.get("cell_std", torch.ones(0)).to(det.device)
         if "calibration_scores" in payload:
             det.calibration_scores = payload["calibration_scores"].to(det.device)
             det.threshold = payload["threshold"].to(det.device)

@@ -674,28 +674,38 @@ class FeatureExtractor(nn.Module):
         """Keep eval mode whatever ``mode`` is: a frozen feature extractor must not update BatchNorm statistics."""
         return super().train(False)
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, layers: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Feature maps of the requested layers.
 
         Args:
             x: ``(B, 3, H, W)`` float images, already normalised with ``spec.mean`` / ``spec.std`` (see
                 :func:`normalize`); any memory format (channels_last included).
+            layers: a subset of ``self.layers`` to return; the backbone then stops after the deepest of them.
+                None = all of ``self.layers``.
 
         Returns:
-            ``{layer: (B, C, ceil(H / stride), ceil(W / stride))}`` in the order of ``self.layers``.
+            ``{layer: (B, C, ceil(H / stride), ceil(W / stride))}`` in the order of ``layers``.
         """
         if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
             raise ValueError(
                 f"expected normalised float images (B, 3, H, W), got {x.dtype} {tuple(x.shape)}; "
                 "convert uint8 images with fre_torch.features.backbones.normalize"
             )
+        wanted = self.layers if layers is None else tuple(layers)
+        missing = [name for name in wanted if name not in self._wanted]
+        if missing:
+            raise ValueError(f"layers {missing} are not held by this extractor (it holds {list(self.layers)})")
+        remaining = set(wanted)
         found: dict[str, Tensor] = {}
         for name, modules in self._stages:
             for module in modules:
                 x = module(x)
-            if name in self._wanted:
+            if name in remaining:
                 found[name] = x
-        return {name: found[name] for name in self.layers}
+                remaining.discard(name)
+                if not remaining:
+                    break  # later blocks are not needed for these layers
+        return {name: found[name] for name in wanted}
 
 
 def build_feature_extractor(

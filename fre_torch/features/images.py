@@ -70,6 +70,16 @@ def _check_size(value: int, what: str = "size (pixels per side)") -> int:
     return value
 
 
+def _check_hw(size: int | Sequence[int], what: str = "size") -> tuple[int, int]:
+    """An image size: ``S`` (a square) or ``(height, width)``, positive ints -> ``(height, width)``."""
+    values = (size, size) if isinstance(size, int) and not isinstance(size, bool) else tuple(size) \
+        if isinstance(size, (tuple, list)) else None
+    if values is None or len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0
+                                                 for v in values):
+        raise ValueError(f"{what} must be a positive int or (height, width) of positive ints, got {size!r}")
+    return values[0], values[1]
+
+
 def _decode(
     path: str | os.PathLike, convert: Callable[[Image.Image], Image.Image], what: str = "image",
     data: bytes | None = None,
@@ -108,10 +118,11 @@ def _pil_to_uint8(img: Image.Image) -> torch.Tensor:
     return data.view(height, width, len(img.getbands())).permute(2, 0, 1).contiguous()
 
 
-def _read_image(path: str | os.PathLike, size: int, data: bytes | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+def _read_image(path: str | os.PathLike, size: int | tuple[int, int],
+                data: bytes | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
     """``load_image`` plus the original ``(H, W)`` of the file (decoded from ``data`` when given)."""
-    _check_size(size)
-    return _decode(path, lambda img: _to_rgb(img).resize((size, size), Image.Resampling.LANCZOS), data=data)
+    h, w = _check_hw(size)
+    return _decode(path, lambda img: _to_rgb(img).resize((w, h), Image.Resampling.LANCZOS), data=data)
 
 
 class _EntryStore:
@@ -161,8 +172,8 @@ class PreprocessCache(_EntryStore):
     never be stale, only unused. Names and modification times play no part. Hashing costs one read of the file
     (~1 GB/s); decoding and LANCZOS resizing, which the cache saves, cost 5-20 ms per image.
 
-    Each entry is one file ``<root>/<key[:2]>/<key>.u8``: a 16-byte header (magic, original H and W, size) and the
-    ``uint8 (3, size, size)`` pixels. Entries are written to a temporary name and renamed, so concurrent workers or
+    Each entry is one file ``<root>/<key[:2]>/<key>.u8``: a 20-byte header (magic, original H and W, stored H and W)
+    and the ``uint8 (3, H, W)`` pixels. Entries are written to a temporary name and renamed, so concurrent workers or
     an interrupted run leave no partial entry; an unreadable entry is ignored and rewritten.
 
     Args:
@@ -170,36 +181,37 @@ class PreprocessCache(_EntryStore):
             in this object's memory.
     """
 
-    _MAGIC = b"FRE1"
-    _HEADER = struct.Struct("<4sIII")
-    SETTINGS = f"fre_torch-preprocess-v1|RGB|LANCZOS|PIL-{PIL.__version__}"
+    _MAGIC = b"FRE2"
+    _HEADER = struct.Struct("<4sIIII")
+    SETTINGS = f"fre_torch-preprocess-v2|RGB|LANCZOS|PIL-{PIL.__version__}"
     SUFFIX = ".u8"
 
-    def key(self, data: bytes, size: int) -> str:
-        """The entry name for a file's bytes preprocessed to ``size x size``."""
-        h = hashlib.sha256(data)
-        h.update(f"|{self.SETTINGS}|size={size}".encode())
-        return h.hexdigest()
+    def key(self, data: bytes, size: int | tuple[int, int]) -> str:
+        """The entry name for a file's bytes preprocessed to ``size`` (a square side or ``(height, width)``)."""
+        h, w = _check_hw(size)
+        digest = hashlib.sha256(data)
+        digest.update(f"|{self.SETTINGS}|size={h}x{w}".encode())
+        return digest.hexdigest()
 
-    def get(self, key: str, size: int) -> tuple[torch.Tensor, tuple[int, int]] | None:
-        """``(uint8 (3, size, size), (H, W))`` of an entry, or None when it is absent or unreadable."""
+    def get(self, key: str, size: int | tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        """``(uint8 (3, H, W), (original H, W))`` of an entry, or None when it is absent or unreadable."""
+        h, w = _check_hw(size)
         blob = self._read(key)
-        n = 3 * size * size
-        if blob is None or len(blob) != self._HEADER.size + n:
+        if blob is None or len(blob) != self._HEADER.size + 3 * h * w:
             return None
-        magic, height, width, stored = self._HEADER.unpack_from(blob)
-        if magic != self._MAGIC or stored != size:
+        magic, height, width, stored_h, stored_w = self._HEADER.unpack_from(blob)
+        if magic != self._MAGIC or (stored_h, stored_w) != (h, w):
             return None
-        pixels = torch.frombuffer(bytearray(blob[self._HEADER.size:]), dtype=torch.uint8).view(3, size, size)
+        pixels = torch.frombuffer(bytearray(blob[self._HEADER.size:]), dtype=torch.uint8).view(3, h, w)
         return pixels, (height, width)
 
     def put(self, key: str, image: torch.Tensor, orig_size: tuple[int, int]) -> None:
         """Store an entry atomically; a failure to write (disk full, read-only folder) only costs the speed-up."""
-        size = image.shape[-1]
-        self._write(key, self._HEADER.pack(self._MAGIC, orig_size[0], orig_size[1], size)
+        h, w = image.shape[-2:]
+        self._write(key, self._HEADER.pack(self._MAGIC, orig_size[0], orig_size[1], h, w)
                     + image.contiguous().numpy().tobytes())
 
-    def read(self, path: str | os.PathLike, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    def read(self, path: str | os.PathLike, size: int | tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
         """``_read_image`` through the cache: a hit skips decoding and resizing."""
         try:
             data = Path(path).read_bytes()
@@ -259,22 +271,22 @@ class FeatureCache(_EntryStore):
         self._write(key, self._HEADER.pack(self._MAGIC, values.numel()) + values.numpy().tobytes())
 
 
-def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """Reads an image as the reference pipeline does: any mode -> RGB, LANCZOS resize to ``size x size``, no crop.
+def load_image(path: str | os.PathLike, size: int | tuple[int, int]) -> torch.Tensor:
+    """Reads an image as the reference pipeline does: any mode -> RGB, LANCZOS resize to ``size``, no crop.
 
     16-bit greyscale (``I;16*``) is rescaled to 8 bits (``round(v / 257)``); alpha is dropped, not composited; EXIF orientation is
     ignored (as in the reference).
 
     Args:
         path: an image file (.png, .jpg, .jpeg, .bmp, .tif, .tiff or anything else PIL decodes).
-        size: side of the square output, pixels.
+        size: side of the square output, or ``(height, width)``, pixels.
 
     Returns:
-        ``uint8 (3, size, size)`` tensor, not normalised.
+        ``uint8 (3, H, W)`` tensor, not normalised.
 
     Raises:
         ImageReadError: the file is missing, unreadable, corrupt or truncated (the message names it).
-        ValueError: ``size`` is not a positive int.
+        ValueError: ``size`` is not a positive int or pair of them.
     """
     return _read_image(path, size)[0]
 
@@ -488,10 +500,10 @@ class MVTecCategory:
 
 
 class ImageDataset(Dataset):
-    """Decodes image files to ``uint8`` tensors of one square size.
+    """Decodes image files to ``uint8`` tensors of one size.
 
     Items are dicts (the default collate stacks them into a batch):
-        - ``"image"``: ``uint8 (3, size, size)``;
+        - ``"image"``: ``uint8 (3, H, W)`` of ``size``;
         - ``"index"``: ``int``, the position in ``paths``;
         - ``"orig_size"``: ``int64 (2,)``, the file's own ``(H, W)``;
         - ``"label"``: ``int``, only when ``labels`` were given;
@@ -500,7 +512,7 @@ class ImageDataset(Dataset):
 
     Args:
         paths: image files.
-        size: side of the square images, pixels.
+        size: side of the square images, or ``(height, width)``, pixels.
         labels: optional per-image labels, same length as ``paths``.
         cache: an optional ``PreprocessCache`` (or its folder): decoded, resized images are kept on disk, keyed by
             file content and settings, and reused by later runs.
@@ -511,16 +523,17 @@ class ImageDataset(Dataset):
             ``ImageReadError``, so one bad file does not stop a run (the consumer drops those rows).
 
     Raises:
-        ValueError: ``size`` is not a positive int, ``labels`` has the wrong length, or ``skip_unreadable`` is
+        ValueError: ``size`` is not a positive int (or pair), ``labels`` has the wrong length, or ``skip_unreadable`` is
             combined with ``resize=False`` (a stand-in for an unreadable image needs the common size).
     """
 
     def __init__(
-        self, paths: Sequence[str | os.PathLike], size: int, labels: Sequence[int] | torch.Tensor | None = None,
+        self, paths: Sequence[str | os.PathLike], size: int | tuple[int, int], labels: Sequence[int] | torch.Tensor | None = None,
         cache: PreprocessCache | str | os.PathLike | None = None, resize: bool = True, skip_unreadable: bool = False,
     ) -> None:
         self.paths = [Path(p) for p in paths]
-        self.size = _check_size(size)
+        self.size = size if isinstance(size, int) else _check_hw(size)
+        self.hw = _check_hw(size)
         self.resize = bool(resize)
         self.skip_unreadable = bool(skip_unreadable)
         if self.skip_unreadable and not self.resize:
@@ -542,7 +555,7 @@ class ImageDataset(Dataset):
         try:
             return {**self._item(index), "ok": True, "error": ""}
         except ImageReadError as err:
-            item = {"image": torch.zeros(3, self.size, self.size, dtype=torch.uint8), "index": index,
+            item = {"image": torch.zeros(3, *self.hw, dtype=torch.uint8), "index": index,
                     "orig_size": torch.zeros(2, dtype=torch.int64), "ok": False, "error": str(err)}
             if self.labels is not None:
                 item["label"] = int(self.labels[index])

@@ -41,7 +41,7 @@ class CrossFit:
     Attributes:
         scores: ``(N,)`` float32, each image scored by the fold model that did not see it (input order; all ranks'
             images in rank order in data-parallel mode).
-        maps: ``(N, g, g)`` float32 grid maps likewise, or None in kernel mode.
+        maps: ``(N, GH, GW)`` float32 anomaly maps likewise, or None in kernel mode.
         threshold: the ``quantile`` of ``scores`` (``torch.quantile``, linear interpolation).
         quantile: that quantile.
         map_scale: ``MAP_SCALE_QUANTILE`` of all values of ``maps`` (as ``FREDetector.set_map_scale``), or None.
@@ -85,7 +85,8 @@ def _fold_detector(detector: FREDetector, cache: Sequence[Tensor]) -> FREDetecto
     """A copy of ``detector`` (backbone shared, not copied; the original untouched) that reads cached rows."""
     # The memo shares the backbone and the already fitted subspaces with the original instead of copying them; the
     # fold's fit then replaces its own ``subspaces`` and buffers, never the original's.
-    memo = {id(detector.extractor): detector.extractor, id(detector.subspaces): detector.subspaces}
+    memo = {id(detector.extractor): detector.extractor, id(detector.subspaces): detector.subspaces,
+            id(detector.map_subspaces): detector.map_subspaces}
     fold = copy.deepcopy(detector, memo)
 
     def cached_features(index: Tensor) -> list[Tensor]:
@@ -133,13 +134,16 @@ def cross_fit(detector: FREDetector, data: Any, *, folds: int = CROSS_FIT_FOLDS,
     fold_of = fold_of[offset:offset + n]
     linear = detector.config.kernel is None
     scores = torch.empty(n, dtype=torch.float32, device=cache[0].device)
-    g = detector.config.grid
-    maps = torch.empty(n, g, g, dtype=torch.float32, device=cache[0].device) if linear else None
+    gh, gw = detector.config.map_grid
+    maps = torch.empty(n, gh, gw, dtype=torch.float32, device=cache[0].device) if linear else None
     for f in range(k):
         held = torch.nonzero(fold_of == f).flatten()
         keep = torch.ones(n, dtype=torch.bool)
         keep[held] = False
-        fold = _fold_detector(detector, cache).fit(_IndexBatches(torch.arange(n)[keep], batch_size))
+        # The fold models keep the detector's cell statistics (image_score='top'), themselves out-of-fold estimates,
+        # rather than cross-fit again inside each fold; a detector without them gets its folds' own.
+        fold = _fold_detector(detector, cache).fit(_IndexBatches(torch.arange(n)[keep], batch_size),
+                                                   cell_statistics=detector.cell_mean.numel() == 0)
         if held.numel() == 0:  # a data-parallel shard smaller than k: nothing of it held out in this fold
             continue
         rows = _IndexBatches(held, batch_size)

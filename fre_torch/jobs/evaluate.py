@@ -92,7 +92,7 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
         "test_images_per_second"}``, ``"pixel_auroc", "pro", "pixel_f1_max"`` when computed, plus ``"scores"``
         (list, test order), ``"labels"`` and ``"paths"`` (str, test order). With ``keep_maps`` also ``"threshold"``,
         ``"threshold_quantile"``, ``"cross_fit_folds"``, ``"map_scale"`` (linear mode), ``"mask_paths"`` (str or
-        None, test order) and ``"grid_maps"`` (``(N, g, g)`` float32 CPU tensor, None in kernel mode).
+        None, test order) and ``"grid_maps"`` (``(N, GH, GW)`` float32 CPU tensor, None in kernel mode).
     """
     linear = detector.config.kernel is None
     store = None
@@ -104,7 +104,7 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
         store = FeatureCache(None)
     with _feature_cache(detector, store):
         cat = MVTecCategory.load(root, category)
-        size = detector.config.input_size
+        size = detector.config.load_size
         device = detector.device
         # Data-parallel (fre_torch.core.distributed): every rank must see the same settings and files, then reads its
         # own contiguous shard of whole batches; the fit reduces across ranks and scores are gathered in the
@@ -203,7 +203,7 @@ def evaluation_maps(cat: MVTecCategory, grid_maps: torch.Tensor) -> tuple[torch.
 
     Args:
         cat: the category (its test images, in ``cat.test`` order, and their masks).
-        grid_maps: ``(N, g, g)`` anomaly maps of the test images, in the same order.
+        grid_maps: ``(N, GH, GW)`` anomaly maps of the test images, in the same order.
 
     Returns:
         ``(maps, masks)``: ``(N, H, W)`` float32 and bool CPU tensors, at the test images' own size when they

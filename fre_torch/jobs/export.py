@@ -1,14 +1,15 @@
 """Export a fitted ``FREDetector`` as ONE graph, uint8 images in, scores and maps out: ONNX or TorchScript.
 
 The graph is ``ExportedPipeline``: the detector's own ``features`` (normalisation with ``config.spec``, the
-BatchNorm-folded backbone, the per-layer ``embed``) and its own ``maps_from_features`` (explicit squared residual
-per layer, summed over channels, divided by the layer's scale), traced as they are -- there is no second
-implementation of the math. The image score is the sum of the map over its grid.
+BatchNorm-folded backbone, the per-layer ``embed`` of both heads) and its own ``head_maps`` (explicit squared
+residual per layer, summed over channels, divided by the layer's scale), traced as they are -- there is no second
+implementation of the math. The ``map`` output is the map head's; the ``score`` output is the image score made from
+the score head's (unstitched) maps by ``score_from_cells``, as ``score_features`` makes it.
 
-Why the score is the map's sum and not ``score_features``: ``Subspace.fre`` takes ``||x - mean||^2 - ||z||^2`` in
-float64 over Python column chunks, which some ONNX runtimes lack and which would cancel badly in float32. The map's
-explicit residual (``Subspace.error_map``) is accurate to float32 rounding of the FRE itself, and summed over the
-grid it is the same quantity (the detector's docstring: "the sum of a map over its grid is the image's score").
+Why from maps and not ``score_features``' 'fre' path: ``Subspace.fre`` takes ``||x - mean||^2 - ||z||^2`` in float64
+over Python column chunks, which some ONNX runtimes lack and which would cancel badly in float32. The maps' explicit
+residual (``Subspace.error_map``) is accurate to float32 rounding of the FRE itself, and summed over the score head's
+grid (and tiles) it is the same quantity.
 
 Every export checks itself before the file appears: the written artefact is run (ONNX Runtime / ``torch.jit.load``)
 on seeded random images and on real images when given, at two batch sizes, and compared with the torch detector;
@@ -18,9 +19,9 @@ the file is written as ``FILE.partial`` and renamed only when the check passes, 
 Linear-mode detectors only: kernel FRE (``config.kernel`` set) is refused with a ``ValueError`` -- its scores
 have no maps, and its feature maps (random Fourier features / Nystroem landmarks) were never checked for export.
 
-Input of the exported graph: ``images`` uint8 ``(B, 3, S, S)`` RGB at the config's ``input_size`` S (resize with
-``fre_torch.features.images.load_image``, LANCZOS as the reader of ``fit``/``predict``), any B >= 1. Outputs: ``score``
-``(B,)`` float32 and ``map`` ``(B, grid, grid)`` float32.
+Input of the exported graph: ``images`` uint8 ``(B, 3, H, W)`` RGB at the config's ``load_size`` (the input size;
+resize with ``fre_torch.features.load_image``, LANCZOS as the reader of ``fit``/``predict``), any B >= 1. Outputs:
+``score`` ``(B,)`` float32 and ``map`` ``(B, GH, GW)`` float32 (``config.map_grid``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..detection.detector import FREDetector
+from ..detection.geometry import as_hw
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -65,7 +67,7 @@ SCORE_TOLERANCE = 1e-4
 MAP_TOLERANCE = 1e-4
 _N_RANDOM = 3  # seeded random check images added to 2 * batch_size (so the second batch size always differs)
 
-# Runs a written artefact: uint8 images (B, 3, S, S) -> (score (B,), map (B, g, g)) as CPU float32 tensors.
+# Runs a written artefact: uint8 images (B, 3, H, W) -> (score (B,), map (B, GH, GW)) as CPU float32 tensors.
 _Runner = Callable[[Tensor], Tuple[Tensor, Tensor]]
 
 
@@ -85,8 +87,8 @@ class ExportResult:
         path: the artefact.
         format: 'onnx' or 'torchscript'.
         opset: ONNX opset (None for TorchScript).
-        input_shape: ``("batch", 3, S, S)``: the batch dimension is dynamic.
-        output_names / output_shapes: ``("score", "map")``, ``(("batch",), ("batch", g, g))``.
+        input_shape: ``("batch", 3, H, W)``: the batch dimension is dynamic.
+        output_names / output_shapes: ``("score", "map")``, ``(("batch",), ("batch", GH, GW))``.
         score_rel_diff / map_rel_diff: max |export - torch| / max |torch| over the check images (the worst group);
             None when the check was skipped (ONNX Runtime missing).
         n_checked: check images run (random + real).
@@ -111,9 +113,9 @@ class ExportResult:
 class ExportedPipeline(nn.Module):
     """The whole scoring pipeline of a fitted linear-mode detector as one module, for tracing.
 
-    ``forward(images)``: uint8 ``(B, 3, S, S)`` -> (``score`` ``(B,)`` float32, ``map`` ``(B, grid, grid)``
-    float32), computed by the detector's own ``features`` and ``maps_from_features``; ``score = map.sum((1, 2))``.
-    The detector is held, not copied; nothing of it is changed.
+    ``forward(images)``: uint8 ``(B, 3, H, W)`` -> (``score`` ``(B,)`` float32, ``map`` ``(B, GH, GW)`` float32),
+    computed by the detector's own ``features``, ``head_maps`` and ``score_from_cells``: the map head's map, and the
+    image score from the score head's cells. The detector is held, not copied; nothing of it is changed.
     """
 
     def __init__(self, detector: FREDetector) -> None:
@@ -131,24 +133,24 @@ class ExportedPipeline(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         feats = self.detector.features(images)
-        maps = self.detector.maps_from_features(feats)
-        return maps.sum(dim=(1, 2)), maps
+        score = self.detector.score_from_cells(self.detector.head_maps(feats, "score", stitched=False))
+        return score, self.detector.maps_from_features(feats)
 
 
 class _CheckedInput(nn.Module):
     """Scripted guard around the traced pipeline: a trace cannot raise, and an image of the wrong size would run
     through its fixed pooling kernels silently, so the TorchScript artefact checks dtype and shape first."""
 
-    def __init__(self, traced: nn.Module, size: int) -> None:
+    def __init__(self, traced: nn.Module, size: tuple[int, int]) -> None:
         super().__init__()
         self.pipeline = traced
-        self.size = size
+        self.height, self.width = size
 
     def forward(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.size(1) != 3 \
-                or images.size(2) != self.size or images.size(3) != self.size:
+                or images.size(2) != self.height or images.size(3) != self.width:
             raise ValueError("expected uint8 RGB images of shape (B, 3, {}, {}), got shape {} (the dtype must be "
-                             "uint8)".format(self.size, self.size, images.shape))
+                             "uint8)".format(self.height, self.width, images.shape))
         return self.pipeline(images)
 
 
@@ -156,14 +158,15 @@ def export_metadata(detector: FREDetector, fmt: str) -> dict[str, str]:
     """String key/values stored in the artefact (ONNX ``metadata_props``, TorchScript extra file
     ``fre_torch.json``): what the graph expects and returns, and the detector's threshold."""
     c = detector.config
+    (h, w), (gh, gw) = as_hw(c.load_size), c.map_grid
     meta = {
         "fre_torch.format": fmt,
         "fre_torch.backbone": c.backbone,
         "fre_torch.layers": ",".join(c.layers),
-        "fre_torch.input": f"{INPUT_NAME}: uint8 RGB (batch, 3, {c.input_size}, {c.input_size}), pixel values 0..255",
-        "fre_torch.outputs": f"score: float32 (batch,); map: float32 (batch, {c.grid}, {c.grid})",
-        "fre_torch.input_size": str(c.input_size),
-        "fre_torch.grid": str(c.grid),
+        "fre_torch.input": f"{INPUT_NAME}: uint8 RGB (batch, 3, {h}, {w}), pixel values 0..255",
+        "fre_torch.outputs": f"score: float32 (batch,); map: float32 (batch, {gh}, {gw})",
+        "fre_torch.input_size": str(h) if h == w else f"{h}x{w}",
+        "fre_torch.grid": str(gh) if gh == gw else f"{gh}x{gw}",
         "fre_torch.threshold": repr(float(detector.threshold)),  # 'nan' when the detector was not calibrated
         "fre_torch.threshold_quantile": repr(detector.threshold_quantile),
         "fre_torch.config": json.dumps(c.to_dict(), sort_keys=True),
@@ -212,16 +215,16 @@ def export_detector(detector: FREDetector, path: str | os.PathLike, fmt: str, *,
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     pipeline = ExportedPipeline(detector)
-    size = detector.config.input_size
+    size = as_hw(detector.config.load_size)
     if check_images is not None:
         if check_images.dtype != torch.uint8 or check_images.ndim != 4 or \
-                tuple(check_images.shape[1:]) != (3, size, size):
-            raise ValueError(f"check images must be uint8 (N, 3, {size}, {size}), got {check_images.dtype} "
+                tuple(check_images.shape[1:]) != (3, *size):
+            raise ValueError(f"check images must be uint8 (N, 3, {size[0]}, {size[1]}), got {check_images.dtype} "
                              f"{tuple(check_images.shape)}")
     if fmt == "onnx":
         _require("onnx", "onnxscript")
     gen = torch.Generator().manual_seed(seed)
-    random_images = torch.randint(0, 256, (2 * batch_size + _N_RANDOM, 3, size, size), generator=gen,
+    random_images = torch.randint(0, 256, (2 * batch_size + _N_RANDOM, 3, *size), generator=gen,
                                   dtype=torch.uint8)
     example = random_images[:max(2, batch_size)]
     meta = export_metadata(detector, fmt)
@@ -257,10 +260,10 @@ def export_detector(detector: FREDetector, path: str | os.PathLike, fmt: str, *,
 
 def _result(path: Path, fmt: str, detector: FREDetector, score_diff: float | None, map_diff: float | None,
             n: int, sizes: tuple[int, ...], meta: dict[str, str], warning: str | None = None) -> ExportResult:
-    s, g = detector.config.input_size, detector.config.grid
+    (h, w), (gh, gw) = as_hw(detector.config.load_size), detector.config.map_grid
     return ExportResult(path=path, format=fmt, opset=ONNX_OPSET if fmt == "onnx" else None,
-                        input_shape=("batch", 3, s, s), output_names=OUTPUT_NAMES,
-                        output_shapes=(("batch",), ("batch", g, g)), score_rel_diff=score_diff,
+                        input_shape=("batch", 3, h, w), output_names=OUTPUT_NAMES,
+                        output_shapes=(("batch",), ("batch", gh, gw)), score_rel_diff=score_diff,
                         map_rel_diff=map_diff, n_checked=n, batch_sizes=sizes, warning=warning, metadata=meta)
 
 
@@ -304,7 +307,7 @@ def _onnx_runner(path: Path) -> _Runner | None:
 
 
 def _write_torchscript(pipeline: ExportedPipeline, example: Tensor, out: Path, meta: dict[str, str],
-                       size: int) -> None:
+                       size: tuple[int, int]) -> None:
     with warnings.catch_warnings(), torch.inference_mode():
         # TracerWarnings are expected: the trace freezes the Python-level shape checks and the layer loop, which
         # is right for a fixed input size; the scripted guard below rejects any other size.

@@ -153,7 +153,7 @@ def fit_folder(train_dir: str | os.PathLike, config: DetectorConfig, *, device: 
     held_paths = shard(held_paths, unit=batch_size, what="held-out images")
 
     def images(split: list[Path], what: str) -> Any:
-        loader = make_loader(ImageDataset(split, config.input_size, cache=cache, skip_unreadable=not strict),
+        loader = make_loader(ImageDataset(split, config.load_size, cache=cache, skip_unreadable=not strict),
                              batch_size, device, num_workers=num_workers)
         return loader if strict else _Readable(loader, 2, what)
 
@@ -207,7 +207,7 @@ def predict_paths(detector: FREDetector, paths: Sequence[Path], *, batch_size: i
     results come back to the host once, at the end. With ``maps=True`` (linear mode) each row also has ``"map"``:
     the image's ``(g, g)`` float32 CPU anomaly map on the feature grid, None for an unreadable image.
     """
-    loader = make_loader(ImageDataset(paths, detector.config.input_size, skip_unreadable=True), batch_size,
+    loader = make_loader(ImageDataset(paths, detector.config.load_size, skip_unreadable=True), batch_size,
                          detector.device,
                          num_workers=num_workers)
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -72,18 +72,21 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 def detector_config(model: str, *, reference: bool = False, layers: Sequence[str] | None = None,
-                    input_size: int = 0, pca: float = 0.97, solver: str = "auto", **fields: Any) -> DetectorConfig:
+                    input_size: int | Sequence[int] = 0, pca: float = 0.97, solver: str = "auto",
+                    map_layers: Sequence[str] | None = None, **fields: Any) -> DetectorConfig:
     """A ``DetectorConfig`` from the command line's values.
 
     Args:
         model: backbone name (``list_backbones()``).
         reference: the reference run_mvtec.py configuration of ``model`` (``DetectorConfig.reference``); the other
             arguments except ``solver`` are then ignored.
-        layers: layer names, or None / empty for the defaults.
-        input_size: square input side, 0 = the backbone's default.
+        layers: the score head's layers, or None / empty for the defaults.
+        input_size: a square side, ``(height, width)`` (a one-element list is a square), 0 = the backbone's default.
         pca: explained-variance fraction in (0, 1), or a whole number >= 1 of components.
         solver: 'auto', 'gram' or 'covariance'.
-        **fields: further ``DetectorConfig`` fields (``pool``, ``fusion``, ``kernel``, ...).
+        map_layers: the map head's layers; None / empty = the defaults; ``["none"]`` = no map head.
+        **fields: further ``DetectorConfig`` fields (``pool``, ``fusion``, ``kernel``, ``map_pool``,
+            ``map_input_size``, ``tile_size``, ``tile_stride``, ...); sizes may be one- or two-element lists.
 
     Raises:
         ValueError: an unknown model, a bad ``pca`` or any invalid field; the message names the fix.
@@ -93,9 +96,23 @@ def detector_config(model: str, *, reference: bool = False, layers: Sequence[str
     if reference:
         config = DetectorConfig.reference(model)
     else:
-        config = DetectorConfig(backbone=model, layers=tuple(layers or ()), input_size=input_size,
-                                n_components=_n_components(pca), **fields)
+        sizes = {k: _size(v, k) for k, v in fields.items() if k in ("map_input_size", "tile_size", "tile_stride")}
+        heads = None if list(map_layers or []) == ["none"] else tuple(map_layers or ())
+        config = DetectorConfig(backbone=model, layers=tuple(layers or ()), input_size=_size(input_size, "input_size"),
+                                n_components=_n_components(pca), map_layers=heads, **{**fields, **sizes})
     return config if solver == config.solver else dataclasses.replace(config, solver=solver)
+
+
+def _size(value: int | Sequence[int], flag: str) -> int | tuple[int, int]:
+    """``--input_size S`` or ``--input_size H W`` (nargs lists) -> ``S`` / ``(H, W)``."""
+    if isinstance(value, int):
+        return value
+    values = list(value)
+    if len(values) == 1:
+        return values[0]
+    if len(values) == 2:
+        return values[0], values[1]
+    raise ValueError(f"--{flag} takes one side (a square) or height and width, got {len(values)} values")
 
 
 def _n_components(value: float) -> int | float:
@@ -614,7 +631,7 @@ def export(settings: ExportSettings) -> ExportSummary:
     det = FREDetector.load(s.model_file, device="cpu", weights=s.weights)  # exports trace on the CPU
     real = None
     if s.check_images:
-        size = det.config.input_size
+        size = det.config.load_size
         real = torch.stack([load_image(p, size) for p in resolve_inputs([str(p) for p in s.check_images])])
     r = export_detector(det, s.out, s.format, batch_size=s.batch_size, check_images=real)
     return ExportSummary(r, warnings=[f"warning: {r.warning}"] if r.warning else [])
