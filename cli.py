@@ -122,6 +122,9 @@ def _add_model(p: argparse.ArgumentParser, default: str) -> None:
                    help="cut the image into overlapping tiles of this size, each through the backbone (default: off)")
     p.add_argument("--tile_stride", type=int, nargs="+", default=[0], metavar="S | H W",
                    help="step between tiles in pixels (default: half a tile)")
+    p.add_argument("--image_score", choices=["top", "fre"], default="top",
+                   help="top: mean of the top 10%% cells, each standardised by its normal spread (default); fre: "
+                        "the sum over cells, the image's FRE")
     p.add_argument("--pca", type=float, default=0.97, help="variance fraction in (0, 1), or a number of components")
     p.add_argument("--solver", choices=["auto", "gram", "covariance"], default="auto",
                    help="subspace solver: Gram (N x N, when N < D), covariance (D x D, streaming) or auto")
@@ -149,7 +152,7 @@ def _config(args: argparse.Namespace, run, **fields):
     return run.detector_config(args.model, layers=args.layers, input_size=args.input_size, pca=args.pca,
                                solver=args.solver, map_layers=args.map_layers, map_pool=args.map_pool,
                                map_input_size=args.map_input_size, tile_size=args.tile_size,
-                               tile_stride=args.tile_stride, **fields)
+                               tile_stride=args.tile_stride, image_score=args.image_score, **fields)
 
 
 def cmd_evaluate(args: argparse.Namespace, run) -> object:
