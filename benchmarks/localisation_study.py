@@ -140,8 +140,9 @@ class Candidate:
     def config(self) -> DetectorConfig:
         size = self.source.tile or self.source.input_size
         # One head (map_layers=None): a candidate is one set of layers, judged as a score or as a map.
+        # image_score='fre': a candidate's own image score is its FRE, as in the first round (before 'top' existed).
         return DetectorConfig(self.source.backbone, layers=self.layers, input_size=size, pool=self.pool,
-                              map_layers=None)
+                              map_layers=None, image_score="fre")
 
     def describe(self) -> dict[str, Any]:
         c = self.config
@@ -174,6 +175,9 @@ def _candidates() -> list[Candidate]:
     l2_gmean = Pass(L2, 260, lite_layers, photometric="gmean")
     tiles_384 = Pass(L0, 384, ("blocks.4", "blocks.8"), tile=224, stride=160)
     tiles_448 = Pass(L0, 448, ("blocks.4", "blocks.8"), tile=224, stride=112)
+    # Every block of the stride-8 and stride-16 stages a 224 px map head could use (blocks.5-7: the 80-channel stage).
+    l0_224_mid = Pass(L0, 224, ("blocks.3", "blocks.4", "blocks.5", "blocks.6", "blocks.7", "blocks.8", "blocks.10"))
+    l0_224_fine = Pass(L0, 224, ("blocks.2", "blocks.3", "blocks.4", "blocks.8"))
     b4, b8, b10, b14 = "blocks.4", "blocks.8", "blocks.10", "blocks.14"
     return [
         # Detection head.
@@ -197,6 +201,22 @@ def _candidates() -> list[Candidate]:
         Candidate("map_l0_224_b4b8_p1", "map", l0_224, (b4, b8), 1, note="the pair at 28 x 28"),
         Candidate("map_l0_224_b8_p1", "map", l0_224, (b8,), 1, note="blocks.8 alone, 14 x 14"),
         Candidate("map_l0_224_b4b8b14_p2", "map", l0_224, (b4, b8, b14), 2, note="three depths, 14 x 14"),
+        # Map head, Lite0 at 224 px: the other depths of the stride-8 / stride-16 stages (second round).
+        Candidate("map_l0_224_b4b7_p2", "map", l0_224_mid, (b4, "blocks.7"), 2, note="end of the 80-channel stage"),
+        Candidate("map_l0_224_b4b6_p2", "map", l0_224_mid, (b4, "blocks.6"), 2, note="middle of the 80-channel stage"),
+        Candidate("map_l0_224_b4b10_p2", "map", l0_224_mid, (b4, b10), 2, note="end of the stride-16 stage"),
+        Candidate("map_l0_224_b4b8b10_p2", "map", l0_224_mid, (b4, b8, b10), 2, note="both 112-channel ends"),
+        Candidate("map_l0_224_b4b7b10_p2", "map", l0_224_mid, (b4, "blocks.7", b10), 2,
+                  note="the end of every stage from stride 8 to 16"),
+        Candidate("map_l0_224_b3b4b8_p2", "map", l0_224_mid, ("blocks.3", b4, b8), 2, note="both 40-channel blocks"),
+        Candidate("map_l0_224_b7_p1", "map", l0_224_mid, ("blocks.7",), 1, note="blocks.7 alone, 14 x 14"),
+        Candidate("map_l0_224_b3b4_p2", "map", l0_224_mid, ("blocks.3", b4), 2, note="the stride-8 stage alone"),
+        Candidate("map_l0_224_b3b4b7_p2", "map", l0_224_mid, ("blocks.3", b4, "blocks.7"), 2,
+                  note="both 40-channel blocks + the end of the 80-channel stage"),
+        Candidate("map_l0_224_b2b4b8_p4", "map", l0_224_fine, ("blocks.2", b4, b8), 4,
+                  note="+ the end of the stride-4 stage, pooled by 4"),
+        Candidate("map_l0_224_b2b3b4b8_p4", "map", l0_224_fine, ("blocks.2", "blocks.3", b4, b8), 4,
+                  note="the stride-4 end, both stride-8 blocks, blocks.8"),
         # Map head, resolution.
         Candidate("map_l0_320_b4b8_p2", "map", l0_320, (b4, b8), 2, note="the pair at 320 px: 20 x 20"),
         Candidate("map_l0_320_b8_p1", "map", l0_320, (b8,), 1, note="blocks.8 at 320 px: 20 x 20"),

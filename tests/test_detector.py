@@ -62,11 +62,11 @@ def small_images() -> torch.Tensor:
 def test_default_config_shape() -> None:
     cfg = DetectorConfig()
     assert cfg.backbone == "efficientnet_lite0"
-    assert cfg.layers == ("blocks.8", "blocks.14") and cfg.map_layers == ("blocks.4", "blocks.8")
+    assert cfg.layers == ("blocks.8", "blocks.14") and cfg.map_layers == ("blocks.3", "blocks.4", "blocks.8")
     assert cfg.input_size == 224 and cfg.load_size == 224 and cfg.map_input_size == 0  # one backbone pass
     assert cfg.score_head.grid == (7, 7) and cfg.map_head.grid == (14, 14) == cfg.map_grid
-    # score head: 112 x 7 x 7, 192 x 7 x 7; map head: 40 x 14 x 14, 112 x 14 x 14
-    assert cfg.layer_features == (5488, 9408, 7840, 21952) and cfg.n_score_subspaces == 2
+    # score head: 112 x 7 x 7, 192 x 7 x 7; map head: 40 x 14 x 14 (twice), 112 x 14 x 14
+    assert cfg.layer_features == (5488, 9408, 7840, 7840, 21952) and cfg.n_score_subspaces == 2
 
 
 def test_fre_score_is_sum_of_fre_over_residual_variance(synth) -> None:

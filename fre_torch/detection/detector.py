@@ -84,11 +84,13 @@ DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
     "resnet50": ("layer3", "layer4"),
     "wide_resnet50_2": ("layer3", "layer4"),
 }
-# Default layers of the map head, which LOCATES: the end of the stride-8 stage and the reference's stride-16 layer,
-# on a grid twice as fine (stride 8 pooled by 2 = stride 16). Without the stride-32 layers, whose receptive field
-# spans the whole image and blurs every defect over its neighbours (benchmarks/localisation_study.py).
+# Default layers of the map head, which LOCATES: the stride-8 stage and the reference's stride-16 layer, on a grid
+# twice as fine (stride 8 pooled by 2 = stride 16). Without the stride-32 layers, whose receptive field spans the
+# whole image and blurs every defect over its neighbours. Lite0 takes both blocks of its stride-8 stage (blocks.3,
+# receptive field 35 px, and blocks.4, 67 px): better maps than blocks.4 alone on all three measured sets, at no
+# backbone cost (benchmarks/localisation_study.py, BENCHMARKS.md). Lite1 / Lite2 keep the measured pair.
 DEFAULT_MAP_LAYERS: dict[str, tuple[str, ...]] = {
-    "efficientnet_lite0": ("blocks.4", "blocks.8"),
+    "efficientnet_lite0": ("blocks.3", "blocks.4", "blocks.8"),
     "efficientnet_lite1": ("blocks.6", "blocks.11"),
     "efficientnet_lite2": ("blocks.6", "blocks.11"),
     "efficientnet_b5": ("features.3", "features.5"),

@@ -73,8 +73,8 @@ class FitResult:
         out = []
         if self.path is not None:
             size_mb = self.path.stat().st_size / 2**20
-            out.append(f"wrote {self.path} ({size_mb:.1f} MB): {c.backbone} {list(c.layers)}, fitted on {self.n_fit} "
-                       "images")
+            heads = f"score {list(c.layers)}" + (f", map {list(c.map_layers)}" if c.map_layers is not None else "")
+            out.append(f"wrote {self.path} ({size_mb:.1f} MB): {c.backbone} {heads}, fitted on {self.n_fit} images")
         out.append(f"threshold {float(det.threshold):.4g} = the {det.threshold_quantile:g} quantile of the held-out "
                    f"normal images' scores: {stats.summary()}")
         return out
