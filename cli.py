@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     add = ev.add_argument
     add("--dataset_directory", default="./mvtec", help="root holding <category>/train, test, ...")
     add("--object_category", nargs="+", default=["all"], help="one or more categories, or 'all' (every one present)")
+    for flag, what in (("--train_dir", "normal training images"), ("--normal_dir", "normal test images"),
+                       ("--abnormal_dir", "defective test images"), ("--mask_dir", "masks, matched by file stem")):
+        add(flag, default=None, help=f"your own folders instead of the MVTec layout: {what}")
     _add_model(ev, default="efficientnet_b5")
     add("--pool", type=int, default=2, help="average-pool kernel of the first layer (default 2)")
     add("--fusion", choices=["sum", "concat"], default="sum",
@@ -163,7 +166,9 @@ def cmd_evaluate(args: argparse.Namespace, run) -> object:
     config = _config(args, run, reference=args.reference, pool=args.pool, fusion=args.fusion, kernel=args.kernel,
                      kernel_features=args.kernel_features, kernel_method=args.kernel_method)
     return run.evaluate(run.EvaluateSettings(
-        root=args.dataset_directory, categories=args.object_category, config=config, modes=args.modes,
+        root=args.dataset_directory, categories=args.object_category, train_dir=args.train_dir,
+        normal_dir=args.normal_dir, abnormal_dir=args.abnormal_dir, mask_dir=args.mask_dir, config=config,
+        modes=args.modes,
         device="cuda" if args.gpu else (args.device or "cpu"), batch_size=args.batch_size, workers=args.workers,
         weights=args.weights, pixel_metrics=args.pixel_metrics == "auto", compile=args.compile,
         precision=args.precision, cache=args.cache, cache_images_only=args.cache_images_only, resize=args.resize,
@@ -221,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     if result.is_main:  # data-parallel: rank 0 prints
         for line in result.warnings:
             print(line, file=sys.stderr)
-        print("\n".join(result.lines()))
+        try:
+            print("\n".join(result.lines()), flush=True)
+        except BrokenPipeError:  # e.g. `| head`: the reader has gone, the outputs are written
+            sys.stdout = None
     return 0
 
 

@@ -57,6 +57,8 @@ JOURNEYS: dict[str, str] = {
         "test_fit_predict_export",
     "python cli.py export --model_file model.pt --format torchscript --out model.ts": "test_fit_predict_export",
     "python: import numpy as np, onnxruntime as ort": "test_fit_predict_export",
+    "python cli.py evaluate --train_dir good_parts/ --normal_dir test_ok/ --abnormal_dir test_defective/ "
+    "--mask_dir test_masks/ --model efficientnet_lite0 --json my_results.json": "test_evaluate_own_folders",
     "python: import numpy as np": "test_python_api",
     "python: from fre_torch import DetectorConfig, run": "test_python_api",
     "python: from fre_torch import DetectorConfig, FREDetector": "test_python_api",
@@ -114,8 +116,9 @@ def test_every_readme_command_has_a_journey() -> None:
 
 def _write_workspace(root: Path) -> Path:
     """The files the README's commands name: ``mvtec/`` (categories ``bottle`` and ``texture``, with masks),
-    ``good_parts/`` (normal images), ``new_images/`` and ``line2/`` (normal and defective), ``a.png``, ``b.png``, and
-    ``cli.py`` (a link to the repository's)."""
+    ``good_parts/`` (normal images), ``new_images/`` and ``line2/`` (normal and defective), ``test_ok/``,
+    ``test_defective/`` and ``test_masks/`` (bottle's test images and masks as a user's own folders), ``a.png``,
+    ``b.png``, and ``cli.py`` (a link to the repository's)."""
     root.mkdir(parents=True, exist_ok=True)
     data = write_synthetic_mvtec(root / "mvtec", n_train=20, n_test_good=6, n_test_defect=4, size=128, seed=3)
     (data / "object").rename(data / "bottle")
@@ -130,6 +133,12 @@ def _write_workspace(root: Path) -> Path:
     # a.png / b.png (the README's snippets): a normal and a defective image, also under new_images/
     shutil.copy(new / "good_000.png", root / "a.png")
     shutil.copy(new / "missing_000.png", root / "b.png")
+    # The same test images as a user's own folders: normal, defective by subfolder, masks as <defect>/<stem>_mask.
+    shutil.copytree(data / "bottle" / "test" / "good", root / "test_ok")
+    for d in (data / "bottle" / "test").iterdir():
+        if d.name != "good":
+            shutil.copytree(d, root / "test_defective" / d.name)
+    shutil.copytree(data / "bottle" / "ground_truth", root / "test_masks")
     (root / "cli.py").symlink_to(REPO / "cli.py")
     return root
 
@@ -219,6 +228,48 @@ def test_evaluate(workspace: Path) -> None:
     assert {"efficientnet_lite0", "efficientnet_b5", "resnet18", "resnet50"} <= set(models.stdout.split())
 
 
+def test_evaluate_own_folders(workspace: Path) -> None:
+    """A user's own labelled folders give exactly the figures of the same images in the MVTec layout; a defective
+    image without a mask is reported and left out of the pixel metrics."""
+    run(_command("python cli.py evaluate --train_dir good_parts/"), workspace)
+    doc = json.loads((workspace / "my_results.json").read_text(encoding="utf-8"))
+    assert list(doc["categories"]) == ["custom"]
+    got = doc["categories"]["custom"]
+    mvtec = subprocess.run([sys.executable, "cli.py", "evaluate", "--dataset_directory", "mvtec", "--object_category",
+                            "bottle", "--model", "efficientnet_lite0", "--json", "mvtec.json"], cwd=workspace,
+                           env=_env(), capture_output=True, text=True, timeout=600)
+    assert mvtec.returncode == 0, mvtec.stderr
+    want = json.loads((workspace / "mvtec.json").read_text(encoding="utf-8"))["categories"]["bottle"]
+    for key in ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "pro", "pixel_f1_max", "n_train",
+                "n_test"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    assert "n_defective_without_mask" not in got
+
+    # one mask gone: named on stderr, counted in the JSON, and the pixel metrics are those without that image
+    masks = workspace / "test_masks_one_missing"
+    shutil.copytree(workspace / "test_masks", masks)
+    gone = sorted(masks.rglob("*_mask.png"))[0]
+    gone.unlink()
+    proc = subprocess.run([sys.executable, "cli.py", "evaluate", "--train_dir", "good_parts", "--normal_dir",
+                           "test_ok", "--abnormal_dir", "test_defective", "--mask_dir", masks.name,
+                           "--model", "efficientnet_lite0", "--object_category", "parts", "--json", "missing.json"],
+                          cwd=workspace, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    stem = gone.name.replace("_mask", "")
+    assert "1 defective test images have no mask" in proc.stderr and stem in proc.stderr
+    part = json.loads((workspace / "missing.json").read_text(encoding="utf-8"))["categories"]["parts"]
+    assert part["n_defective_without_mask"] == 1 and part["image_auroc"] == pytest.approx(want["image_auroc"])
+    assert part["pixel_auroc"] != pytest.approx(want["pixel_auroc"], abs=1e-9)
+
+    # missing companions and a training image among the test images: exit 2, one line
+    for argv, words in ((["--train_dir", "good_parts", "--normal_dir", "test_ok"], "together"),
+                        (["--train_dir", "good_parts", "--normal_dir", "good_parts", "--abnormal_dir",
+                          "test_defective"], "also training images")):
+        bad = subprocess.run([sys.executable, "cli.py", "evaluate", *argv], cwd=workspace, env=_env(),
+                             capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_fit_predict_export(workspace: Path) -> None:
     """fit -> predict (CSV) -> export ONNX and TorchScript in new processes -> the README's ONNX Runtime snippet and
     torch.jit on the exported files give predict's CSV scores (1e-4 relative)."""
@@ -247,7 +298,7 @@ def test_fit_predict_export(workspace: Path) -> None:
                          timeout=300)
     assert out.returncode == 0, out.stderr
     onnx_scores, map_shape = json.loads(out.stdout.strip().splitlines()[-1])
-    assert map_shape == [2, 14, 14]  # the map head: blocks.4 + blocks.8 on a 14 x 14 grid
+    assert map_shape == [2, 14, 14]  # the map head: blocks.3, blocks.4 + blocks.8 on a 14 x 14 grid
     want = torch.tensor([scores["new_images/good_000.png"], scores["new_images/missing_000.png"]], dtype=torch.float64)
     assert want[1] > want[0]  # the defective image scores higher
     assert (torch.tensor(onnx_scores, dtype=torch.float64) - want).abs().max() <= 1e-4 * want.abs().max()

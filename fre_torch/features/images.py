@@ -406,6 +406,27 @@ def list_categories(root: str | os.PathLike) -> list[str]:
     return names
 
 
+def _mask_finder(folder: Path) -> Callable[[Path], Path | None]:
+    """``relative image path -> mask path or None`` for ``MVTecCategory.from_folders``: the mask at the image's
+    relative path (``<sub>/<stem>.*`` or ``<sub>/<stem>_mask.*``), else one directly in ``folder`` with its stem."""
+    by_place: dict[tuple[str, str], list[Path]] = {}
+    for f in _image_files(folder, recursive=True):
+        stem = f.stem[: -len("_mask")] if f.stem.endswith("_mask") else f.stem
+        by_place.setdefault((f.relative_to(folder).parent.as_posix(), stem), []).append(f)
+
+    def find(rel: Path) -> Path | None:
+        for place in ((rel.parent.as_posix(), rel.stem), (".", rel.stem)):
+            found = by_place.get(place, [])
+            if len(found) > 1:
+                raise ValueError(f"{len(found)} masks in {folder} fit the defective image {rel} ({found[0].name}, "
+                                 f"{found[1].name}): keep one")
+            if found:
+                return found[0]
+        return None
+
+    return find
+
+
 @dataclass(frozen=True)
 class TestSample:
     """One test image of a category.
@@ -429,19 +450,24 @@ class TestSample:
 class MVTecCategory:
     """The files of one category in the MVTec AD layout, in sorted, deterministic order.
 
-    Build with ``MVTecCategory.load(root, category)``.
+    Build with ``MVTecCategory.load(root, category)``, or from a user's own labelled folders with
+    ``MVTecCategory.from_folders(train, normal, abnormal, masks)``.
 
     Attributes:
-        root: the category folder ``<root>/<category>``.
+        root: the category folder ``<root>/<category>`` (``from_folders``: the folders' common parent); test paths
+            are shown relative to its parent (``from_folders``: to itself).
         name: the category name.
         train: normal training images (``train/good``), sorted.
         test: test samples sorted by (defect folder, file name), ``good`` included.
+        masks_expected: every defective test image should have a mask (a ``ground_truth`` folder exists, or a mask
+            folder was given): those without one are reported and left out of the pixel metrics.
     """
 
     root: Path
     name: str
     train: tuple[Path, ...]
     test: tuple[TestSample, ...]
+    masks_expected: bool = False
 
     @classmethod
     def load(cls, root: str | os.PathLike, category: str) -> MVTecCategory:
@@ -476,7 +502,58 @@ class MVTecCategory:
                 test.append(TestSample(path, 0 if defect == "good" else 1, defect, mask))
         if not test:
             raise ValueError(f"no test images in the subfolders of {test_dir} (expected {test_dir}/<defect>/*)")
-        return cls(folder, category, train, tuple(test))
+        return cls(folder, category, train, tuple(test), masks_expected=(folder / "ground_truth").is_dir())
+
+    @classmethod
+    def from_folders(cls, train: str | os.PathLike, normal: str | os.PathLike, abnormal: str | os.PathLike,
+                     masks: str | os.PathLike | None = None, name: str = "custom") -> MVTecCategory:
+        """A category from a user's own labelled folders, without the MVTec AD layout (no image is decoded).
+
+        Args:
+            train: normal training images (searched recursively).
+            normal: normal test images (recursively; defect type ``"good"``).
+            abnormal: defective test images (recursively); the defect type is an image's subfolder below
+                ``abnormal``, or the folder's own name for images directly in it.
+            masks: optional folder of masks (0 = normal, > 0 = defect), searched recursively and matched to the
+                defective images by file stem: first at the image's own relative path (``<sub>/<stem>.*`` or
+                ``<sub>/<stem>_mask.*``), then by stem anywhere in the folder when that stem is unique.
+            name: the category name in tables, JSON and reports.
+
+        Raises:
+            FileNotFoundError: a folder is missing (the message names which).
+            ValueError: a folder holds no image, an image is in both the training and a test folder, or a stem
+                matches several masks.
+        """
+        folders = {"training folder (--train_dir)": train, "normal test folder (--normal_dir)": normal,
+                   "defective test folder (--abnormal_dir)": abnormal}
+        if masks is not None:
+            folders["mask folder (--mask_dir)"] = masks
+        folders = {what: Path(os.path.abspath(f)) for what, f in folders.items()}  # one common parent below
+        for what, folder in folders.items():
+            if not folder.is_dir():
+                state = "is not a folder" if folder.exists() else "does not exist"
+                raise FileNotFoundError(f"{what} {folder} {state}")
+        train_paths, normal_paths, abnormal_paths = (list_images(f) for f in list(folders.values())[:3])
+        seen = {os.path.realpath(p) for p in train_paths}
+        both = [p for p in normal_paths + abnormal_paths if os.path.realpath(p) in seen]
+        if both:
+            raise ValueError(f"{len(both)} test images are also training images (e.g. {both[0]}): the training folder "
+                             "must hold other images than the test folders, or the scores mean nothing")
+        abnormal = folders["defective test folder (--abnormal_dir)"]
+        find = _mask_finder(folders["mask folder (--mask_dir)"]) if masks is not None else None
+        test = [TestSample(p, 0, "good", None) for p in normal_paths]
+        for p in abnormal_paths:
+            rel = p.relative_to(abnormal)
+            defect = rel.parent.as_posix() if rel.parent != Path(".") else abnormal.resolve().name
+            test.append(TestSample(p, 1, defect, find(rel) if find is not None else None))
+        claimed: dict[Path, Path] = {}
+        for sample in test:
+            if sample.mask is not None and claimed.setdefault(sample.mask, sample.path) != sample.path:
+                raise ValueError(f"the mask {sample.mask} fits two defective images ({claimed[sample.mask]}, "
+                                 f"{sample.path}): put each mask at its image's path relative to the defective "
+                                 "folder, e.g. <defect>/<stem>_mask.png")
+        root = Path(os.path.commonpath(list(folders.values())))
+        return cls(root, name, tuple(train_paths), tuple(test), masks_expected=masks is not None)
 
     @property
     def test_paths(self) -> list[Path]:

@@ -61,13 +61,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: str, *, batch_size: int = 32,
+def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: str | MVTecCategory, *,
+                      batch_size: int = 32,
                       num_workers: int | None = None, progress: Progress | None = None,
                       pixel_metrics: bool = True, keep_maps: bool = False, cache: str | os.PathLike | None = None,
                       cache_features: bool = True, resize: str = "auto") -> dict[str, Any]:
     """Fit ``detector`` on ``<root>/<category>/train/good`` and evaluate it on ``test/*``.
 
     Args:
+        category: a category name under ``root``, or an ``MVTecCategory`` (e.g. ``from_folders``; ``root`` unused).
         pixel_metrics: also compute maps and pixel AUROC / PRO / pixel F1-max when the category has masks (and
             the detector is linear).
         keep_maps: also return what heatmaps (``fre_torch.jobs.heatmaps``) and the report (``fre_torch.jobs.report``)
@@ -103,7 +105,8 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
         # float32) rather than run the backbone over the training images a second time.
         store = FeatureCache(None)
     with _feature_cache(detector, store):
-        cat = MVTecCategory.load(root, category)
+        cat = category if isinstance(category, MVTecCategory) else MVTecCategory.load(root, category)
+        category = cat.name
         size = detector.config.load_size
         device = detector.device
         # Data-parallel (fre_torch.core.distributed): every rank must see the same settings and files, then reads its
@@ -144,6 +147,10 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
         labels = cat.test_labels
         pixel = _pixel_metrics(cat, grid_maps) if segment and is_main_process() else {}
         extra: dict[str, Any] = {}
+        unmasked = [str(s.path) for s in cat.test if s.label == 1 and s.mask is None]
+        # Reported, and left out of the pixel metrics (_pixel_metrics).
+        missing = ({"defective_without_mask": unmasked} if cat.masks_expected and pixel_metrics and linear and unmasked
+                   else {})
         if keep_maps:
             # After the timings, so fit_seconds and the test throughput stay comparable with runs without it.
             oof = cross_fit(detector, _Counted(train, progress), quantile=THRESHOLD_QUANTILE, batch_size=batch_size)
@@ -158,7 +165,7 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
         if keep_maps:
             extra.update(mask_paths=[None if m is None else str(m) for m in cat.mask_paths],
                          grid_maps=grid_maps.float().cpu() if linear else None)
-        return {**pixel, **extra,
+        return {**pixel, **missing, **extra,
             "image_auroc": float(auroc(scores_cpu, labels)),
             "image_aupr": float(aupr(scores_cpu, labels)),
             "image_f1_max": float(f1_max(scores_cpu, labels)),
@@ -227,8 +234,11 @@ def evaluation_maps(cat: MVTecCategory, grid_maps: torch.Tensor) -> tuple[torch.
 
 
 def _pixel_metrics(cat: MVTecCategory, grid_maps: torch.Tensor) -> dict[str, float]:
-    """Pixel AUROC, PRO (FPR <= 0.3) and pixel F1-max of the upsampled maps against the ground-truth masks."""
+    """Pixel AUROC, PRO (FPR <= 0.3) and pixel F1-max of the upsampled maps against the ground-truth masks.
+    A defective image without a mask is left out: its defect pixels would otherwise count as normal ones."""
     maps, masks = evaluation_maps(cat, grid_maps)
+    keep = torch.tensor([s.label == 0 or s.mask is not None for s in cat.test])
+    maps, masks = maps[keep], masks[keep]
     if not bool(masks.any()):
         return {}
     return {"pixel_auroc": float(pixel_auroc(maps, masks)), "pro": float(pro(maps, masks)),
@@ -239,6 +249,9 @@ def summarize(results: dict[str, dict[str, Any]], config: DetectorConfig, extra:
     """The JSON document: per-category metrics (without raw scores), their mean, and the configuration."""
     keep = METRICS + PIXEL_METRICS + ("n_train", "n_test", "fit_seconds", "test_images_per_second", "threshold")
     categories = {name: {k: r[k] for k in keep if k in r} for name, r in results.items()}
+    for name, r in results.items():
+        if r.get("defective_without_mask"):
+            categories[name]["n_defective_without_mask"] = len(r["defective_without_mask"])
     mean = {k: sum(r[k] for r in categories.values()) / len(categories) for k in METRICS} if categories else {}
     for k in PIXEL_METRICS:  # averaged over the categories that have masks
         have = [r[k] for r in categories.values() if k in r]

@@ -156,6 +156,10 @@ class EvaluateSettings:
     Attributes:
         root: the data set in MVTec AD layout (``--dataset_directory``).
         categories: category names, or ``("all",)`` for every category present.
+        train_dir, normal_dir, abnormal_dir, mask_dir: instead of ``root``, a user's own labelled folders
+            (``MVTecCategory.from_folders``): normal training images, normal and defective test images, and
+            optionally masks matched by file stem. ``categories`` may then hold the set's one name (default
+            "custom").
         config: the detector; ``detector_config`` builds one from command-line values.
         modes: fitting modes to compare (``"pca"``, ``"tae"``, ``"ae"``), each at the k of ``config``; empty =
             ``config.mode`` alone. The backbone runs once per image for all of them.
@@ -175,6 +179,10 @@ class EvaluateSettings:
 
     root: str | os.PathLike = "./mvtec"
     categories: Sequence[str] = ("all",)
+    train_dir: str | os.PathLike | None = None
+    normal_dir: str | os.PathLike | None = None
+    abnormal_dir: str | os.PathLike | None = None
+    mask_dir: str | os.PathLike | None = None
     config: DetectorConfig = field(default_factory=DetectorConfig)
     modes: Sequence[str] = ()
     device: str = "cpu"
@@ -267,7 +275,7 @@ class EvaluationResult:
 
     def write_scores_csv(self, path: str | os.PathLike) -> Path:
         """``category,path,label,score`` per test image (path relative to the data set), atomically."""
-        root = Path(self.settings.root)
+        root = _data_root(self.settings)
         rows = [(name, str(Path(p).relative_to(root)), int(label), score)
                 for name, r in self._first().items()
                 for p, label, score in zip(r["paths"], r["labels"], r["scores"])]
@@ -296,7 +304,8 @@ class EvaluationResult:
         from .report import write_report
 
         config = {**self.configs[self.modes[0]].to_dict(), **self._run_info(), "device": self.device}
-        return write_report(out_dir, self._first(), title=f"fre_torch evaluate: {self.settings.root}", config=config)
+        return write_report(out_dir, self._first(), title=f"fre_torch evaluate: {_data_root(self.settings)}",
+                            config=config)
 
     def _write_outputs(self) -> None:
         s = self.settings
@@ -341,15 +350,7 @@ def _evaluate(s: EvaluateSettings, ctx: ProcessContext, progress: ProgressFactor
     if config.kernel is not None and s.pixel_metrics and ctx.is_main:
         warnings.append("note: pixel metrics need the linear mode (kernel FRE scores whole images); reporting image "
                         "metrics")
-    root = Path(s.root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset directory not found: {root} (expected <root>/<category>/train/good, "
-                                "test/...)")
-    present = list_categories(root)
-    categories = present if list(s.categories) == ["all"] else list(s.categories)
-    unknown = [c for c in categories if c not in present]
-    if unknown:
-        raise ValueError(f"unknown category {', '.join(unknown)} in {root}; present: {', '.join(present) or 'none'}")
+    categories = _categories(s)
     _check_batch_size(s.batch_size)
     modes = tuple(dict.fromkeys(s.modes or (config.mode,)))  # in order, without repeats
     if len(modes) > 1 and (s.heatmaps or s.report or s.scores_csv):
@@ -359,14 +360,57 @@ def _evaluate(s: EvaluateSettings, ctx: ProcessContext, progress: ProgressFactor
     # per image; --cache keeps them on disk instead), so the backbone runs once per image, not once per mode.
     shared = FeatureCache(None) if len(modes) > 1 else None
     results = {mode: _evaluate_categories(s, cfg, categories, ctx, progress, shared) for mode, cfg in configs.items()}
+    for name, r in next(iter(results.values())).items():
+        missing = r.get("defective_without_mask", [])
+        if missing:
+            first = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            warnings.append(f"warning: {name}: {len(missing)} defective test images have no mask ({first}); the "
+                            "pixel metrics leave them out, the image metrics keep them")
     result = EvaluationResult(s, configs, results, str(ctx.device), ctx, header=list(header), warnings=warnings)
     if ctx.is_main:
         result._write_outputs()
     return result
 
 
-def _evaluate_categories(s: EvaluateSettings, config: DetectorConfig, categories: list[str], ctx: ProcessContext,
-                         progress: ProgressFactory | None,
+def _folders(s: EvaluateSettings) -> dict[str, Any]:
+    return {"--train_dir": s.train_dir, "--normal_dir": s.normal_dir, "--abnormal_dir": s.abnormal_dir,
+            "--mask_dir": s.mask_dir}
+
+
+def _data_root(s: EvaluateSettings) -> Path:
+    """What test paths are shown relative to: the MVTec root, or the common parent of the user's folders."""
+    if s.train_dir is None:
+        return Path(s.root)
+    return Path(os.path.commonpath([os.path.abspath(f) for f in _folders(s).values() if f is not None]))
+
+
+def _categories(s: EvaluateSettings) -> list[str | MVTecCategory]:
+    """The categories to evaluate: names under ``root``, or the one set of the user's folders."""
+    given = [flag for flag, f in _folders(s).items() if f is not None]
+    if (given and s.train_dir is None) or (s.train_dir is not None and None in (s.normal_dir, s.abnormal_dir)):
+        raise ValueError(f"{', '.join(given)}: evaluating your own folders takes --train_dir, --normal_dir and "
+                         "--abnormal_dir together (and optionally --mask_dir)")
+    if s.train_dir is not None:
+        names = [c for c in s.categories if c != "all"]
+        if len(names) > 1:
+            raise ValueError(f"--object_category: one name for the set of --train_dir, got {len(names)}")
+        return [MVTecCategory.from_folders(s.train_dir, s.normal_dir, s.abnormal_dir, s.mask_dir,
+                                           name=names[0] if names else "custom")]
+    root = Path(s.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset directory not found: {root} (expected <root>/<category>/train/good, "
+                                "test/...; or evaluate your own folders with --train_dir, --normal_dir, "
+                                "--abnormal_dir)")
+    present = list_categories(root)
+    categories = present if list(s.categories) == ["all"] else list(s.categories)
+    unknown = [c for c in categories if c not in present]
+    if unknown:
+        raise ValueError(f"unknown category {', '.join(unknown)} in {root}; present: {', '.join(present) or 'none'}")
+    return list(categories)
+
+
+def _evaluate_categories(s: EvaluateSettings, config: DetectorConfig, categories: list[str | MVTecCategory],
+                         ctx: ProcessContext, progress: ProgressFactory | None,
                          feature_cache: FeatureCache | None) -> dict[str, dict[str, Any]]:
     """Fit and evaluate one configuration on every category."""
     detector = FREDetector(config, device=ctx.device, weights=s.weights, compile=s.compile, precision=s.precision,
@@ -376,15 +420,16 @@ def _evaluate_categories(s: EvaluateSettings, config: DetectorConfig, categories
     keep_maps = bool(s.keep_maps or s.heatmaps or s.report)
     passes = 2 if keep_maps else 1  # the cross-fitting pass reads the training images once more
     results = {}
-    for name in categories:
-        cat = MVTecCategory.load(s.root, name)
+    for item in categories:
+        cat = item if isinstance(item, MVTecCategory) else MVTecCategory.load(s.root, item)
+        name = cat.name
         # Data-parallel: this rank reads its shard only (all images otherwise). Sharding here, on every rank, also
         # fails a world larger than a split on every rank at once, before any collective.
         n = passes * len(shard(cat.train, unit=s.batch_size, what=f"{name} training images")) + \
             len(shard(cat.test, unit=s.batch_size, what=f"{name} test images"))
         bar = progress(n, name) if progress is not None and ctx.is_main else None
         try:
-            results[name] = evaluate_category(detector, s.root, name, batch_size=s.batch_size, num_workers=s.workers,
+            results[name] = evaluate_category(detector, s.root, cat, batch_size=s.batch_size, num_workers=s.workers,
                                               progress=bar, pixel_metrics=s.pixel_metrics, keep_maps=keep_maps,
                                               cache=s.cache, cache_features=not s.cache_images_only,
                                               resize=s.resize)
