@@ -10,14 +10,19 @@ import pytest
 
 from fre_torch.jobs.allocator import DEFAULT_RETAIN_BYTES, ENV_OPT_OUT, retain_freed_memory, retain_requested
 
-# A child process allocates, fills and frees a 64 MiB tensor 11 times and prints the minor page faults of the last 10
-# (the first ones fault their pages in whatever the setting). 64 MiB is above glibc's largest dynamic mmap threshold.
+# A child process allocates, fills and frees a 64 MiB tensor 13 times and prints the minor page faults of the last 10
+# (the first ones fault their pages in whatever the setting, and let the heap reach its size). 64 MiB is above glibc's
+# largest dynamic mmap threshold. One thread: the intra-op pool's own small allocations can land above a freed block
+# and make the heap grow once more at a random point (measured with 2 threads and 1 warm-up: 16,384 or 32,768 faults;
+# with 1 thread and 3 warm-ups: 0 in 32 of 32 runs).
 _CHILD = """
 import resource, sys, torch
 from fre_torch.jobs.allocator import retain_freed_memory
+torch.set_num_threads(1)
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
-torch.empty(1 << 24).fill_(1.0)
+for _ in range(3):
+    torch.empty(1 << 24).fill_(1.0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
     torch.empty(1 << 24).fill_(1.0)  # 2**24 float32 = 64 MiB = 16,384 pages of 4 KiB
@@ -41,10 +46,8 @@ def test_retained_memory_is_reused_without_page_faults() -> None:
     if default < 10 * pages // 4:
         pytest.skip(f"{default} faults for 10 fresh 64 MiB blocks: huge pages make faulting cheap on this machine")
     # Without the setting every allocation is a fresh mmap whose pages all fault in again (10 x 16,384 here). With it
-    # the freed block comes back from the heap: the heap grows once (one block's pages), then no more faults -- or,
-    # in about a third of runs on a busy machine, twice, when a small allocation of another thread lands above the
-    # freed block before it is reused (measured: 16,384 or 32,768, never more, in 20 runs).
-    assert retained <= 2 * pages and retained * 4 < default, (retained, default)
+    # the freed block comes back from the heap, already faulted in: fewer faults than one block has pages.
+    assert retained < pages, (retained, default)
 
 
 def test_threshold_is_validated() -> None:
