@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import subprocess
@@ -15,7 +16,7 @@ import torch
 
 import cli
 from conftest import REPO, require_category
-from fre_torch.features.images import ImageDataset, MVTecCategory, list_images, make_loader
+from fre_torch.features.images import ImageDataset, MVTecCategory, list_images, load_image, make_loader
 from fre_torch.detection.detector import DetectorConfig, FREDetector
 from fre_torch.jobs.export import (
     ONNX_OPSET,
@@ -291,3 +292,31 @@ def test_bottle_parity_onnx_and_torchscript(tmp_path: Path) -> None:
         print(f"\nbottle {fmt}: max rel diff score {diffs[fmt][0]:.2e}, map {diffs[fmt][1]:.2e}, "
               f"per image {float(per_image):.2e}")
         assert diffs[fmt][0] <= SCORE_TOLERANCE and diffs[fmt][1] <= 1e-4
+
+
+@pytest.mark.parametrize("category", ["bottle", "magnetic_tile"])
+def test_real_data_fit_export_predict_in_separate_processes(category: str, tmp_path: Path) -> None:
+    """The README's journey on real data, at the default 224 px, each step a new process: `cli.py fit` on
+    train/good, `cli.py predict` on test images, `cli.py export` to ONNX and to TorchScript; the exported graphs
+    (ONNX Runtime, torch.jit) score those images as predict's CSV does, within 1e-4 of the largest |score|."""
+    cat = MVTecCategory.load(require_category(category), category)
+    paths = cat.test_paths[::max(1, len(cat.test_paths) // 40)]  # ~40 test images across the defect folders
+    model = tmp_path / "model.pt"
+
+    def cli_run(*argv: str) -> str:
+        proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *argv], capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        return proc.stdout
+
+    cli_run("fit", "--train_dir", str(cat.root / "train" / "good"), "--out", str(model))
+    cli_run("predict", "--model_file", str(model), *map(str, paths), "--out", str(tmp_path / "results"))
+    with open(tmp_path / "results" / "predictions.csv", newline="", encoding="utf-8") as f:
+        rows = {Path(r["path"]).resolve(): float(r["score"]) for r in csv.DictReader(f)}
+    want = torch.tensor([rows[p.resolve()] for p in paths], dtype=torch.float64)
+    images = torch.stack([load_image(p, 224) for p in paths])
+    for fmt, suffix, score_with in (("onnx", "onnx", _run_onnx), ("torchscript", "ts", _run_torchscript)):
+        out = tmp_path / f"model.{suffix}"
+        cli_run("export", "--model_file", str(model), "--format", fmt, "--out", str(out))
+        got = score_with(out, images, 8)[0].double()
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max(), (fmt, float((got - want).abs().max()))
