@@ -58,6 +58,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import cpu_name
 from fre_torch.features.backbones import Normalize, build_feature_extractor, get_backbone_spec
 from fre_torch.features.images import ImageDataset, MVTecCategory, make_loader
 from fre_torch.detection.detector import DetectorConfig, FREDetector, embed
@@ -536,15 +537,7 @@ def _selected(cands: Sequence[Candidate], wanted: Sequence[str]) -> list[Candida
 
 
 def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def _by_pass(cands: Sequence[Candidate]) -> Iterator[tuple[Pass, list[Candidate]]]:
