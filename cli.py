@@ -47,9 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     add = ev.add_argument
     add("--dataset_directory", default="./mvtec", help="root holding <category>/train, test, ...")
     add("--object_category", nargs="+", default=["all"], help="one or more categories, or 'all' (every one present)")
-    for flag, what in (("--train_dir", "normal training images"), ("--normal_dir", "normal test images"),
-                       ("--abnormal_dir", "defective test images"), ("--mask_dir", "masks, matched by file stem")):
-        add(flag, default=None, help=f"your own folders instead of the MVTec layout: {what}")
+    add("--train_dir", default=None, help="your own folders instead of the MVTec layout: normal training images")
+    add("--normal_dir", default=None, help="with --train_dir: normal test images")
+    add("--abnormal_dir", default=None, help="with --train_dir: defective test images (subfolders = defect types)")
+    add("--mask_dir", default=None, help="with --train_dir, optional: masks, matched to defective images by stem")
     _add_model(ev, default="efficientnet_b5")
     add("--pool", type=int, default=2, help="average-pool kernel of the first layer (default 2)")
     add("--fusion", choices=["sum", "concat"], default="sum",

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import require_category
 from fre_torch.features.backbones import (
     LITE_MEAN,
     LITE_STD,
@@ -29,8 +30,6 @@ from fre_torch.features.backbones import (
 )
 from fre_torch.detection.detector import DEFAULT_LAYERS, DetectorConfig
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-BOTTLE_TRAIN = DATA / "mvtec_bottle" / "bottle" / "train" / "good"
 
 LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 # name: (width, depth multiplier, native input size): TF efficientnet_lite_builder.efficientnet_lite_params.
@@ -237,15 +236,16 @@ def test_other_variants_weights_rejected(name: str) -> None:
 MIN_BOTTLE_HITS = {"efficientnet_lite0": 9, "efficientnet_lite1": 9, "efficientnet_lite2": 13}
 
 
-@pytest.mark.skipif(not BOTTLE_TRAIN.is_dir(), reason=f"real images not found at {BOTTLE_TRAIN}")
 @pytest.mark.parametrize("name", LITES)
 def test_classifies_real_bottles(name: str) -> None:
     from PIL import Image
 
+    bottle_train = require_category("bottle") / "bottle" / "train" / "good"  # skips, naming FRE_TORCH_DATA
+
     bottles = torch.tensor([440, 720, 737, 898, 907])  # beer, pill, pop, water, wine bottle
     spec = get_backbone_spec(name)
     s = spec.input_size
-    files = sorted(BOTTLE_TRAIN.glob("*.png"))[:16]
+    files = sorted(bottle_train.glob("*.png"))[:16]
     pixels = [Image.open(f).convert("RGB").resize((s, s), Image.LANCZOS).tobytes() for f in files]
     images = torch.frombuffer(bytearray(b"".join(pixels)), dtype=torch.uint8).view(len(files), s, s, 3)
     with torch.inference_mode():
