@@ -170,6 +170,9 @@ def _candidates() -> list[Candidate]:
     lite_layers = ("blocks.6", "blocks.11", "blocks.14", "blocks.19")
     l1 = Pass(L1, 240, lite_layers)
     l2 = Pass(L2, 260, lite_layers)
+    # Lite1 / Lite2 stride-8 stage: blocks.4 (the first, stride 2), blocks.5, blocks.6 (its end).
+    l1_s8 = Pass(L1, 240, ("blocks.4", "blocks.5", "blocks.6", "blocks.11"))
+    l2_s8 = Pass(L2, 260, ("blocks.4", "blocks.5", "blocks.6", "blocks.11"))
     l1_448 = Pass(L1, 448, ("blocks.6", "blocks.11"))
     l2_448 = Pass(L2, 448, ("blocks.6", "blocks.11"))
     l1_gmean = Pass(L1, 240, lite_layers, photometric="gmean")
@@ -239,6 +242,18 @@ def _candidates() -> list[Candidate]:
         # Map head, bigger backbones.
         Candidate("map_l1_240_b6b11_p2", "map", l1, ("blocks.6", "blocks.11"), 2, note="Lite1 pair: 15 x 15"),
         Candidate("map_l2_260_b6b11_p2", "map", l2, ("blocks.6", "blocks.11"), 2, note="Lite2 pair: 16 x 16"),
+        Candidate("map_l1_240_b4b6b11_p2", "map", l1_s8, ("blocks.4", "blocks.6", "blocks.11"), 2,
+                  note="Lite1, the first and last stride-8 blocks (Lite0's default roles)"),
+        Candidate("map_l1_240_b5b6b11_p2", "map", l1_s8, ("blocks.5", "blocks.6", "blocks.11"), 2,
+                  note="Lite1, the last two stride-8 blocks"),
+        Candidate("map_l1_240_b4b5b6b11_p2", "map", l1_s8, ("blocks.4", "blocks.5", "blocks.6", "blocks.11"), 2,
+                  note="Lite1, every stride-8 block"),
+        Candidate("map_l2_260_b4b6b11_p2", "map", l2_s8, ("blocks.4", "blocks.6", "blocks.11"), 2,
+                  note="Lite2, the first and last stride-8 blocks (Lite0's default roles)"),
+        Candidate("map_l2_260_b5b6b11_p2", "map", l2_s8, ("blocks.5", "blocks.6", "blocks.11"), 2,
+                  note="Lite2, the last two stride-8 blocks"),
+        Candidate("map_l2_260_b4b5b6b11_p2", "map", l2_s8, ("blocks.4", "blocks.5", "blocks.6", "blocks.11"), 2,
+                  note="Lite2, every stride-8 block"),
         Candidate("map_l1_448_b6b11_p2", "map", l1_448, ("blocks.6", "blocks.11"), 2, note="Lite1 pair, 448 px"),
         Candidate("map_l2_448_b6b11_p2", "map", l2_448, ("blocks.6", "blocks.11"), 2, note="Lite2 pair, 448 px"),
         Candidate("map_l1_448_b6b11_p4", "map", l1_448, ("blocks.6", "blocks.11"), 4, note="Lite1, 448 px, 14 x 14"),

@@ -86,13 +86,14 @@ DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
 }
 # Default layers of the map head, which LOCATES: the stride-8 stage and the reference's stride-16 layer, on a grid
 # twice as fine (stride 8 pooled by 2 = stride 16). Without the stride-32 layers, whose receptive field spans the
-# whole image and blurs every defect over its neighbours. Lite0 takes both blocks of its stride-8 stage (blocks.3,
-# receptive field 35 px, and blocks.4, 67 px): better maps than blocks.4 alone on all three measured sets, at no
-# backbone cost (benchmarks/localisation_study.py, BENCHMARKS.md). Lite1 / Lite2 keep the measured pair.
+# whole image and blurs every defect over its neighbours. The first and the last block of the stride-8 stage (Lite0:
+# blocks.3, receptive field 35 px, and blocks.4, 67 px; Lite1 / Lite2: blocks.4 and blocks.6): better maps than the
+# last block alone, on all three measured sets and all three backbones, at no backbone cost
+# (benchmarks/localisation_study.py, BENCHMARKS.md).
 DEFAULT_MAP_LAYERS: dict[str, tuple[str, ...]] = {
     "efficientnet_lite0": ("blocks.3", "blocks.4", "blocks.8"),
-    "efficientnet_lite1": ("blocks.6", "blocks.11"),
-    "efficientnet_lite2": ("blocks.6", "blocks.11"),
+    "efficientnet_lite1": ("blocks.4", "blocks.6", "blocks.11"),
+    "efficientnet_lite2": ("blocks.4", "blocks.6", "blocks.11"),
     "efficientnet_b5": ("features.3", "features.5"),
     "resnet18": ("layer2", "layer3"),
     "resnet50": ("layer2", "layer3"),
