@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from fre_torch.features import backbones
 from fre_torch.features.backbones import (
 
     IMAGENET_MEAN,
@@ -454,3 +455,70 @@ def test_folded_batchnorm_matches_unfused(name: str) -> None:
     for layer in plain.layers:
         scale = a[layer].abs().max()
         assert float((a[layer] - b[layer]).abs().max() / scale) < 1e-4, layer
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Fused CPU kernels (the default CPU path of a folded extractor)
+# ------------------------------------------------------------------------------------------------------------------
+
+_LITES = [name for name in ALL if name.startswith("efficientnet_lite")]
+needs_fusion = pytest.mark.skipif(not backbones._MKLDNN_FUSION,
+                                  reason="this torch build has no oneDNN fused convolution; the plain modules run")
+
+
+def _lite_extractor(name: str) -> FeatureExtractor:
+    torch.manual_seed(0)
+    spec = get_backbone_spec(name)
+    return build_feature_extractor(name, list(spec.layers)[:-1], pretrained=False).to(
+        memory_format=torch.channels_last)
+
+
+@needs_fusion
+@pytest.mark.parametrize("name", _LITES)
+@pytest.mark.parametrize("size", [(224, 224), (61, 50), (97, 130)])
+def test_fused_kernels_equal_the_modules(name: str, size: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused path (bias + ReLU6 / residual add in the convolution, TF padding through the narrow block input)
+    gives every layer of the plain modules within float rounding, at even, odd and mixed sizes -- and it did run."""
+    fx = _lite_extractor(name)
+    calls = []
+    fused_conv = backbones._fused_conv
+    monkeypatch.setattr(backbones, "_fused_conv", lambda *a, **k: calls.append(1) or fused_conv(*a, **k))
+    x = image_batch(*size).contiguous(memory_format=torch.channels_last)
+    convs = 1 + sum(3 if hasattr(b, "_expand_conv") else 2 for b in fx.body._blocks)  # the stem and each block's
+    with torch.inference_mode():
+        got = fx(x)
+        assert len(calls) == convs
+        fx.fused = False
+        want = fx(x)
+    assert len(calls) == convs  # none more
+    for layer in fx.layers:
+        rel = float((got[layer] - want[layer]).abs().max() / want[layer].abs().max())
+        assert rel < 1e-5, (layer, rel)
+
+
+@needs_fusion
+def test_fused_kernels_stay_out_of_traces_autocast_and_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracing (export), autocast (--precision bf16 on a CPU) and autograd see the plain modules."""
+    fx = _lite_extractor("efficientnet_lite0")
+    calls = []
+    monkeypatch.setattr(backbones, "_fused_conv", lambda *a, **k: calls.append(1))
+    x = image_batch(64, 64)
+    traced = torch.jit.trace(lambda t: fx(t)["blocks.3"], x, check_trace=False)
+    assert "mkldnn" not in str(traced.graph) and "_convolution_pointwise" not in str(traced.graph)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fx(x)["blocks.3"].dtype == torch.bfloat16
+    fx(x.clone().requires_grad_(True))
+    assert calls == []
+
+
+def test_folded_layers_are_fused_unfolded_ones_run_as_modules() -> None:
+    folded = build_feature_extractor("efficientnet_lite0", ["blocks.1"], pretrained=False)
+    stem, fused = folded._fused_stages[0][1], folded._fused_stages[1][1]
+    assert isinstance(stem[0], backbones._FusedConvReLU6) and len(stem) == 1
+    assert fused[0] == folded.body._blocks[0].fused_forward
+    plain = build_feature_extractor("efficientnet_lite0", ["blocks.1"], pretrained=False, fuse_batchnorm=False)
+    assert plain._fused_stages[0][1] == plain._stages[0][1]  # (conv, BatchNorm, ReLU6): nothing to fuse
+    x = image_batch(40, 40)
+    with torch.inference_mode():  # an unfolded block's fused_forward is its forward
+        assert torch.equal(plain.body._blocks[1].fused_forward(x[:, :1].expand(2, 16, 40, 40).contiguous()),
+                           plain.body._blocks[1](x[:, :1].expand(2, 16, 40, 40).contiguous()))

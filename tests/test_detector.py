@@ -387,3 +387,18 @@ def test_kernel_mode_round_trip_and_no_maps(tmp_path, method: str) -> None:
 def test_bad_kernel_settings(kwargs) -> None:
     with pytest.raises(ValueError, match="kernel"):
         DetectorConfig(**kwargs)
+
+
+def test_fused_cpu_kernels_keep_scores_and_maps(fitted_default: FREDetector, synth) -> None:
+    """The default CPU path runs the backbone in fused kernels; scores and maps equal the plain modules' within
+    1e-5 relative (the issue's bound), on real-weight Lite0 features."""
+    images = synth["test"][:8]
+    extractor = fitted_default.extractor
+    try:
+        fused = fitted_default.score_and_maps(images)
+        extractor.fused = False
+        plain = fitted_default.score_and_maps(images)
+    finally:
+        extractor.fused = True
+    assert _max_rel_diff(fused[0], plain[0]) < 1e-5
+    assert _max_rel_diff(fused[1], plain[1]) < 1e-5

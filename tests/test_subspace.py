@@ -303,3 +303,21 @@ def test_cpu_and_cuda_agree(solver: str) -> None:
     moved = PCA().load_state_dict(cpu.state_dict()).to("cuda")
     np.testing.assert_allclose(moved.reconstruction_error(torch.from_numpy(xt).cuda()).cpu().numpy(),
                                cpu.reconstruction_error(xt), rtol=1e-5)
+
+
+@pytest.mark.parametrize("n, one_thread_max", [(5, 2048), (300, 2048), (300, 100)])
+def test_symmetric_eigh_equals_linalg_eigh_and_restores_threads(n: int, one_thread_max: int,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """One thread up to the size limit (every Gram solve), the caller's thread count afterwards; the same
+    decomposition on both sides of the limit."""
+    from fre_torch.core import subspace
+
+    monkeypatch.setattr(subspace, "_EIGH_ONE_THREAD_MAX", one_thread_max)
+    g = torch.randn(n, 64 if n > 5 else 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = g @ g.T + torch.eye(n, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    evals, evecs = subspace.symmetric_eigh(a)
+    assert torch.get_num_threads() == threads
+    ref = torch.linalg.eigh(a)
+    torch.testing.assert_close(evals, ref.eigenvalues, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(evecs @ torch.diag(evals) @ evecs.T, a, rtol=1e-9, atol=1e-8)

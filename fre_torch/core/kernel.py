@@ -43,6 +43,7 @@ from .subspace import (
     make_room,
     resolve_solver,
     select_n_components,
+    symmetric_eigh,
 )
 
 __all__ = [
@@ -367,7 +368,7 @@ class NystroemFeatures(_AdoptShapes):
         lm = landmarks.to(device=dev, dtype=FIT_DTYPE)
         center = lm.mean(dim=0)
         k_ll = kernel_matrix(lm, lm, kernel, s, center=center)
-        evals, evecs = torch.linalg.eigh((k_ll + k_ll.T) * 0.5)  # float64, ascending
+        evals, evecs = symmetric_eigh((k_ll + k_ll.T) * 0.5)  # float64, ascending
         keep = evals > rcond * evals[-1].clamp_min(0.0)
         inv_sqrt = torch.where(keep, evals.clamp_min(torch.finfo(FIT_DTYPE).tiny).rsqrt(),
                                torch.zeros((), dtype=FIT_DTYPE, device=dev))
@@ -716,7 +717,7 @@ class ExactKernelFRE(_AdoptShapes):
         row_mean = k.mean(dim=1)
         grand = row_mean.mean()
         kc = k - row_mean[:, None] - row_mean[None, :] + grand
-        evals, evecs = torch.linalg.eigh((kc + kc.T) * 0.5)
+        evals, evecs = symmetric_eigh((kc + kc.T) * 0.5)
         evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
         variance = evals / (n - 1)
         n_keep = select_n_components(variance, self.n_components, n, n)

@@ -330,13 +330,18 @@ class _Conv2dSame(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, groups: int = 1) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0, groups=groups, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x: (B, C_in, H, W)`` -> ``(B, C_out, ceil(H / s), ceil(W / s))``."""
+    def same_pads(self, size: Sequence[int]) -> list[int]:
+        """``F.pad`` amounts ``[left, right, top, bottom]`` for an input of spatial ``size`` ``(H, W)``."""
         pads: list[int] = []
         for dim in (1, 0):  # F.pad lists the last dimension (width) first
-            size, k, s = x.shape[dim - 2], self.kernel_size[dim], self.stride[dim]
-            total = max((-(-size // s) - 1) * s + k - size, 0)
+            n, k, s = size[dim], self.kernel_size[dim], self.stride[dim]
+            total = max((-(-n // s) - 1) * s + k - n, 0)
             pads += [total // 2, total - total // 2]  # (before, after): the odd pixel goes after, as in TF
+        return pads
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: (B, C_in, H, W)`` -> ``(B, C_out, ceil(H / s), ceil(W / s))``."""
+        pads = self.same_pads(x.shape[-2:])
         if any(pads):
             x = F.pad(x, pads)
         return super().forward(x)
@@ -377,6 +382,110 @@ class _MBConv(nn.Module):
         y = self._bn2(self._project_conv(y))  # linear bottleneck: no activation after the projection
         # Stochastic depth (drop-connect) is a training-time regulariser and the identity at inference.
         return y + x if self.residual else y
+
+    def fused_forward(self, x: Tensor) -> Tensor:
+        """``forward`` in fused CPU kernels (see :func:`fused_kernels_apply`), equal to it up to float rounding.
+
+        Each convolution runs with its bias, ReLU6 and (projection) residual add in one oneDNN call. A strided
+        depthwise convolution with TF "SAME" padding needs one pixel more after than before, which oneDNN's PyTorch
+        entry point cannot express: instead of padding the 6x wider expanded tensor (a fill and a copy of the
+        block's largest tensor), the narrow block input is padded and expanded, and the expansion's border, which
+        ``relu6(bias)`` filled, is set back to zero in place, so the depthwise input equals the zero-padded one.
+        Needs BatchNorm folded (``fold_batchnorm``); otherwise it is ``forward``.
+        """
+        if not all(isinstance(m, nn.Identity) for m in (getattr(self, "_bn0", nn.Identity()), self._bn1, self._bn2)):
+            return self(x)
+        dw = self._depthwise_conv
+        pads = dw.same_pads(x.shape[-2:]) if isinstance(dw, _Conv2dSame) else [dw.padding[1]] * 2 + [dw.padding[0]] * 2
+        symmetric = pads[0] == pads[1] and pads[2] == pads[3]
+        dw_padding = (pads[2], pads[0]) if symmetric else (0, 0)
+        y = x
+        if not symmetric:
+            y = F.pad(y, pads)
+        if hasattr(self, "_expand_conv"):
+            y = _fused_conv(y, self._expand_conv, relu6=True, padding=(0, 0))
+            if not symmetric:  # the padded border went through bias + ReLU6: make it the zeros F.pad would give
+                left, right, top, bottom = pads
+                h, w = y.shape[-2:]
+                y[:, :, :top].zero_()
+                y[:, :, h - bottom:].zero_()
+                y[:, :, :, :left].zero_()
+                y[:, :, :, w - right:].zero_()
+        y = _fused_conv(y, dw, relu6=True, padding=dw_padding)
+        return _fused_conv(y, self._project_conv, relu6=False, padding=(0, 0), add=x if self.residual else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fused CPU kernels
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _mkldnn_fusion_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_MKLDNN_FUSION = _mkldnn_fusion_available()
+
+
+def _autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
+def fused_kernels_apply(x: Tensor) -> bool:
+    """Whether the fused CPU kernels can run on ``x``: float32 on the CPU, no autograd, no autocast, oneDNN
+    present, and not inside tracing, scripting or ``torch.compile`` (which see the plain modules: exported graphs and
+    compiled code are unchanged by this path)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+    return (_MKLDNN_FUSION and x.device.type == "cpu" and x.dtype == torch.float32
+            and not (torch.is_grad_enabled() and x.requires_grad) and not _autocast_on()
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting() and not is_compiling())
+
+
+def _fused_conv(x: Tensor, conv: nn.Conv2d, *, relu6: bool, padding: tuple[int, int],
+                add: Tensor | None = None) -> Tensor:
+    """``conv(x)`` with symmetric ``padding``, then ``+ add`` or ReLU6, in one oneDNN call (the primitive that
+    ``torch.compile``'s CPU backend emits for the same pattern). ``x: (B, C_in, H, W)`` -> ``(B, C_out, H', W')``."""
+    args = (list(padding), list(conv.stride), list(conv.dilation), conv.groups)
+    if add is not None:
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, add, conv.weight, conv.bias, *args, "add", None,
+                                                              None, [], None)
+    if relu6:
+        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *args, "hardtanh", [0.0, 6.0], "")
+    return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *args, "none", [], "")
+
+
+class _FusedConvReLU6:
+    """A stage ``(conv, Identity (folded BN), ReLU6)`` in one fused call; TF "SAME" padding that is not symmetric is
+    applied with ``F.pad`` first (the stem's 3-channel input: cheap)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        self.conv = conv
+
+    def __call__(self, x: Tensor) -> Tensor:
+        conv = self.conv
+        padding = (conv.padding[0], conv.padding[1])
+        if isinstance(conv, _Conv2dSame):
+            pads = conv.same_pads(x.shape[-2:])
+            if pads[0] == pads[1] and pads[2] == pads[3]:
+                padding = (pads[2], pads[0])
+            else:
+                x = F.pad(x, pads)
+        return _fused_conv(x, conv, relu6=True, padding=padding)
+
+
+def _fused_stage(modules: tuple[nn.Module, ...]) -> tuple[Callable[[Tensor], Tensor], ...]:
+    """The fused form of one layer's modules: ``_MBConv`` blocks by ``fused_forward``, a (conv, folded BN, ReLU6)
+    run by :class:`_FusedConvReLU6`; anything else (torchvision backbones) as it is."""
+    if (len(modules) == 3 and isinstance(modules[0], nn.Conv2d) and isinstance(modules[1], nn.Identity)
+            and isinstance(modules[2], nn.ReLU6) and isinstance(modules[0].padding, tuple)):
+        return (_FusedConvReLU6(modules[0]),)
+    return tuple(m.fused_forward if isinstance(m, _MBConv) else m for m in modules)
 
 
 class EfficientNetLite(nn.Module):
@@ -667,6 +776,10 @@ class FeatureExtractor(nn.Module):
         self._stages: tuple[tuple[str, tuple[nn.Module, ...]], ...] = tuple(
             (name, tuple(self.body.get_submodule(p) for p in spec.layers[name].modules)) for name in run
         )
+        # The same stages in fused CPU kernels (``fused_forward``), used where ``fused_kernels_apply`` allows and
+        # ``self.fused`` is True: a third fewer memory passes on the CPU, equal up to float rounding.
+        self._fused_stages = tuple((name, _fused_stage(modules)) for name, modules in self._stages)
+        self.fused = True
         self._wanted = frozenset(requested)
         self.train()
 
@@ -697,7 +810,8 @@ class FeatureExtractor(nn.Module):
             raise ValueError(f"layers {missing} are not held by this extractor (it holds {list(self.layers)})")
         remaining = set(wanted)
         found: dict[str, Tensor] = {}
-        for name, modules in self._stages:
+        stages = self._fused_stages if self.fused and fused_kernels_apply(x) else self._stages
+        for name, modules in stages:
             for module in modules:
                 x = module(x)
             if name in remaining:

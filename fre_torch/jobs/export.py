@@ -132,9 +132,16 @@ class ExportedPipeline(nn.Module):
         self.detector = detector
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        feats = self.detector.features(images)
-        score = self.detector.score_from_cells(self.detector.head_maps(feats, "score", stitched=False))
-        return score, self.detector.maps_from_features(feats)
+        # The graph holds the plain modules, which every runtime has, never the CPU-only fused kernels (they also
+        # stay out of traces by themselves; this makes it explicit for every tracer). Restored after the call.
+        extractor = self.detector.extractor
+        fused, extractor.fused = extractor.fused, False
+        try:
+            feats = self.detector.features(images)
+            score = self.detector.score_from_cells(self.detector.head_maps(feats, "score", stitched=False))
+            return score, self.detector.maps_from_features(feats)
+        finally:
+            extractor.fused = fused
 
 
 class _CheckedInput(nn.Module):
