@@ -329,7 +329,43 @@ def test_real_magnetic_tile():
     sample = next(s for s in c.test if s.defect == "crack")
     with Image.open(sample.path) as raw:
         assert raw.mode == "L" and raw.format == "JPEG" and raw.width != raw.height
-    img = load_image(sample.path, 48)
-    assert img.shape == (3, 48, 48) and torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])
-    np.testing.assert_array_equal(img.numpy(), _direct(sample.path, 48))
+    # At the default input size (no tile is over twice it, so no JPEG is reduced in the DCT first): the reference's
+    # pixels exactly.
+    img = load_image(sample.path, 224)
+    assert img.shape == (3, 224, 224) and torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])
+    np.testing.assert_array_equal(img.numpy(), _direct(sample.path, 224))
     assert load_mask(sample.mask).shape == image_size(sample.path)
+
+
+def test_grey_images_resized_before_rgb_give_the_reference_pixels(tmp_path: Path) -> None:
+    """A grey image is resized as L, then made RGB (a third of the filtering): exactly PIL's convert + resize (at a
+    size where a JPEG is not reduced in the DCT first: that needs an image over twice the input size)."""
+    g = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(300, 200), (97, 311)]):
+        arr = g.integers(0, 256, (h, w), dtype=np.uint8)
+        for suffix in (".png", ".jpg"):
+            path = tmp_path / f"grey{i}{suffix}"
+            Image.fromarray(arr, "L").save(path)
+            with Image.open(path) as im:
+                want = np.asarray(im.convert("RGB").resize((160, 120), Image.Resampling.LANCZOS))
+            assert np.array_equal(load_image(path, (120, 160)).permute(1, 2, 0).numpy(), want), path
+
+
+def test_large_jpeg_decoded_at_reduced_scale_keeps_its_size_and_look(tmp_path: Path) -> None:
+    """A JPEG over twice the input size is decoded at a DCT scale that keeps it >= 2x the input, then LANCZOS:
+    close to the full decode (mean difference under 1 grey level), and the reported size is the file's own."""
+    from fre_torch.features.images import _read_image
+
+    y, x = np.mgrid[0:1200, 0:1600]
+    arr = np.stack([(x * 255 // 1600), (y * 255 // 1200), ((x + y) % 256)], axis=-1).astype(np.uint8)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(arr).save(path, quality=95)
+    got, own = _read_image(path, 224)
+    assert own == (1200, 1600)
+    with Image.open(path) as im:
+        full = np.asarray(im.convert("RGB").resize((224, 224), Image.Resampling.LANCZOS)).astype(np.float64)
+    diff = np.abs(got.permute(1, 2, 0).numpy().astype(np.float64) - full)
+    assert diff.mean() < 1.0 and diff.max() < 40
+    with Image.open(path) as im:  # and the draft did apply: 1600 x 1200 -> 1/2 scale, still >= 448
+        im.draft("RGB", (448, 448))
+        assert im.size == (800, 600)

@@ -160,3 +160,23 @@ def test_report_renders_in_headless_chromium(report: tuple[Path, dict], tmp_path
     for src in srcs:
         with Image.open(_resolve(index, src)) as img:
             img.load()
+
+
+def test_fit_keeping_rows_is_the_fit_and_feeds_cross_fit(dataset: Path) -> None:
+    """evaluate's --report path: one extraction serves the fit and the cross-fit; the same fit as ``fit(images)``
+    (scores identical) and the same out-of-fold results as cross-fitting the images."""
+    from fre_torch.jobs.crossfit import fit_keeping_rows
+
+    train = torch.stack([load_image(p, 64) for p in MVTecCategory.load(dataset, "object").train])
+    config = DetectorConfig("efficientnet_lite0", input_size=64)
+    plain = FREDetector(config, device="cpu").fit(train, batch_size=8)
+    kept = FREDetector(config, device="cpu")
+    rows = fit_keeping_rows(kept, train, batch_size=8)
+    assert "features" not in vars(kept)  # the stand-in is gone: the detector reads images again
+    assert [tuple(r.shape) for r in rows] == [(len(train), d) for d in config.layer_features]
+    torch.testing.assert_close(kept.score(train), plain.score(train), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kept.cell_std, plain.cell_std, rtol=1e-6, atol=0)
+    a, b = cross_fit(kept, rows=rows), cross_fit(plain, train)
+    assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps) and a.threshold == b.threshold
+    with pytest.raises(ValueError, match="one of the two"):
+        cross_fit(kept, train, rows=rows)

@@ -198,13 +198,15 @@ class CovarianceAccumulator(nn.Module):
 class GramAccumulator(nn.Module):
     """Rows ``X: (N, D)`` kept in their own dtype plus their float64 Gram matrix ``X X^T: (N, N)``.
 
-    For N << D. The Gram matrix grows by one block row per batch, so its cost is spread over feature extraction
-    and no D x D matrix is ever formed. Centring is exact at solve time: ``Xc Xc^T = G - a 1^T - 1 a^T + c 1 1^T``
+    For N << D; no D x D matrix is ever formed. ``update`` only appends rows; the Gram matrix is completed when it is
+    read (``gram``), for the rows appended since the last read. Completing it once, rather than one block row per
+    batch, converts each row to float64 once instead of once per later batch (N / B times), and runs one large
+    product instead of many thin ones. Centring is exact at solve time: ``Xc Xc^T = G - a 1^T - 1 a^T + c 1 1^T``
     with ``a = G 1 / N`` and ``c = 1^T G 1 / N^2`` (float64 keeps this cancellation harmless).
     """
 
     rows: Tensor
-    gram: Tensor
+    _gram: Tensor
 
     def __init__(self, n_features: int, *, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -213,44 +215,44 @@ class GramAccumulator(nn.Module):
             raise ValueError(f"n_features must be >= 1, got {n_features}")
         self.n_features = n_features
         self.register_buffer("rows", torch.empty(0, n_features, dtype=dtype, device=device))
-        self.register_buffer("gram", torch.empty(0, 0, dtype=FIT_DTYPE, device=device))
+        # The Gram matrix of the first ``_gram.shape[0]`` rows; ``gram`` completes it.
+        self.register_buffer("_gram", torch.empty(0, 0, dtype=FIT_DTYPE, device=device))
 
     @property
     def n_samples(self) -> int:
         return self.rows.shape[0]
 
+    @property
+    def gram(self) -> Tensor:
+        """``rows @ rows.T`` in float64, ``(N, N)``: the stored part, extended by the rows appended since."""
+        done = self._gram.shape[0]
+        if done < self.n_samples:
+            new = self.rows[done:]
+            cross = _gram_block(new, self.rows[:done])  # (B, done)
+            own = _gram_block(new, new)  # (B, B)
+            top = torch.cat([self._gram, cross.T], dim=1)
+            bottom = torch.cat([cross, own], dim=1)
+            self._gram = torch.cat([top, bottom], dim=0)
+        return self._gram
+
     def update(self, x: Tensor, *, check_finite: bool = True) -> GramAccumulator:
-        """Append a batch ``x: (B, D)``; cost O(B * N * D). A bad batch leaves the state unchanged."""
+        """Append a batch ``x: (B, D)`` (its Gram products are formed when ``gram`` is next read). A bad batch leaves
+        the state unchanged."""
         check_features(x, self.n_features, finite=check_finite)
         if x.shape[0] == 0:
             return self
-        new = x.to(device=self.rows.device, dtype=self.rows.dtype)
-        cross = _gram_block(new, self.rows)  # (B, N_old)
-        own = _gram_block(new, new)  # (B, B)
-        top = torch.cat([self.gram, cross.T], dim=1)
-        bottom = torch.cat([cross, own], dim=1)
-        gram = torch.cat([top, bottom], dim=0)
-        self.rows = torch.cat([self.rows, new], dim=0)
-        self.gram = gram
+        self.rows = torch.cat([self.rows, x.to(device=self.rows.device, dtype=self.rows.dtype)], dim=0)
         return self
 
     def merge(self, other: GramAccumulator) -> GramAccumulator:
-        """Append all rows of ``other`` (exact)."""
+        """Append all rows of ``other`` (exact; the Gram products across the two are formed when ``gram`` is read)."""
         if other.n_features != self.n_features:
             raise ValueError(f"cannot merge accumulators of {other.n_features} and {self.n_features} features")
-        if other.n_samples == 0:
-            return self
-        new = other.rows.to(device=self.rows.device, dtype=self.rows.dtype)
-        cross = _gram_block(new, self.rows)
-        top = torch.cat([self.gram, cross.T], dim=1)
-        bottom = torch.cat([cross, other.gram.to(self.gram.device)], dim=1)
-        self.gram = torch.cat([top, bottom], dim=0)
-        self.rows = torch.cat([self.rows, new], dim=0)
-        return self
+        return self.update(other.rows, check_finite=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 - torch hook
         # Buffers grow with the data: take the incoming shapes before the default copy.
-        for name in ("rows", "gram"):
+        for name in ("rows", "_gram"):
             if prefix + name in state_dict:
                 src = state_dict[prefix + name]
                 setattr(self, name, torch.empty_like(src, device=getattr(self, name).device))

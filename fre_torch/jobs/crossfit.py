@@ -18,7 +18,7 @@ out-of-fold scores and maps are gathered (in rank order) before the quantiles.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from torch import Tensor
 from ..detection.detector import FREDetector, _batches, _map_quantile
 from ..core.distributed import gather_rows, is_distributed, rank
 
-__all__ = ["CROSS_FIT_FOLDS", "CrossFit", "cross_fit"]
+__all__ = ["CROSS_FIT_FOLDS", "CrossFit", "cross_fit", "fit_keeping_rows"]
 
 CROSS_FIT_FOLDS = 5
 """Folds of ``cross_fit``: each fold model sees 80 % of the training images."""
@@ -88,23 +88,43 @@ def _fold_detector(detector: FREDetector, cache: Sequence[Tensor]) -> FREDetecto
     memo = {id(detector.extractor): detector.extractor, id(detector.subspaces): detector.subspaces,
             id(detector.map_subspaces): detector.map_subspaces}
     fold = copy.deepcopy(detector, memo)
+    fold.features = _row_lookup(cache)  # type: ignore[method-assign]  # instance attribute: this copy only
+    return fold
 
+
+def _row_lookup(cache: Sequence[Tensor]) -> Callable[[Tensor], list[Tensor]]:
+    """A stand-in for ``FREDetector.features`` that returns the cached rows of an ``_IndexBatches`` batch."""
     def cached_features(index: Tensor) -> list[Tensor]:
         rows = index.reshape(-1).to(cache[0].device)
         return [layer[rows] for layer in cache]
 
-    fold.features = cached_features  # type: ignore[method-assign]  # instance attribute: this copy only
-    return fold
+    return cached_features
 
 
-def cross_fit(detector: FREDetector, data: Any, *, folds: int = CROSS_FIT_FOLDS, quantile: float = 0.99,
-              seed: int = 0, batch_size: int = 32) -> CrossFit:
+def fit_keeping_rows(detector: FREDetector, data: Any, *, batch_size: int = 32) -> list[Tensor]:
+    """``detector.fit(data)``, returning the training feature rows it was fitted on (``[(N, D_s)]``, as
+    ``detector.features`` gives them), so that ``cross_fit(..., rows=...)`` needs neither the images again (decoding,
+    hashing) nor the backbone. The rows are extracted once and the fit reads them: the same fit as
+    ``detector.fit(data)``, with every mode and solver."""
+    rows = _extract(detector, data, batch_size)
+    n = rows[0].shape[0]
+    detector.features = _row_lookup(rows)  # type: ignore[method-assign]  # this call only: removed below
+    try:
+        detector.fit(_IndexBatches(torch.arange(n), batch_size))
+    finally:
+        del detector.features
+    return rows
+
+
+def cross_fit(detector: FREDetector, data: Any = None, *, rows: Sequence[Tensor] | None = None,
+              folds: int = CROSS_FIT_FOLDS, quantile: float = 0.99, seed: int = 0, batch_size: int = 32) -> CrossFit:
     """Out-of-fold scores, maps, threshold and heatmap scale of the training images, ``detector`` unchanged.
 
     Args:
         detector: its configuration, backbone and device are used; it need not be fitted and is not modified.
         data: the training images: uint8 ``(N, 3, H, W)`` or an iterable (e.g. ``make_loader``) of such batches or
-            of dicts with ``"image"``; read once.
+            of dicts with ``"image"``; read once. Not needed with ``rows``.
+        rows: the training images' feature rows instead of ``data`` (``fit_keeping_rows`` returns them).
         folds: ``k``; a seeded random permutation is cut into ``min(k, N)`` folds of near-equal size.
         quantile: the threshold's quantile of the out-of-fold scores, in (0, 1).
         seed: seeds the fold assignment.
@@ -117,7 +137,9 @@ def cross_fit(detector: FREDetector, data: Any, *, folds: int = CROSS_FIT_FOLDS,
         raise ValueError(f"quantile must lie in (0, 1), got {quantile}; e.g. 0.99 flags about 1 % of normal images")
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise ValueError(f"folds must be an int >= 2, got {folds!r}")
-    cache = _extract(detector, data, batch_size)
+    if (data is None) == (rows is None):
+        raise ValueError("cross_fit takes the training images (data) or their feature rows (rows=), one of the two")
+    cache = list(rows) if rows is not None else _extract(detector, data, batch_size)
     n = cache[0].shape[0]
     counts = gather_rows(torch.tensor([n]))  # data-parallel: every rank's count in rank order (identity otherwise)
     n_total = int(counts.sum())

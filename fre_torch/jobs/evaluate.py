@@ -21,7 +21,7 @@ import torch
 from ..features.images import FeatureCache, ImageDataset, MVTecCategory, image_size, load_mask, make_loader
 from ..detection.detector import DetectorConfig, FREDetector, upsample_maps
 from ..core.distributed import config_hash_check, gather_rows, is_main_process, shard
-from .crossfit import cross_fit
+from .crossfit import cross_fit, fit_keeping_rows
 from ..detection.metrics import aupr, auroc, f1_max, pixel_auroc, pixel_f1_max, pro
 from ..features.files import atomic_write
 
@@ -83,8 +83,8 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
             on the device: bilinear, antialiased; needs images of one size) or 'auto' (device on CUDA when the
             category's images share one size, else cpu).
 
-    With ``keep_maps``, one extra pass over the training images after the fit cross-fits them
-    (``fre_torch.jobs.crossfit``, 5 folds; their features are kept in memory from the fit, or read from ``cache``): each
+    With ``keep_maps``, the training images are cross-fitted after the fit (``fre_torch.jobs.crossfit``, 5 folds, on
+    the feature rows the fit kept in memory: no second decoding or backbone pass): each
     gets a score and a map from a model that did not see it. The decision threshold is the ``THRESHOLD_QUANTILE``
     of those scores and the heatmap colour scale the ``MAP_SCALE_QUANTILE`` of those maps' values; neither uses a
     test image or label, and the detector's own calibration (``threshold``, ``map_scale``) is left as it was.
@@ -100,10 +100,6 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
     store = None
     if cache is not None and cache_features:
         store = FeatureCache(Path(cache) / "features")
-    elif detector.feature_cache is None and keep_maps:
-        # The cross-fitting pass reads the training features again: keep them in memory from the fit (N x D
-        # float32) rather than run the backbone over the training images a second time.
-        store = FeatureCache(None)
     with _feature_cache(detector, store):
         cat = category if isinstance(category, MVTecCategory) else MVTecCategory.load(root, category)
         category = cat.name
@@ -126,7 +122,12 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
                            device, num_workers=num_workers)
 
         t0 = time.perf_counter()
-        detector.fit(_Counted(train, progress))
+        if keep_maps:
+            # The cross-fit below reads the training features again: keep the fit's rows in memory (N x D float32)
+            # rather than decode the images and run the backbone a second time.
+            train_rows = fit_keeping_rows(detector, _Counted(train, progress), batch_size=batch_size)
+        else:
+            detector.fit(_Counted(train, progress))
         _sync(device)
         fit_seconds = time.perf_counter() - t0
 
@@ -153,7 +154,7 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
                    else {})
         if keep_maps:
             # After the timings, so fit_seconds and the test throughput stay comparable with runs without it.
-            oof = cross_fit(detector, _Counted(train, progress), quantile=THRESHOLD_QUANTILE, batch_size=batch_size)
+            oof = cross_fit(detector, rows=train_rows, quantile=THRESHOLD_QUANTILE, batch_size=batch_size)
             extra = {"threshold": oof.threshold, "threshold_quantile": THRESHOLD_QUANTILE, "cross_fit_folds": oof.folds}
             if linear:
                 extra["map_scale"] = oof.map_scale
