@@ -38,7 +38,7 @@ from ..features.images import _decode, _to_rgb, cpu_count, load_mask
 from ..detection.detector import FREDetector, upsample_maps
 from ..features.files import atomic_write
 
-__all__ = ["COLORMAP", "OUTLINE_COLOUR", "OVERLAY_ALPHA", "colorize", "heatmap_names", "heatmap_scale",
+__all__ = ["COLORMAP", "OUTLINE_COLOUR", "OVERLAY_ALPHA", "PNG_COMPRESS_LEVEL", "colorize", "heatmap_names", "heatmap_scale",
            "mask_outline", "render_file", "render_panel", "save_heatmaps"]
 
 # Stops of the colour map (position, RGB): lightness rises monotonically, so a brighter colour always means a
@@ -52,6 +52,8 @@ _STOPS = (
 )
 _LUT_SIZE = 256
 PNG_COMPRESS_LEVEL = 1
+"""zlib level of every PNG written (heatmaps, the report): lossless at any level; 1 writes a 1152 x 384 panel in 26 ms
+against 99 ms at PIL's default 6, for files about a fifth larger."""
 
 
 def _build_lut() -> Tensor:
@@ -296,8 +298,6 @@ def heatmap_names(paths: Sequence[str | os.PathLike]) -> list[str]:
 def _write_png(picture: Image.Image, path: Path) -> None:
     """Atomically: a temporary name, then rename, so an interrupted run leaves no half-written PNG."""
     with atomic_write(path) as tmp:
-        # zlib level 1: lossless like the default 6, 4x faster to write (26 against 99 ms for a 1152 x 384 panel)
-        # for files about a fifth larger.
         picture.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 

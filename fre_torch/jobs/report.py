@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..detection.detector import MAP_SCALE_QUANTILE
 from .evaluate import THRESHOLD_QUANTILE
-from .heatmaps import COLORMAP, OVERLAY_ALPHA, heatmap_names, render_file
+from .heatmaps import COLORMAP, OVERLAY_ALPHA, PNG_COMPRESS_LEVEL, heatmap_names, render_file
 from ..detection.metrics import precision_recall_curve, roc_curve
 from ..features.files import atomic_write
 
@@ -73,7 +73,7 @@ def _figure(width: float, height: float) -> Any:
 
 def _save_figure(fig: Any, path: Path) -> None:
     with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", facecolor="white")
+        fig.savefig(tmp, format="png", facecolor="white", pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
 
 
 def _at_threshold(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, float]:
@@ -216,7 +216,7 @@ def _category_section(out: Path, folder: str, name: str, r: Mapping[str, Any], n
                 picture = render_file(paths[i], grid_maps[i], float(scale), mask=masks[i], normal=kind == 0,
                                       max_side=_PANEL_SIDE)
                 with atomic_write(out / src) as tmp:
-                    picture.save(tmp, format="PNG")
+                    picture.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
                 parts.append(f"<figure>{_img(src, label)}{caption}</figure>")
             else:
                 parts.append(f"<figure>{caption}</figure>")
