@@ -228,6 +228,7 @@ def test_program_weights_not_cached(dataset: Path, tmp_path: Path) -> None:
     assert not out_json.exists()
 
 
+@pytest.mark.full
 def test_program_corrupt_image(corrupt_dataset: tuple[Path, Path], tmp_path: Path) -> None:
     root, bad = corrupt_dataset
     out_json = tmp_path / "out.json"
@@ -237,6 +238,7 @@ def test_program_corrupt_image(corrupt_dataset: tuple[Path, Path], tmp_path: Pat
     assert not out_json.exists()
 
 
+@pytest.mark.full
 def test_program_demo(tmp_path: Path) -> None:
     out_json = tmp_path / "demo.json"
     proc = _subprocess(["demo", "--json", str(out_json)])
@@ -249,6 +251,7 @@ def test_program_demo(tmp_path: Path) -> None:
     assert doc["config"]["demo"] is True
 
 
+@pytest.mark.full
 def test_kernel_evaluate_says_maps_need_linear_mode(dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(["evaluate", "--dataset_directory", str(dataset), *LITE, "--object_category", "texture",
                            "--kernel", "rbf", "--kernel_features", "64", "--batch_size", "8"], capsys)

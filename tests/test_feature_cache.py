@@ -86,6 +86,7 @@ def test_concat_fusion_uses_the_same_per_layer_entries(tmp_path):
     assert torch.equal(map_row, torch.cat(summed[2:], dim=1))
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("change", ["weights", "layers", "input_size", "pool", "normalization", "precision",
                                     "pixel"])
 def test_any_change_that_shapes_the_features_misses(tmp_path, change):

@@ -59,6 +59,7 @@ def test_library_evaluate_json_equals_the_cli(dataset: Path, tmp_path: Path) -> 
     assert result.results["pca"]["object"]["image_auroc"] == lib["categories"]["object"]["image_auroc"]
 
 
+@pytest.mark.full
 def test_library_evaluate_modes_and_maps_on_demand(dataset: Path, tmp_path: Path) -> None:
     result = run.evaluate(run.EvaluateSettings(root=dataset, categories=["texture"], config=CONFIG, batch_size=8,
                                                modes=["pca", "tae"]))
