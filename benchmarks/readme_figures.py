@@ -42,17 +42,20 @@ DEFAULT_PARTS = ("demo", "verify", "export", "crossfit")
 # part -> the README phrases its figures fill in (whitespace-normalised; ``{part[key]}`` reads the results file).
 PHRASES = {
     "demo": ["`python cli.py demo` took {demo[min_s]:.0f}-{demo[max_s]:.0f} s (whole process, {demo[runs]} runs, "
-             "{demo[cores]}-core CPU, load average {demo[load_1min]:.1f})"],
+             "{demo[cores]}-core CPU, load average {demo[load_1min]:.1f} at the start, "
+             "{demo[load_1min_after]:.1f} at the end)"],
     "verify": ["checking magnetic_tile's {verify[files]:,} files takes {verify[verify_s]:.2f} s against "
-               "{verify[decode_s]:.1f} s to decode them"],
-    "export": ["On bottle the measured difference is {export[onnx_score]:.1e} (ONNX) and {export[torchscript_score]:.1e} "
-               "(TorchScript) on the score, {export[onnx_map]:.1e} and {export[torchscript_map]:.1e} on the map"],
+               "{verify[decode_s]:.1f} s to decode them ({verify[cores]}-core CPU)"],
+    "export": ["On bottle the measured difference is {export[onnx_score]:.1e} (ONNX) and "
+               "{export[torchscript_score]:.1e} (TorchScript) on the score, {export[onnx_map]:.1e} and "
+               "{export[torchscript_map]:.1e} on the map"],
     "crossfit": ["`evaluate` bottle takes {crossfit[plain_s]:.0f} s, {crossfit[heatmaps_s]:.0f} s with "
-                 "`--save_heatmaps` ({crossfit[cores]}-core CPU, whole process)"],
-    "suite": ["`python -m pytest` (the fast subset): {suite[fast_passed]} passed in {suite[fast_min]:.1f} min",
-              "`python -m pytest --full`: {suite[full_passed]} passed, {suite[full_skipped]} skipped in "
-              "{suite[full_min]:.1f} min",
-              "{suite[cores]}-core CPU, load average {suite[load_1min]:.1f}"],
+                 "`--save_heatmaps` ({crossfit[cores]}-core CPU, whole process, load average "
+                 "{crossfit[load_1min]:.1f} at the start, {crossfit[load_1min_after]:.1f} at the end)"],
+    "suite": ["`python -m pytest` (the fast subset) ran {suite[fast_passed]} tests in {suite[fast_min]:.1f} min and "
+              "`python -m pytest --full` {suite[full_passed]} tests ({suite[full_skipped]} skipped) in "
+              "{suite[full_min]:.1f} min, on a {suite[cores]}-core CPU shared with other work (load average "
+              "{suite[load_1min]:.1f} at the start, {suite[load_1min_after]:.1f} at the end)"],
 }
 
 

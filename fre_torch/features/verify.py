@@ -2,8 +2,7 @@
 
 A run that meets an unreadable image after a long fit wastes that fit; ``unreadable`` finds them all first. It opens
 each file and runs PIL's ``verify()``: the header, and for PNG every chunk and its checksum, without decoding pixels
-(magnetic_tile's 1,736 files: 0.26 s against 3.0 s for a full decode, on a 2-core CPU; ``benchmarks/readme_figures``
-measures it). A file that passes and still fails to decode later (e.g. a truncated JPEG, whose ``verify()`` reads the
+(about a tenth of a full decode; ``python -m benchmarks.readme_figures --parts verify`` measures both). A file that passes and still fails to decode later (e.g. a truncated JPEG, whose ``verify()`` reads the
 header only) stops the run there with ``ImageReadError`` naming it, as before.
 """
 
