@@ -1,7 +1,7 @@
 """The README's times and figures, measured the way a user meets them: whole commands in new processes.
 
     python -m benchmarks.readme_figures                  # demo, verify, export, crossfit (about 5 minutes, 2 cores)
-    python -m benchmarks.readme_figures --parts suite    # the fast and the full test suites (20-40 minutes)
+    python -m benchmarks.readme_figures --parts fast_suite ci   # the fast subset; .ci/run on a clean clone (30 min)
     python -m benchmarks.readme_figures --check          # the README says what the results file holds (no measuring)
 
 Each part writes its figures, the machine and the load average it ran under into
@@ -17,8 +17,12 @@ Parts:
               images: the largest relative difference to torch that ``export`` prints.
     crossfit  ``evaluate`` bottle, plain and with ``--save_heatmaps`` (which adds the 5-fold cross-fit of the training
               images and the drawing), whole process.
-    suite     ``python -m pytest`` and ``python -m pytest --full``: wall time and counts (without the one test that
-              checks these figures).
+    fast_suite  ``python -m pytest`` (the fast subset): wall time and counts.
+    ci        ``bash .ci/run`` in a clean clone of the checkout's commit (a new virtual environment, the README's
+              install, then the full suite ``python -m pytest --full``): wall time of the whole and of the suite, and
+              its counts.
+    Both leave out the one test that checks these figures (``PYTEST_ADDOPTS``): while they are measured, the
+    figures are not yet known.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "readme_figures.json"
 README = REPO / "README.md"
-PARTS = ("demo", "verify", "export", "crossfit", "suite")
+PARTS = ("demo", "verify", "export", "crossfit", "fast_suite", "ci")
 DEFAULT_PARTS = ("demo", "verify", "export", "crossfit")
 
 # part -> the README phrases its figures fill in (whitespace-normalised; ``{part[key]}`` reads the results file).
@@ -52,10 +56,12 @@ PHRASES = {
     "crossfit": ["`evaluate` bottle takes {crossfit[plain_s]:.0f} s, {crossfit[heatmaps_s]:.0f} s with "
                  "`--save_heatmaps` ({crossfit[cores]}-core CPU, whole process, load average "
                  "{crossfit[load_1min]:.1f} at the start, {crossfit[load_1min_after]:.1f} at the end)"],
-    "suite": ["`python -m pytest` (the fast subset) ran {suite[fast_passed]} tests in {suite[fast_min]:.1f} min and "
-              "`python -m pytest --full` {suite[full_passed]} tests ({suite[full_skipped]} skipped) in "
-              "{suite[full_min]:.1f} min, on a {suite[cores]}-core CPU shared with other work (load average "
-              "{suite[load_1min]:.1f} at the start, {suite[load_1min_after]:.1f} at the end)"],
+    "fast_suite": ["`python -m pytest` ran {fast_suite[passed]} tests in {fast_suite[min]:.1f} min on a "
+                   "{fast_suite[cores]}-core CPU shared with other work (load average {fast_suite[load_1min]:.1f} at "
+                   "the start, {fast_suite[load_1min_after]:.1f} at the end)"],
+    "ci": ["`bash .ci/run` on a clean clone took {ci[min]:.0f} min, {ci[suite_min]:.0f} of them for `python -m pytest "
+           "--full` ({ci[passed]} passed, {ci[skipped]} skipped; load average {ci[load_1min]:.1f} at the start, "
+           "{ci[load_1min_after]:.1f} at the end)"],
 }
 
 
@@ -161,28 +167,43 @@ def measure_crossfit() -> dict:
     return {"plain_s": plain_s, "heatmaps_s": heatmaps_s, "ratio": heatmaps_s / plain_s}
 
 
-def _pytest(*args: str) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=REPO,
-                          capture_output=True, text=True)
-    minutes = (time.perf_counter() - t0) / 60
-    last = proc.stdout.strip().splitlines()[-1]
-    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|skipped|deselected|failed|errors?)", last)}
-    if proc.returncode != 0:
-        raise SystemExit(f"pytest {' '.join(args)} failed: {last}")
-    return {"min": minutes, **counts}
-
-
-# The suites are timed without the test of the README's figures: while this part measures, they are not yet known.
+# Left out of the measured runs: the test of these figures, which are not yet known while they are measured.
 _FIGURES_TEST = "tests/test_first_hour.py::test_readme_figures_are_those_of_the_benchmark"
+_COUNTS = re.compile(r"(\d+) (passed|skipped|deselected|failed|errors?)")
 
 
-def measure_suite() -> dict:
-    from benchmarks.common import data_root
+def _timed(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]:
+    """Minutes and output of ``command`` with the figures' test deselected; a failure stops the benchmark."""
+    env = {**env, "PYTEST_ADDOPTS": f"--deselect {_FIGURES_TEST}"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    minutes = (time.perf_counter() - t0) / 60
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}): {proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return minutes, proc.stdout
 
-    fast, full = _pytest("--deselect", _FIGURES_TEST), _pytest("--full", "--deselect", _FIGURES_TEST)
-    return {**{f"fast_{k}": v for k, v in fast.items()}, **{f"full_{k}": v for k, v in full.items()},
-            "real_data": str(data_root()) if data_root().is_dir() else None}
+
+def _summary(stdout: str) -> dict:
+    """pytest's last line as counts (passed, skipped, deselected) and its own time, ``suite_min``."""
+    last = [line for line in stdout.splitlines() if _COUNTS.search(line) and " in " in line][-1]
+    seconds = float(re.search(r" in ([\d.]+)s", last).group(1))
+    return {**{kind: int(n) for n, kind in _COUNTS.findall(last)}, "suite_min": seconds / 60}
+
+
+def measure_fast_suite() -> dict:
+    minutes, stdout = _timed([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], REPO, dict(os.environ))
+    return {"min": minutes, **_summary(stdout)}
+
+
+def measure_ci() -> dict:
+    """``bash .ci/run`` in a clean clone of HEAD (uncommitted changes are not in it)."""
+    with tempfile.TemporaryDirectory(prefix="fre_torch_ci_") as tmp:
+        clone = Path(tmp) / "clone"
+        subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+        # As on a new machine: nothing of this checkout's environment (PYTHONPATH, FRE_TORCH_DATA, a venv).
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FRE_TORCH_DATA", "VIRTUAL_ENV")}
+        minutes, stdout = _timed(["bash", ".ci/run"], clone, env)
+    return {"min": minutes, "commit": _commit(), **_summary(stdout)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
               " phrases)")
         return 0
     measure = {"demo": lambda: measure_demo(args.repeat), "verify": measure_verify, "export": measure_export,
-               "crossfit": measure_crossfit, "suite": measure_suite}
+               "crossfit": measure_crossfit, "fast_suite": measure_fast_suite, "ci": measure_ci}
     for part in args.parts:
         context = _context()
         results[part] = {**measure[part](), **context, "load_1min_after": os.getloadavg()[0]}

@@ -218,6 +218,7 @@ def _subprocess(args: list[str], env: dict[str, str] | None = None) -> subproces
                           timeout=300)
 
 
+@pytest.mark.full
 def test_program_weights_not_cached(dataset: Path, tmp_path: Path) -> None:
     env = _offline_env(tmp_path / "torch_home")
     out_json = tmp_path / "out.json"

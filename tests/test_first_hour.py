@@ -157,6 +157,7 @@ def test_unreadable_images_are_all_named_before_any_work(broken: tuple[Path, lis
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.full
 def test_skip_unreadable_leaves_them_out_and_counts_them(broken: tuple[Path, list[Path]], tmp_path: Path) -> None:
     root, (train, test) = broken
     proc = cli("evaluate", "--dataset_directory", str(root), "--skip_unreadable", "--json", str(tmp_path / "r.json"))

@@ -99,6 +99,7 @@ def test_predict_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.full
 def test_cli_fit_subprocess_no_traceback(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -183,6 +183,7 @@ def test_compiled_detector_matches_eager_with_a_padded_last_batch():
 
 
 # ------------------------------------------------------------------------------------------------ gpu_check
+@pytest.mark.full
 def test_gpu_check_script_runs_its_head_section_on_the_cpu(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path), "--device", "cpu",
                            "--quick", "--sections", "head"], cwd=REPO, capture_output=True, text=True, timeout=300)

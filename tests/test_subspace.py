@@ -37,7 +37,7 @@ def rel(a, b) -> float:
 
 
 SHAPES = [
-    pytest.param(300, 16384, "gram", id="300x16384-gram"),
+    pytest.param(300, 16384, "gram", id="300x16384-gram", marks=pytest.mark.full),
     # The covariance solver here needs a 2 GiB matrix and a 16384^3 eigh: ~8 minutes on 2 cores.
     pytest.param(300, 16384, "covariance", id="300x16384-covariance", marks=pytest.mark.slow),
     pytest.param(5000, 256, "gram", id="5000x256-gram", marks=pytest.mark.full),  # minutes on a busy 2-core CPU
@@ -116,6 +116,7 @@ def _batches(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
 UNEVEN = [1, 2, 97, 3, 150, 40, 7]  # 7 uneven batches, 300 rows
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("kind", ["gram", "covariance"])
 def test_streaming_equals_one_shot(kind: str) -> None:
     x = torch.from_numpy(low_rank_plus_noise(300, 200, seed=7))
