@@ -3,8 +3,7 @@
 own images, ``export`` (a saved model as one ONNX / TorchScript graph), and ``demo``.
 
     python cli.py demo
-    python cli.py evaluate --dataset_directory ./mvtec --object_category bottle --model efficientnet_lite0 \\
-        --device cpu --json results.json
+    python cli.py evaluate --dataset_directory ./mvtec --object_category bottle --device cpu --json results.json
 
 Each command parses its flags into the settings of one library call (``fre_torch.jobs.run``), makes the call and
 prints what it returns. Bad input ends with exit code 2 and one readable line on stderr, never a traceback.
@@ -17,6 +16,7 @@ import sys
 import time
 
 EXIT_USAGE = 2
+SIZE = "H [W]"  # the metavar of a size flag: one number (a square side) or two (height, width)
 
 
 class _Progress:
@@ -40,18 +40,25 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+class _Help(argparse.HelpFormatter):
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:  # sizes: one or two numbers
+        return SIZE if action.metavar == SIZE else super()._format_args(action, default_metavar)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cli.py", description="Anomaly detection by feature reconstruction error.")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True,
+                           parser_class=lambda **kw: argparse.ArgumentParser(formatter_class=_Help, **kw))
+    p.commands = sub.choices  # main() answers a command's unknown flag with that command's usage
     ev = sub.add_parser("evaluate", help="fit on train/good and evaluate on test/* of an MVTec-layout folder")
     add = ev.add_argument
-    add("--dataset_directory", default="./mvtec", help="root holding <category>/train, test, ...")
+    add("--dataset_directory", default=None, help="root holding <category>/train, test, ... (default ./mvtec)")
     add("--object_category", nargs="+", default=["all"], help="one or more categories, or 'all' (every one present)")
     add("--train_dir", default=None, help="your own folders instead of the MVTec layout: normal training images")
     add("--normal_dir", default=None, help="with --train_dir: normal test images")
     add("--abnormal_dir", default=None, help="with --train_dir: defective test images (subfolders = defect types)")
     add("--mask_dir", default=None, help="with --train_dir, optional: masks, matched to defective images by stem")
-    _add_model(ev, default="efficientnet_b5")
+    _add_model(ev, default="efficientnet_lite0; efficientnet_b5 with --reference")
     add("--pool", type=int, default=2, help="average-pool kernel of the first layer (default 2)")
     add("--fusion", choices=["sum", "concat"], default="sum",
         help="several layers: one subspace each, normalised scores summed (default), or one on the concatenation")
@@ -63,14 +70,16 @@ def _parser() -> argparse.ArgumentParser:
              "autoencoder trained with Adam); one table per mode, JSON keyed by mode when several")
     add("--gpu", action="store_true", help="same as --device cuda")
     add("--reference", action="store_true",
-        help="the reference configuration exactly (one layer, pool 2, ImageNet normalisation, plain FRE)")
+        help="the reference configuration exactly (efficientnet_b5 unless --model says otherwise, one layer, pool 2, "
+             "ImageNet normalisation, plain FRE)")
     add("--pixel_metrics", choices=["auto", "off"], default="auto",
         help="auto: maps and pixel AUROC / PRO / pixel F1-max where masks exist; off: image metrics only")
     add("--json", default=None, help="write the results as JSON to this path")
     add("--save_heatmaps", default=None, metavar="DIR",
         help="one PNG per test image, DIR/<category>/<defect>_<stem>.png: image | map overlay | mask outline")
     add("--report", default=None, metavar="DIR", help="a static HTML report, DIR/index.html (needs matplotlib)")
-    add("--list_models", action="store_true", help="print the available backbones and exit")
+    add("--list_models", action="store_true", help="print the backbones (offline or downloaded weights) and exit")
+    add("--skip_unreadable", action="store_true", help="leave out images that cannot be decoded (default: stop)")
     add("--scores_csv", default=None, metavar="PATH", help="every test image's score (category,path,label,score)")
     add("--cache_images_only", action="store_true", help="with --cache: keep preprocessed images only")
     add("--resize", choices=["auto", "cpu", "device"], default="auto",
@@ -89,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_options(fit, device="cpu", cache=True, distributed=True)
 
     pr = sub.add_parser("predict", help="score images with a saved model; writes predictions.csv")
-    pr.add_argument("--model_file", required=True)
+    pr.add_argument("--model_file", required=True, help="a model file written by fit")
     pr.add_argument("paths", nargs="+", help="image files, folders or glob patterns")
     pr.add_argument("--out", default=".", help="folder for predictions.csv (default: current folder)")
     pr.add_argument("--save_heatmaps", action="store_true",
@@ -98,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="a saved model as one ONNX or TorchScript graph (uint8 images -> score, "
                                        "map), checked against torch before it is written")
-    ex.add_argument("--model_file", required=True)
+    ex.add_argument("--model_file", required=True, help="a model file written by fit")
     ex.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     ex.add_argument("--out", required=True, help="the file to write")
     ex.add_argument("--batch_size", type=int, default=8, help="batch of the trace and the self-check (default 8)")
@@ -107,36 +116,37 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="generate a small synthetic MVTec-layout dataset and evaluate it")
     demo.add_argument("--out", default=None, help="folder to keep the dataset in (default: a temporary folder)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--json", default=None)
+    demo.add_argument("--seed", type=int, default=0, help="the data set's seed: one seed, identical files (default 0)")
+    demo.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON to this path")
     return p
 
 
 def _add_model(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--model", default=default, help=f"backbone (default {default}; see evaluate --list_models)")
+    p.add_argument("--model", default=None, help=f"backbone (default {default}; see evaluate --list_models)")
     p.add_argument("--layers", nargs="+", default=None, help="score head's layers (default: per backbone)")
-    p.add_argument("--input_size", type=int, nargs="+", default=[0], metavar="S | H W",
+    p.add_argument("--input_size", type=int, nargs="+", default=[0], metavar=SIZE,
                    help="image size: a square side, or height and width for long parts (default: per backbone)")
     p.add_argument("--map_layers", nargs="+", default=None,
                    help="map head's layers (default: per backbone); 'none': maps from the score layers")
     p.add_argument("--map_pool", type=int, default=2, help="pool of the first map layer: the map grid (default 2)")
-    p.add_argument("--map_input_size", type=int, nargs="+", default=[0], metavar="S | H W",
+    p.add_argument("--map_input_size", type=int, nargs="+", default=[0], metavar=SIZE,
                    help="map head's image size, a second backbone pass (default: the input size, one pass)")
-    p.add_argument("--tile_size", type=int, nargs="+", default=[0], metavar="S | H W",
+    p.add_argument("--tile_size", type=int, nargs="+", default=[0], metavar=SIZE,
                    help="cut the image into overlapping tiles of this size, each through the backbone (default: off)")
-    p.add_argument("--tile_stride", type=int, nargs="+", default=[0], metavar="S | H W",
+    p.add_argument("--tile_stride", type=int, nargs="+", default=[0], metavar=SIZE,
                    help="step between tiles in pixels (default: half a tile)")
     p.add_argument("--image_score", choices=["top", "fre"], default="top",
                    help="top: mean of the top 10%% cells, each standardised by its normal spread (default); fre: "
                         "the sum over cells, the image's FRE")
-    p.add_argument("--pca", type=float, default=0.97, help="variance fraction in (0, 1), or a number of components")
+    p.add_argument("--pca", type=float, default=0.97,
+                   help="variance fraction in (0, 1), or a number of components (default 0.97)")
     p.add_argument("--solver", choices=["auto", "gram", "covariance"], default="auto",
                    help="subspace solver: Gram (N x N, when N < D), covariance (D x D, streaming) or auto")
 
 
 def _add_run_options(p: argparse.ArgumentParser, device: str | None, cache: bool, distributed: bool) -> None:
-    p.add_argument("--device", choices=["cpu", "cuda"], default=device)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=device, help="(default cpu)")
+    p.add_argument("--batch_size", type=int, default=32, help="images per batch (default 32)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: up to 4)")
     p.add_argument("--weights", default=None, help="local backbone weights file (state dict)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (pays on CUDA)")
@@ -161,15 +171,13 @@ def _config(args: argparse.Namespace, run, **fields):
 
 def cmd_evaluate(args: argparse.Namespace, run) -> object:
     if args.list_models:
-        from fre_torch import list_backbones
-
-        return list_backbones()
+        return run.list_models()
     config = _config(args, run, reference=args.reference, pool=args.pool, fusion=args.fusion, kernel=args.kernel,
                      kernel_features=args.kernel_features, kernel_method=args.kernel_method)
     return run.evaluate(run.EvaluateSettings(
         root=args.dataset_directory, categories=args.object_category, train_dir=args.train_dir,
         normal_dir=args.normal_dir, abnormal_dir=args.abnormal_dir, mask_dir=args.mask_dir, config=config,
-        modes=args.modes,
+        modes=args.modes, skip_unreadable=args.skip_unreadable,
         device="cuda" if args.gpu else (args.device or "cpu"), batch_size=args.batch_size, workers=args.workers,
         weights=args.weights, pixel_metrics=args.pixel_metrics == "auto", compile=args.compile,
         precision=args.precision, cache=args.cache, cache_images_only=args.cache_images_only, resize=args.resize,
@@ -204,7 +212,10 @@ def cmd_demo(args: argparse.Namespace, run) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # with this command's usage (e.g. fit --gpu: fit's, which shows --device), not the top-level one
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     from fre_torch.jobs import run
     from fre_torch.jobs.allocator import retain_if_requested
 

@@ -64,5 +64,31 @@ def require_category(category: str) -> Path:
     return root
 
 
+FULL = "--full"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(FULL, action="store_true",
+                     help="the full suite: also the tests marked 'full' (the README's commands in new processes, real "
+                          "data, data-parallel runs, export; minutes each on a 2-core CPU). Without it, the fast "
+                          "default subset runs. CI (.ci/run) runs the full suite.")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: minutes on a 2-core CPU; deselected by default, run with -m slow")
+    config.addinivalue_line("markers", f"full: part of the full suite only ({FULL}); deselected by default")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without ``--full``, the tests marked ``full`` are deselected (counted as such in pytest's summary)."""
+    if config.getoption(FULL):
+        return
+    fast = [item for item in items if item.get_closest_marker("full") is None]
+    if len(fast) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("full") is not None])
+        items[:] = fast
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return ("full suite (--full)" if config.getoption(FULL) else
+            f"fast subset: tests marked 'full' deselected; {FULL} runs the full suite (as CI does)")

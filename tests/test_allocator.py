@@ -37,6 +37,7 @@ def _faults(mode: str) -> int:
     return int(out.stdout.strip())
 
 
+@pytest.mark.full
 @pytest.mark.skipif(not _GLIBC, reason="mallopt thresholds exist only in glibc (Linux)")
 def test_retained_memory_is_reused_without_page_faults() -> None:
     default, retained = _faults("default"), _faults("retain")

@@ -70,6 +70,7 @@ def untied(data) -> LinearAutoencoder:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("which", ["tied", "untied"])
 def test_autoencoder_reaches_the_pca_subspace(which: str, request: pytest.FixtureRequest, reference) -> None:
     ae = request.getfixturevalue(which)
@@ -269,6 +270,7 @@ def pca_detector(synth_images) -> FREDetector:
                        device="cpu").fit(synth_images["train"])
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("mode", ["tae", "ae"])
 def test_detector_mode_fits_scores_maps_and_round_trips(mode: str, synth_images, pca_detector: FREDetector,
                                                         tmp_path: Path) -> None:
@@ -327,6 +329,7 @@ def _tables(out: str) -> dict[str, dict[str, list[str]]]:
     return tables
 
 
+@pytest.mark.full
 def test_cli_evaluate_modes(synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_json = tmp_path / "modes.json"
     code = cli.main(["evaluate", "--dataset_directory", str(synth_root), "--object_category", "texture",

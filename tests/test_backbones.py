@@ -300,6 +300,7 @@ def test_lite0_matches_reference_implementation() -> None:
     assert b8.abs().mean().item() == pytest.approx(3.48712, abs=1e-3)
 
 
+@pytest.mark.full
 @pytest.mark.skipif(BOTTLE_TRAIN is None, reason=skip_reason("bottle"))
 def test_lite0_classifies_real_bottles() -> None:
     """The ImageNet head, fed real MVTec bottle images the way Lite0 was trained, ranks a bottle class in the top 5.

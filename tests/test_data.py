@@ -304,6 +304,7 @@ def test_worker_error_names_the_file(tmp_path):
 # ---- the real data sets (read-only; skipped when absent) ----
 
 
+@pytest.mark.full
 @pytest.mark.skipif(BOTTLE is None, reason=skip_reason("bottle"))
 def test_real_mvtec_bottle():
     assert "bottle" in list_categories(BOTTLE)  # alone, or among MVTec AD's 15 categories
@@ -318,6 +319,7 @@ def test_real_mvtec_bottle():
     assert mask.shape == image_size(sample.path) == (384, 384) and mask.any()
 
 
+@pytest.mark.full
 @pytest.mark.skipif(MAGNETIC is None, reason=skip_reason("magnetic_tile"))
 def test_real_magnetic_tile():
     assert "magnetic_tile" in list_categories(MAGNETIC)

@@ -69,6 +69,7 @@ def test_default_config_shape() -> None:
     assert cfg.layer_features == (5488, 9408, 7840, 7840, 21952) and cfg.n_score_subspaces == 2
 
 
+@pytest.mark.full
 def test_fre_score_is_sum_of_fre_over_residual_variance(synth) -> None:
     """image_score='fre': the sum over the score layers of each layer's FRE divided by its training residual
     variance (the default 'top' is built from the same layers' cells: tests/test_heads.py)."""
@@ -128,6 +129,7 @@ def test_reference_parity_with_sklearn_generated(synth) -> None:
     _reference_parity(synth["train"], synth["test"])
 
 
+@pytest.mark.full
 def test_reference_parity_with_sklearn_bottle() -> None:
     cat = MVTecCategory.load(require_category("bottle"), "bottle")
     test = cat.test_paths[::4][:20]  # every defect type and good ones
@@ -283,6 +285,7 @@ def test_nan_features_fail_fit(value: float, small_images: torch.Tensor, monkeyp
 # ------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.full
 def test_bottle_default_auroc() -> None:
     result = evaluate_category(FREDetector(DetectorConfig("efficientnet_lite0"), device="cpu"),
                                require_category("bottle"), "bottle")
@@ -302,11 +305,13 @@ def magnetic_reference() -> dict:
                              require_category("magnetic_tile"), "magnetic_tile")
 
 
+@pytest.mark.full
 def test_magnetic_tile_default_beats_reference(magnetic_default: dict) -> None:
     assert (magnetic_default["n_train"], magnetic_default["n_test"]) == (666, 678)
     assert magnetic_default["image_auroc"] >= 0.985
 
 
+@pytest.mark.full
 def test_magnetic_tile_reference_matches_measured(magnetic_reference: dict) -> None:
     assert magnetic_reference["image_auroc"] == pytest.approx(0.977, abs=0.002)
 
@@ -357,6 +362,7 @@ def test_maps_sum_to_scores_and_vanish_inside_the_subspace() -> None:
     assert [tuple(m.shape) for m in sized] == [(30, 40), (64, 64), (10, 90), (7, 7), (200, 100)]
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("method", ["rff", "nystroem"])
 def test_kernel_mode_round_trip_and_no_maps(tmp_path, method: str) -> None:
     """Kernel FRE on the detector: fused scores equal the per-layer KernelFRE scores over their scales, a saved

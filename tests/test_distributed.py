@@ -31,6 +31,8 @@ from fre_torch.core.subspace import CovarianceAccumulator, GramAccumulator
 from fre_torch.features.synthetic import _one_thread, write_synthetic_mvtec
 
 WORKER = REPO / "tests" / "distributed_worker.py"
+# The full suite only (conftest.py, --full): process groups of several processes, a minute on a 2-core CPU.
+pytestmark = pytest.mark.full
 CLI = REPO / "cli.py"
 REL = 1e-6  # the equality asked of distributed vs single-process results (they are far closer: float64 rounding)
 LAUNCH_TIMEOUT = 300  # a hung launch fails the test instead of the CI job

@@ -32,7 +32,8 @@ from fre_torch.features.synthetic import write_synthetic_mvtec
 
 ort = pytest.importorskip("onnxruntime")  # installed in this repo (requirements.txt); the tests must really run it
 # torch.jit.load's deprecation notice: the TorchScript format is what this file tests.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+# The full suite only (conftest.py, --full): traces, ONNX Runtime sessions and real data, minutes on a 2-core CPU.
+pytestmark = [pytest.mark.full, pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")]
 
 SIZE = 64
 

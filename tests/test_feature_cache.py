@@ -86,6 +86,7 @@ def test_concat_fusion_uses_the_same_per_layer_entries(tmp_path):
     assert torch.equal(map_row, torch.cat(summed[2:], dim=1))
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("change", ["weights", "layers", "input_size", "pool", "normalization", "precision",
                                     "pixel"])
 def test_any_change_that_shapes_the_features_misses(tmp_path, change):
@@ -116,6 +117,7 @@ def test_any_change_that_shapes_the_features_misses(tmp_path, change):
     assert counted.images == (1 if change == "pixel" else 3)
 
 
+@pytest.mark.full
 def test_corrupt_entry_is_recomputed_and_rewritten(tmp_path):
     images = _images(0, 2)
     want = _detector(tmp_path).features(images)
@@ -130,6 +132,7 @@ def test_corrupt_entry_is_recomputed_and_rewritten(tmp_path):
         _close(a, b)
 
 
+@pytest.mark.full
 def test_unusable_cache_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -143,6 +146,7 @@ def test_unusable_cache_folder(tmp_path):
         FeatureCache(tmp_path / "c").key(torch.zeros(3, 4, 4), "s")
 
 
+@pytest.mark.full
 def test_evaluate_second_run_reads_features_and_restores_the_detector(tmp_path):
     root = write_synthetic_mvtec(tmp_path / "data", categories=("object",), n_train=12, n_test_good=3,
                                  n_test_defect=3, size=80, seed=5)
@@ -189,6 +193,7 @@ def test_fit_folder_second_fit_reads_features(tmp_path, monkeypatch):
         assert torch.equal(a.components, b.components)
 
 
+@pytest.mark.full
 def test_cross_fitting_reads_the_fit_features_from_memory(tmp_path):
     from fre_torch.jobs.crossfit import cross_fit
     from fre_torch.features.images import MVTecCategory, make_loader, ImageDataset

@@ -30,6 +30,7 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return _images(24, SIZE, SIZE, 0), _images(6, SIZE, SIZE, 1)
 
 
+@pytest.mark.full
 def test_each_head_equals_its_single_head_detector(data) -> None:
     train, test = data
     cfg = DetectorConfig(LITE, input_size=SIZE)
@@ -48,6 +49,7 @@ def test_each_head_equals_its_single_head_detector(data) -> None:
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.full
 def test_tiles_are_the_subspace_samples(data) -> None:
     """A 96 px image in 4 tiles of 64 px at stride 32: the shared subspaces are those of a detector fitted on the
     tiles as images; the image score is the sum of its tiles' scores; the map is their maps placed and averaged."""
@@ -74,6 +76,7 @@ def test_tiles_are_the_subspace_samples(data) -> None:
     torch.testing.assert_close(maps, expected / count, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.full
 def test_top_score_standardises_each_cell_by_its_out_of_fold_statistics(data) -> None:
     """image_score='top': a cell's mean and deviation come from maps of training images that their fold's model did
     not see (5 seeded folds); the score is the mean of the top 10 % standardised cells. Rebuilt here from
@@ -101,6 +104,7 @@ def test_top_score_standardises_each_cell_by_its_out_of_fold_statistics(data) ->
     torch.testing.assert_close(fre.score(test), cells.score(test), rtol=1e-6, atol=0)
 
 
+@pytest.mark.full
 def test_a_second_map_pass_equals_a_detector_on_the_larger_images(data) -> None:
     """map_input_size: the map head runs on the images at 128 px, the score head at 64 px resized from them on the
     device -- exactly two single-head detectors, each given the 128 px images."""
@@ -135,6 +139,7 @@ def test_non_square_input_keeps_its_shape(tmp_path: Path) -> None:
     torch.testing.assert_close(again.anomaly_maps(_images(2, 64, 160, 7))[1], maps, rtol=0, atol=0)
 
 
+@pytest.mark.full
 def test_two_head_model_file_round_trip(data, tmp_path: Path) -> None:
     train, test = data
     det = FREDetector(DetectorConfig(LITE, input_size=SIZE)).fit(train[:18]).calibrate(train[18:], quantile=0.9)

@@ -156,6 +156,7 @@ def test_evaluate_heatmaps_refuse_kernel_mode(dataset: Path, tmp_path: Path,
 
 
 # ---------------------------------------------------------------------------------------------------- predict
+@pytest.mark.full
 def test_predict_save_heatmaps(dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = tmp_path / "model.pt"
     assert cli.main(["fit", "--train_dir", str(dataset / "object" / "train" / "good"), "--out", str(model),

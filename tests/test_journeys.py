@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import FULL, REPO
 from fre_torch.features.images import list_images, load_image
 from fre_torch.features.synthetic import write_synthetic_mvtec
 
@@ -35,40 +35,42 @@ NOT_RUN = "not run"
 JOURNEYS: dict[str, str] = {
     "python -m venv .venv && . .venv/bin/activate": f"{NOT_RUN}: installation (.ci/run does it on a clean clone)",
     "pip install -r requirements.txt -e .": f"{NOT_RUN}: installation (.ci/run does it on a clean clone)",
-    "pip install -e .[export]": f"{NOT_RUN}: installation (requirements.txt installs the export extras)",
-    "python -m pytest": f"{NOT_RUN}: this test suite itself (.ci/run runs it)",
-    "FRE_TORCH_DATA=./mvtec python -m pytest -rs": "test_real_data_tests_follow_FRE_TORCH_DATA",
+    "pip install -e .[export]": "test_the_export_extra_adds_nothing_after_the_quick_start",
+    "python -m pytest": "test_fast_default_and_full_suite",
+    "python -m pytest --full": f"{NOT_RUN}: this test suite itself (.ci/run runs it)",
+    "FRE_TORCH_DATA=./mvtec python -m pytest --full -rs": "test_real_data_tests_follow_FRE_TORCH_DATA",
     "python cli.py demo --out demo_data": "test_quick_start",
-    "python cli.py evaluate --dataset_directory demo_data --object_category all --model efficientnet_lite0 "
-    "--device cpu": "test_quick_start",
+    "python cli.py evaluate --dataset_directory demo_data --object_category all": "test_quick_start",
     "python cli.py fit --train_dir demo_data/object/train/good --out demo_model.pt": "test_quick_start",
     "python cli.py predict --model_file demo_model.pt demo_data/object/test --out demo_results/": "test_quick_start",
-    "python cli.py evaluate --dataset_directory ./mvtec --object_category all --model efficientnet_lite0 "
-    "--device cpu --json results.json": "test_evaluate",
+    "python cli.py evaluate --dataset_directory ./mvtec --object_category all --device cpu --json results.json":
+        "test_evaluate",
     "python cli.py evaluate --dataset_directory ./mvtec --object_category bottle --model efficientnet_lite0 "
     "--reference": "test_evaluate",
     "python cli.py evaluate --list_models": "test_evaluate",
+    "python cli.py evaluate --dataset_directory ./mvtec --object_category all --reference --json reference.json":
+        "test_reproduce_the_paper",
     "python cli.py fit --train_dir good_parts/ --out model.pt": "test_fit_predict_export",
     'python cli.py predict --model_file model.pt new_images/ "line2/*.png" --out results/': "test_fit_predict_export",
-    "python cli.py evaluate --dataset_directory ./mvtec --object_category bottle --model efficientnet_lite0 "
-    "--save_heatmaps heat/ --report report/": "test_heatmaps_and_report",
+    "python cli.py evaluate --dataset_directory ./mvtec --object_category bottle --save_heatmaps heat/ "
+    "--report report/": "test_heatmaps_and_report",
     "python cli.py predict --model_file model.pt new_images/ --out results/ --save_heatmaps": "test_fit_predict_export",
     "python cli.py export --model_file model.pt --format onnx --out model.onnx --check_images good_parts/":
         "test_fit_predict_export",
     "python cli.py export --model_file model.pt --format torchscript --out model.ts": "test_fit_predict_export",
     "python: import numpy as np, onnxruntime as ort": "test_fit_predict_export",
     "python cli.py evaluate --train_dir good_parts/ --normal_dir test_ok/ --abnormal_dir test_defective/ "
-    "--mask_dir test_masks/ --model efficientnet_lite0 --json my_results.json": "test_evaluate_own_folders",
+    "--mask_dir test_masks/ --json my_results.json": "test_evaluate_own_folders",
     "python: import numpy as np": "test_python_api",
     "python: from fre_torch import DetectorConfig, run": "test_python_api",
     "python: from fre_torch import DetectorConfig, FREDetector": "test_python_api",
-    "torchrun --nproc_per_node 4 cli.py evaluate --dataset_directory ./mvtec --object_category all --model "
-    "efficientnet_lite0 --device cuda --json results.json": f"{NOT_RUN}: needs 4 CUDA GPUs (test_distributed runs "
+    "torchrun --nproc_per_node 4 cli.py evaluate --dataset_directory ./mvtec --object_category all --device cuda "
+    "--json results.json": f"{NOT_RUN}: needs 4 CUDA GPUs (test_distributed runs "
                                                             "the same code path on CPU processes)",
     "torchrun --nnodes 2 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint HOST:29500 --nproc_per_node 8 cli.py fit "
     "--train_dir good_parts/ --out model.pt --device cuda": f"{NOT_RUN}: needs two machines with 8 GPUs each",
-    "torchrun --nproc_per_node 2 cli.py evaluate --dataset_directory ./mvtec --object_category bottle --model "
-    "efficientnet_lite0 --device cpu": "test_distributed_cpu",
+    "torchrun --nproc_per_node 2 cli.py evaluate --dataset_directory ./mvtec --object_category bottle --device cpu":
+        "test_distributed_cpu",
 }
 
 
@@ -191,6 +193,7 @@ def _table(stdout: str) -> dict[str, list[float]]:
 # The journeys
 
 
+@pytest.mark.full
 def test_quick_start(tmp_path: Path) -> None:
     (tmp_path / "cli.py").symlink_to(REPO / "cli.py")
     demo = run(_command("python cli.py demo"), tmp_path)
@@ -212,8 +215,9 @@ def test_quick_start(tmp_path: Path) -> None:
     assert sum(flagged["good"]) <= 2 and sum(sum(v) for k, v in flagged.items() if k != "good") >= 15, flagged
 
 
+@pytest.mark.full
 def test_evaluate(workspace: Path) -> None:
-    ev = run(_command("python cli.py evaluate --dataset_directory ./mvtec --object_category all"), workspace)
+    ev = run(_command("python cli.py evaluate --dataset_directory ./mvtec --object_category all --device"), workspace)
     doc = json.loads((workspace / "results.json").read_text(encoding="utf-8"))
     assert list(doc["categories"]) == ["bottle", "texture"]
     table = _table(ev.stdout)
@@ -228,6 +232,7 @@ def test_evaluate(workspace: Path) -> None:
     assert {"efficientnet_lite0", "efficientnet_b5", "resnet18", "resnet50"} <= set(models.stdout.split())
 
 
+@pytest.mark.full
 def test_evaluate_own_folders(workspace: Path) -> None:
     """A user's own labelled folders give exactly the figures of the same images in the MVTec layout; a defective
     image without a mask is reported and left out of the pixel metrics."""
@@ -270,6 +275,31 @@ def test_evaluate_own_folders(workspace: Path) -> None:
         assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.full
+def test_reproduce_the_paper(workspace: Path, tmp_path: Path) -> None:
+    """The paper's command runs the reference configuration on efficientnet_b5: offline, with an empty torch hub
+    cache, it stops with the hint; given b5 weights (here random ones, as a local file) it runs on b5."""
+    command = _command("python cli.py evaluate --dataset_directory ./mvtec --object_category all --reference")
+    offline = {**_env(), "TORCH_HOME": str(tmp_path / "hub"), "http_proxy": "http://127.0.0.1:9",
+               "https_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+               "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+    proc = subprocess.run(["bash", "-c", command], cwd=workspace, env=offline, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: efficientnet_b5: pretrained weights"), proc.stderr
+    assert "--weights FILE" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    from fre_torch.features.backbones import build_backbone
+
+    torch.save(build_backbone("efficientnet_b5", pretrained=False).state_dict(), tmp_path / "b5.pt")
+    proc = subprocess.run(["bash", "-c", f"{command} --weights {tmp_path / 'b5.pt'} --object_category bottle"],
+                          cwd=workspace, env=offline, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("reference configuration (run_mvtec.py): efficientnet_b5, layer features.6, pool 2, "
+                                  "input 456 px")
+    config = json.loads((workspace / "reference.json").read_text(encoding="utf-8"))["config"]
+    assert (config["backbone"], config["layers"], config["image_score"]) == ("efficientnet_b5", ["features.6"], "fre")
+
+
+@pytest.mark.full
 def test_fit_predict_export(workspace: Path) -> None:
     """fit -> predict (CSV) -> export ONNX and TorchScript in new processes -> the README's ONNX Runtime snippet and
     torch.jit on the exported files give predict's CSV scores (1e-4 relative)."""
@@ -311,9 +341,10 @@ def test_fit_predict_export(workspace: Path) -> None:
     assert (ts_score.double() - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+@pytest.mark.full
 def test_heatmaps_and_report(workspace: Path) -> None:
     proc = run(_command("python cli.py evaluate --dataset_directory ./mvtec --object_category bottle "
-                        "--model efficientnet_lite0 --save_heatmaps"), workspace)
+                        "--save_heatmaps"), workspace)
     n_test = len(list_images(workspace / "mvtec" / "bottle" / "test"))
     assert len(list((workspace / "heat" / "bottle").glob("*.png"))) == n_test
     index = workspace / "report" / "index.html"
@@ -323,6 +354,7 @@ def test_heatmaps_and_report(workspace: Path) -> None:
         assert (index.parent / src).is_file(), src
 
 
+@pytest.mark.full
 def test_python_api(tmp_path: Path) -> None:
     """The README's Python blocks run as written, in a folder holding the files they name."""
     _write_workspace(tmp_path)
@@ -351,21 +383,68 @@ def test_python_api(tmp_path: Path) -> None:
     assert shape == [1, 14, 14] and math.isfinite(score) and reloaded == pytest.approx(score, rel=1e-6)  # saved, loaded, same
 
 
+@pytest.mark.full
 def test_distributed_cpu(workspace: Path) -> None:
     proc = run(_command("torchrun --nproc_per_node 2"), workspace)
     assert list(_table(proc.stdout)) == ["bottle", "mean"]
 
 
+@pytest.mark.full
 def test_real_data_tests_follow_FRE_TORCH_DATA(workspace: Path, tmp_path: Path) -> None:
     """The README's command with ./mvtec holding an MVTec-layout ``bottle``: the bottle tests look there (and fail
     on this generated bottle's counts, which proves they ran), and a skip names the variable."""
     (tmp_path / "tests").symlink_to(REPO / "tests")
     (tmp_path / "pytest.ini").symlink_to(REPO / "pytest.ini")
     (tmp_path / "mvtec").symlink_to(workspace / "mvtec")
-    command = _command("FRE_TORCH_DATA=./mvtec python -m pytest -rs")
+    command = _command("FRE_TORCH_DATA=./mvtec python -m pytest --full -rs")
     proc = subprocess.run(["bash", "-c", command + " tests/test_data.py -k real -p no:cacheprovider"], cwd=tmp_path,
                           env=_env(), capture_output=True, text=True, timeout=300)
     # It read the generated bottle (20 training images), and failed on MVTec's count (209): the test ran there.
     assert "_ test_real_mvtec_bottle _" in proc.stdout and "1 failed" in proc.stdout, proc.stdout
     assert "20 == 209" in proc.stdout, proc.stdout
     assert "FRE_TORCH_DATA=./mvtec" in proc.stdout and "magnetic_tile" in proc.stdout  # the skip says what to set
+
+
+def pip_dry_run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m pip install --dry-run ARGS`` in the repository: what pip would do, changing nothing."""
+    return subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", *args], cwd=REPO, env=env or _env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.full
+def test_the_export_extra_adds_nothing_after_the_quick_start() -> None:
+    """What the README says: after ``pip install -r requirements.txt -e .``, ``pip install -e .[export]`` would
+    install this package again and nothing else."""
+    assert "pip install -r requirements.txt -e ." in readme_commands()
+    proc = pip_dry_run("-e", ".[export]")
+    assert proc.returncode == 0, proc.stderr
+    would = [line for line in proc.stdout.splitlines() if line.startswith("Would install")]
+    assert would == ["Would install fre_torch-0.1.0"], proc.stdout
+    extras = re.search(r'"export": \[([^\]]*)\]', (REPO / "setup.py").read_text(encoding="utf-8")).group(1)
+    readme = README.read_text(encoding="utf-8")
+    assert "does nothing" in readme and all(name.strip(' "') in readme for name in extras.split(","))
+
+
+def _collect(*args: str) -> tuple[int, int]:
+    """(selected, deselected) of ``python -m pytest --collect-only ARGS`` in a new process."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"(\d+)(?:/(\d+))? tests? collected(?: \((\d+) deselected\))? in .*", last)
+    assert m is not None, last
+    selected = int(m.group(1))
+    deselected = int(m.group(3) or 0)
+    return selected, deselected
+
+
+@pytest.mark.full
+def test_fast_default_and_full_suite() -> None:
+    """``python -m pytest`` leaves out the tests marked ``full``; the README's ``python -m pytest --full`` (what
+    .ci/run runs) keeps them; only the minutes-long ``slow`` ones stay out of both."""
+    fast, fast_out = _collect()
+    full, full_out = _collect(FULL)
+    assert fast + fast_out == full + full_out and full_out < fast_out and fast < full
+    assert "python -m pytest --full" in readme_commands() and "python -m pytest" in readme_commands()
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert ci.rstrip().splitlines()[-1] == "python -m pytest --full"

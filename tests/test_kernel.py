@@ -241,6 +241,7 @@ def test_nystroem_kernel_fre_matches_exact(data, exact) -> None:
     torch.testing.assert_close(full.score(test), ref, rtol=1e-8, atol=0)
 
 
+@pytest.mark.full
 def test_kernel_fre_error_falls_with_m(data, exact) -> None:
     train, test = data
     ref = exact.score(test)
@@ -258,6 +259,7 @@ def test_kernel_fre_error_falls_with_m(data, exact) -> None:
 STREAM_CASES = {"rff-gram": (512, "auto"), "rff-switch": (128, "auto"), "rff-covariance": (512, "covariance")}
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("case", [*STREAM_CASES, "nystroem"])
 def test_streaming_equals_one_shot(data, case: str) -> None:
     train, test = data

@@ -236,6 +236,7 @@ def test_other_variants_weights_rejected(name: str) -> None:
 MIN_BOTTLE_HITS = {"efficientnet_lite0": 9, "efficientnet_lite1": 9, "efficientnet_lite2": 13}
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("name", LITES)
 def test_classifies_real_bottles(name: str) -> None:
     from PIL import Image

@@ -117,6 +117,7 @@ CASES = [
 ]
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("argv,message", CASES, ids=[" ".join(c[0][:1] + c[0][-2:]) for c in CASES])
 def test_cli_wrong_output_path(user: Path, argv: list[str], message: str) -> None:
     before = {p.relative_to(user) for p in user.rglob("*")}

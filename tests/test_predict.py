@@ -51,6 +51,7 @@ def test_split_holdout_is_seeded_and_disjoint() -> None:
         split_holdout(paths[:3], 0.2)
 
 
+@pytest.mark.full
 def test_fit_predict_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _write_folder(tmp_path / "good", 30, seed=0)
     model = tmp_path / "model.pt"
@@ -98,6 +99,7 @@ def test_predict_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.full
 def test_cli_fit_subprocess_no_traceback(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -106,6 +108,7 @@ def test_cli_fit_subprocess_no_traceback(tmp_path: Path) -> None:
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.full
 def test_threshold_false_positive_rate_on_magnetic_tile(tmp_path: Path) -> None:
     """Fit on train/good only: at the automatic 0.99 threshold the FPR on test/good is within 0.03 of 1 %."""
     root = require_category("magnetic_tile") / "magnetic_tile"
@@ -119,6 +122,7 @@ def test_threshold_false_positive_rate_on_magnetic_tile(tmp_path: Path) -> None:
     assert abs(fpr - 0.01) <= 0.03, fpr
 
 
+@pytest.mark.full
 def test_fit_skips_unreadable_images_and_stores_the_threshold_stats(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "good"

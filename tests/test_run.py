@@ -42,6 +42,7 @@ def _without_timings(doc: dict) -> dict:
     return doc
 
 
+@pytest.mark.full
 def test_library_evaluate_json_equals_the_cli(dataset: Path, tmp_path: Path) -> None:
     lib_json, cli_json = tmp_path / "lib.json", tmp_path / "cli.json"
     result = run.evaluate(run.EvaluateSettings(root=dataset, config=CONFIG, batch_size=8, json=lib_json,
@@ -59,6 +60,7 @@ def test_library_evaluate_json_equals_the_cli(dataset: Path, tmp_path: Path) -> 
     assert result.results["pca"]["object"]["image_auroc"] == lib["categories"]["object"]["image_auroc"]
 
 
+@pytest.mark.full
 def test_library_evaluate_modes_and_maps_on_demand(dataset: Path, tmp_path: Path) -> None:
     result = run.evaluate(run.EvaluateSettings(root=dataset, categories=["texture"], config=CONFIG, batch_size=8,
                                                modes=["pca", "tae"]))
@@ -75,6 +77,7 @@ def test_library_evaluate_modes_and_maps_on_demand(dataset: Path, tmp_path: Path
     assert kept.results["pca"]["texture"]["threshold"] > 0  # cross-fitted, as with --save_heatmaps
 
 
+@pytest.mark.full
 def test_library_fit_and_predict_equal_the_cli(dataset: Path, tmp_path: Path) -> None:
     good = dataset / "object" / "train" / "good"
     fitted = run.fit(run.FitSettings(train_dir=good, out=tmp_path / "lib.pt", config=CONFIG, batch_size=8))

@@ -182,6 +182,7 @@ def test_label_components_empty_and_errors():
 # PRO
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("seed,ties", CASES)
 @pytest.mark.parametrize("limit", [0.3, 0.05, 1.0])
 def test_pro_matches_loop_reference(seed, ties, limit):

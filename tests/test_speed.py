@@ -151,6 +151,7 @@ def test_precision_policy():
         assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
 
 
+@pytest.mark.full
 def test_bf16_backbone_ranks_like_fp32_and_fit_stays_float64():
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 256, (24, 3, 64, 64), dtype=torch.uint8, generator=g)
@@ -168,6 +169,7 @@ def test_bf16_backbone_ranks_like_fp32_and_fit_stays_float64():
 
 
 # ------------------------------------------------------------------------------------------------ compile
+@pytest.mark.full
 def test_compiled_detector_matches_eager_with_a_padded_last_batch():
     g = torch.Generator().manual_seed(1)
     imgs = torch.randint(0, 256, (21, 3, 64, 64), dtype=torch.uint8, generator=g)
@@ -181,6 +183,7 @@ def test_compiled_detector_matches_eager_with_a_padded_last_batch():
 
 
 # ------------------------------------------------------------------------------------------------ gpu_check
+@pytest.mark.full
 def test_gpu_check_script_runs_its_head_section_on_the_cpu(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path), "--device", "cpu",
                            "--quick", "--sections", "head"], cwd=REPO, capture_output=True, text=True, timeout=300)

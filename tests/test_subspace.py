@@ -37,11 +37,11 @@ def rel(a, b) -> float:
 
 
 SHAPES = [
-    pytest.param(300, 16384, "gram", id="300x16384-gram"),
+    pytest.param(300, 16384, "gram", id="300x16384-gram", marks=pytest.mark.full),
     # The covariance solver here needs a 2 GiB matrix and a 16384^3 eigh: ~8 minutes on 2 cores.
     pytest.param(300, 16384, "covariance", id="300x16384-covariance", marks=pytest.mark.slow),
-    pytest.param(5000, 256, "gram", id="5000x256-gram"),
-    pytest.param(5000, 256, "covariance", id="5000x256-covariance"),
+    pytest.param(5000, 256, "gram", id="5000x256-gram", marks=pytest.mark.full),  # minutes on a busy 2-core CPU
+    pytest.param(5000, 256, "covariance", id="5000x256-covariance", marks=pytest.mark.full),
     pytest.param(64, 64, "gram", id="64x64-gram"),
     pytest.param(64, 64, "covariance", id="64x64-covariance"),
 ]
@@ -70,6 +70,7 @@ def test_parity_with_sklearn(n: int, d: int, solver: str) -> None:
     np.testing.assert_allclose(ours.error_map(x_test).sum(axis=1), fre_ref, rtol=1e-4)
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("solver", ["gram", "covariance"])
 def test_float32_data_fits_in_float64_and_scores_in_float32(solver: str) -> None:
     x = low_rank_plus_noise(400, 512)
@@ -115,6 +116,7 @@ def _batches(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
 UNEVEN = [1, 2, 97, 3, 150, 40, 7]  # 7 uneven batches, 300 rows
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("kind", ["gram", "covariance"])
 def test_streaming_equals_one_shot(kind: str) -> None:
     x = torch.from_numpy(low_rank_plus_noise(300, 200, seed=7))

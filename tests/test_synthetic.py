@@ -65,7 +65,7 @@ def test_normal_images_vary(small_root: Path) -> None:
 
 
 @pytest.mark.parametrize("category", sorted(CATEGORY_DEFECTS))
-@pytest.mark.parametrize("size", [32, 128])
+@pytest.mark.parametrize("size", [32, pytest.param(128, marks=pytest.mark.full)])
 def test_mask_is_exactly_where_the_defect_changed_the_image(category: str, size: int) -> None:
     for defect in CATEGORY_DEFECTS[category]:
         for seed in range(8):

