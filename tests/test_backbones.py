@@ -475,7 +475,8 @@ def _lite_extractor(name: str) -> FeatureExtractor:
 
 
 @needs_fusion
-@pytest.mark.parametrize("name", _LITES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "efficientnet_lite0" else pytest.mark.full)
+                                  for n in _LITES])
 @pytest.mark.parametrize("size", [(224, 224), (61, 50), (97, 130)])
 def test_fused_kernels_equal_the_modules(name: str, size: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused path (bias + ReLU6 / residual add in the convolution, TF padding through the narrow block input)

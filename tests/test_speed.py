@@ -193,6 +193,7 @@ def test_gpu_check_script_runs_its_head_section_on_the_cpu(tmp_path):
     assert "| head fit N=400 D=4096 |" in proc.stdout.splitlines()[-1]
 
 
+@pytest.mark.full
 def test_gpu_check_real_data_sections_run_on_the_cpu(tmp_path):
     """The smoke mode of the GPU check's real-data sections (decode rates, GPU/CPU ratio, evaluate on each set on
     both devices, end to end from replicated real files) on a tiny MVTec-layout set with PNGs and JPEGs."""
