@@ -45,7 +45,7 @@ DEFAULT_PARTS = ("demo", "verify", "export", "crossfit")
 
 # part -> the README phrases its figures fill in (whitespace-normalised; ``{part[key]}`` reads the results file).
 PHRASES = {
-    "demo": ["`python cli.py demo` took {demo[min_s]:.0f}-{demo[max_s]:.0f} s (whole process, {demo[runs]} runs, "
+    "demo": ["`python cli.py demo` took {demo[min_s]:.1f}-{demo[max_s]:.1f} s (whole process, {demo[runs]} runs, "
              "{demo[cores]}-core CPU, load average {demo[load_1min]:.1f} at the start, "
              "{demo[load_1min_after]:.1f} at the end)"],
     "verify": ["checking magnetic_tile's {verify[files]:,} files takes {verify[verify_s]:.2f} s against "
