@@ -50,6 +50,7 @@ __all__ = [
     "build_backbone",
     "build_feature_extractor",
     "fold_batchnorm",
+    "fused_kernels_apply",
     "get_backbone_spec",
     "list_backbones",
     "normalize",
