@@ -38,6 +38,7 @@ Real-data sections (issue #20), reading the MVTec-layout sets under ``--data`` (
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -239,11 +240,19 @@ def _files(root: Path, folder: str, name: str, suffix: str, limit: int | None) -
 
 def section_decode(device: torch.device, quick: bool, data: Path) -> dict[str, Any]:
     """Per-core decode rates (this process, one torch thread) and, on CUDA, batched nvjpeg decoding + resize."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _decode_rates(device, quick, data)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _decode_rates(device: torch.device, quick: bool, data: Path) -> dict[str, Any]:
     from PIL import Image
 
     from fre_torch.features.images import _read_image
 
-    torch.set_num_threads(1)
     out: dict[str, Any] = {"data": str(data)}
     limit = 16 if quick else 400
     for key, (folder, name), suffix in (("bottle_png", _SETS[0], ".png"), ("magnetic_tile_jpg", _SETS[1], ".jpg")):
@@ -252,7 +261,6 @@ def section_decode(device: torch.device, quick: bool, data: Path) -> dict[str, A
             out[key] = {"error": f"no {suffix} files of {name} under {data}"}
             continue
         blobs = [f.read_bytes() for f in files]  # from memory: the decoder's rate, not the disk's
-        import io
 
         def decode_only() -> None:
             for b in blobs:
@@ -283,7 +291,6 @@ def section_decode(device: torch.device, quick: bool, data: Path) -> dict[str, A
 
             row["nvjpeg_decode_resize_images_per_s"] = len(files) / _timed(nvjpeg, device, repeat=3)
         out[key] = row
-    torch.set_num_threads(os.cpu_count() or 1)
     return out
 
 

@@ -4,7 +4,8 @@
 
 The device machine sees only the checkout, and a call carries at most 64 MiB of it, so ``gpu_check``'s real-data
 sections read this pack there (``run(carry=[".gpu_data", ...])``). The AUROC there compares the GPU with the CPU on
-the same images, so a subset is a fair check. Per set: the same fraction of every image folder, spread over it in order, with the masks of the kept defective images. Prints what it packed.
+the same images, so a subset is a fair check. Per set: the same fraction of every image folder, spread over it in
+order, with the masks of the kept defective images. Prints what it packed.
 """
 
 from __future__ import annotations

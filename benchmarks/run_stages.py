@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -68,7 +69,7 @@ def measure(name: str, repeat: int) -> dict[str, Any]:
     from fre_torch.detection.detector import DetectorConfig, FREDetector
     from fre_torch.features.images import MVTecCategory, _resized_rgb, _to_rgb
     from fre_torch.jobs import heatmaps
-    from fre_torch.jobs.crossfit import cross_fit
+    from fre_torch.jobs.crossfit import cross_fit, fit_on_rows
     from fre_torch.jobs.evaluate import _pixel_metrics
     from fre_torch.detection.metrics import auroc
 
@@ -92,8 +93,8 @@ def measure(name: str, repeat: int) -> dict[str, Any]:
     t = _best({"before": lambda: [_to_rgb(im).resize((224, 224), Image.Resampling.LANCZOS) for im in decoded],
                "after": lambda: [_resized_rgb(im, 224, 224) for im in decoded]}, repeat, time.process_time)
     row["resize"] = {k: len(paths) / v for k, v in t.items()}
-    images = torch.stack([torch.from_numpy(__import__("numpy").asarray(_resized_rgb(im, 224, 224)).copy())
-                          .permute(2, 0, 1) for im in decoded])
+    images = torch.stack([torch.from_numpy(np.asarray(_resized_rgb(im, 224, 224)).copy()).permute(2, 0, 1)
+                          for im in decoded])
     train, test = images[:n_train], images[n_train:]
 
     det = FREDetector(DetectorConfig("efficientnet_lite0"), device="cpu")
@@ -115,13 +116,9 @@ def measure(name: str, repeat: int) -> dict[str, Any]:
     def fit(one_thread_max: int) -> Callable[[], Any]:
         def run() -> Any:
             subspace._EIGH_ONE_THREAD_MAX = one_thread_max
-            from fre_torch.jobs.crossfit import _IndexBatches, _row_lookup
-
-            det.features = _row_lookup(train_rows)  # type: ignore[method-assign]
             try:
-                det.fit(_IndexBatches(torch.arange(n_train), 32))
+                fit_on_rows(det, train_rows)
             finally:
-                del det.features
                 subspace._EIGH_ONE_THREAD_MAX = 2048
         return run
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from ..detection.detector import FREDetector, _batches, _map_quantile
 from ..core.distributed import gather_rows, is_distributed, rank
 
-__all__ = ["CROSS_FIT_FOLDS", "CrossFit", "cross_fit", "fit_keeping_rows"]
+__all__ = ["CROSS_FIT_FOLDS", "CrossFit", "cross_fit", "fit_keeping_rows", "fit_on_rows"]
 
 CROSS_FIT_FOLDS = 5
 """Folds of ``cross_fit``: each fold model sees 80 % of the training images."""
@@ -107,13 +107,18 @@ def fit_keeping_rows(detector: FREDetector, data: Any, *, batch_size: int = 32) 
     hashing) nor the backbone. The rows are extracted once and the fit reads them: the same fit as
     ``detector.fit(data)``, with every mode and solver."""
     rows = _extract(detector, data, batch_size)
-    n = rows[0].shape[0]
+    fit_on_rows(detector, rows, batch_size=batch_size)
+    return rows
+
+
+def fit_on_rows(detector: FREDetector, rows: Sequence[Tensor], *, batch_size: int = 32) -> FREDetector:
+    """``detector.fit`` on feature rows already extracted (``[(N, D_s)]`` as ``detector.features`` gives them), with
+    its own unchanged fitting code: every mode and solver, the cell statistics, data-parallel reductions."""
     detector.features = _row_lookup(rows)  # type: ignore[method-assign]  # this call only: removed below
     try:
-        detector.fit(_IndexBatches(torch.arange(n), batch_size))
+        return detector.fit(_IndexBatches(torch.arange(rows[0].shape[0]), batch_size))
     finally:
         del detector.features
-    return rows
 
 
 def cross_fit(detector: FREDetector, data: Any = None, *, rows: Sequence[Tensor] | None = None,

@@ -38,8 +38,8 @@ from ..features.images import _decode, _to_rgb, cpu_count, load_mask
 from ..detection.detector import FREDetector, upsample_maps
 from ..features.files import atomic_write
 
-__all__ = ["COLORMAP", "OUTLINE_COLOUR", "OVERLAY_ALPHA", "PNG_COMPRESS_LEVEL", "colorize", "heatmap_names", "heatmap_scale",
-           "mask_outline", "render_file", "render_panel", "save_heatmaps"]
+__all__ = ["COLORMAP", "OUTLINE_COLOUR", "OVERLAY_ALPHA", "PNG_COMPRESS_LEVEL", "colorize", "heatmap_names",
+           "heatmap_scale", "mask_outline", "render_file", "render_panel", "save_heatmaps"]
 
 # Stops of the colour map (position, RGB): lightness rises monotonically, so a brighter colour always means a
 # larger value, also in greyscale print; no stop is green, which stays free for the ground-truth outline.
