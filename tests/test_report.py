@@ -115,6 +115,23 @@ def test_threshold_ignores_test_labels(dataset: Path, monkeypatch: pytest.Monkey
         cross_fit(det, train[:3])
 
 
+def test_cross_fit_in_dual_form_equals_the_fold_fits(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fold models fitted from blocks of one Gram matrix (``fit_subset``, the default) give the out-of-fold
+    scores, maps, threshold and map scale of fold detectors fitted by ``fit`` (the data-parallel path)."""
+    import fre_torch.jobs.crossfit as crossfit
+
+    det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=64), device="cpu")
+    train = torch.stack([load_image(p, 64) for p in MVTecCategory.load(dataset, "object").train])
+    det.fit(train)
+    dual = cross_fit(det, train, quantile=THRESHOLD_QUANTILE)
+    monkeypatch.setattr(crossfit, "is_distributed", lambda: True)  # one process: rank 0 of 1, the fold-fit path
+    fits = cross_fit(det, train, quantile=THRESHOLD_QUANTILE)
+    assert dual.threshold == pytest.approx(fits.threshold, rel=1e-6)
+    assert dual.map_scale == pytest.approx(fits.map_scale, rel=1e-6)
+    assert torch.allclose(dual.scores, fits.scores, rtol=1e-4, atol=1e-6 * float(fits.scores.abs().max()))
+    assert float((dual.maps - fits.maps).abs().max()) <= 1e-5 * float(fits.maps.abs().max())
+
+
 def test_report_without_maps_and_bad_input(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # kernel mode carries no maps: curves and captions, no panels
     results = {"k": {"scores": [0.1, 0.2, 0.9, 0.3], "labels": [0, 0, 1, 1], "threshold": 0.35,

@@ -15,9 +15,12 @@ from fre_torch import PCA
 from fre_torch.core.subspace import (
     CovarianceAccumulator,
     GramAccumulator,
+    RowSpanSubspace,
     Subspace,
     fit_covariance,
     fit_gram,
+    fit_row_span,
+    gram_matrix,
     select_n_components,
 )
 
@@ -323,3 +326,37 @@ def test_symmetric_eigh_equals_linalg_eigh_and_restores_threads(n: int, one_thre
     ref = torch.linalg.eigh(a)
     torch.testing.assert_close(evals, ref.eigenvalues, rtol=1e-10, atol=1e-9)
     torch.testing.assert_close(evecs @ torch.diag(evals) @ evecs.T, a, rtol=1e-9, atol=1e-8)
+
+
+def test_row_span_subspace_scores_as_fit_gram_on_the_kept_rows() -> None:
+    """The dual form, fitted on a subset from a block of the whole Gram matrix, gives the subset's own fit: the same
+    spectrum and the float64 reference's reconstruction errors (no components formed)."""
+    x = torch.from_numpy(low_rank_plus_noise(90, 3000, seed=3)).float()
+    held = torch.arange(90) % 5 == 2
+    before = x.clone()
+    dual = fit_row_span(x, 0.97, gram=gram_matrix(x), keep=~held)
+    primal = fit_gram(x[~held], 0.97)
+    assert isinstance(dual, RowSpanSubspace) and torch.equal(x, before)
+    assert dual.n_components == primal.n_components
+    assert rel(dual.explained_variance, primal.explained_variance) < 1e-10
+    assert float(dual.total_variance) == pytest.approx(float(primal.total_variance), rel=1e-12)
+    # reference: float64 SVD of the kept rows, errors of the held-out rows
+    kept = x[~held].double()
+    mean = kept.mean(dim=0)
+    v = torch.linalg.svd(kept - mean, full_matrices=False)[2][:primal.n_components]
+    xc = x[held].double() - mean
+    ref = (xc - xc @ v.T @ v).square()
+    err = dual.error_map(x[held])
+    assert err.dtype == torch.float32 and err.shape == x[held].shape
+    assert rel(err.double(), ref) < 1e-6
+    assert rel(dual.fre(x[held]).double(), ref.sum(dim=1)) < 1e-6
+    assert rel(primal.error_map(x[held]).double(), ref) < 1e-5  # the float32 primal form is the less exact one
+
+
+def test_row_span_falls_back_to_components_where_directions_are_undetermined() -> None:
+    x = torch.from_numpy(low_rank_plus_noise(6, 50, seed=1)[:3]).repeat(4, 1)  # rank 2 after centring, N = 12
+    model = fit_row_span(x, 5)  # 5 components of a rank-2 set: completed to an orthonormal basis
+    assert isinstance(model, Subspace) and model.n_components == 5
+    assert rel(model.components.float() @ model.components.float().T, torch.eye(5)) < 1e-5
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        fit_row_span(x, 0.9, keep=torch.arange(12) == 0)

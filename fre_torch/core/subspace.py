@@ -7,6 +7,8 @@ The pieces:
 - ``GramAccumulator``: keeps the rows and their float64 Gram matrix ``X X^T``, for N << D (whole-image feature
   vectors: N = 60..400, D = 5,000..65,536). Never forms a D x D matrix.
 - ``fit_covariance`` / ``fit_gram`` / ``fit_rows``: exact float64 eigendecompositions giving a fitted ``Subspace``.
+- ``fit_row_span``: the same fit in dual form (``RowSpanSubspace``): it keeps the rows instead of forming components,
+  for models that score a few rows once (cross-fitting's fold models, from blocks of one shared Gram matrix).
 - ``Subspace``: the fitted state as buffers (mean, orthonormal components, spectrum) with batched projection,
   reconstruction and FRE. ``.to()``, ``state_dict()`` and ``load_state_dict()`` work as for any module.
 
@@ -27,13 +29,16 @@ __all__ = [
     "AdoptsBufferShapes",
     "CovarianceAccumulator",
     "GramAccumulator",
+    "RowSpanSubspace",
     "Subspace",
     "check_features",
     "fit_covariance",
     "fit_accumulator",
     "make_room",
     "fit_gram",
+    "fit_row_span",
     "fit_rows",
+    "gram_matrix",
     "resolve_solver",
     "select_n_components",
     "symmetric_eigh",
@@ -266,6 +271,12 @@ class GramAccumulator(nn.Module):
         return acc
 
 
+def gram_matrix(rows: Tensor) -> Tensor:
+    """``rows @ rows.T`` in float64, ``(N, D) -> (N, N)``, over column chunks (the float64 copies stay small); a
+    block ``[i][:, i]`` of it is the Gram matrix of the rows ``i`` (``fit_gram(..., gram=...)``)."""
+    return _gram_block(rows, rows)
+
+
 def _gram_block(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b.T`` in float64, (A, B), formed over column chunks so the float64 copies stay small."""
     out = torch.zeros(a.shape[0], b.shape[0], dtype=FIT_DTYPE, device=a.device)
@@ -441,6 +452,32 @@ def symmetric_eigh(a: Tensor) -> tuple[Tensor, Tensor]:
         torch.set_num_threads(threads)
 
 
+def _gram_spectrum(gram: Tensor, n_components: NComponents, d: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The centred spectrum of an uncentred float64 Gram matrix ``X X^T`` of N rows of D features.
+
+    Returns ``(u, sq, variance, k)``: the eigenvectors ``(N, N)`` of the centred Gram matrix, descending; its
+    eigenvalues (squared singular values of the centred rows), descending and non-negative; the variances
+    ``sq / (N - 1)``; and the number of components ``select_n_components`` keeps.
+    """
+    n = gram.shape[0]
+    # Exact centring of the uncentred Gram matrix, in float64.
+    a = gram.mean(dim=1)
+    c = a.mean()
+    gc = gram - a[:, None] - a[None, :] + c
+    gc = (gc + gc.T) * 0.5  # exact symmetry for eigh
+    evals, evecs = symmetric_eigh(gc)
+    sq = evals.flip(0).clamp_min(0.0)  # squared singular values of the centred rows, descending, length N
+    variance = sq / (n - 1)
+    return evecs.flip(1), sq, variance, select_n_components(variance, n_components, n, d)
+
+
+def _determined(s: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Which singular values ``s`` (descending) of an ``shape`` matrix lie above the rounding of its Gram matrix's
+    eigenvalues (about ``N * eps * lambda_max``): below it a direction is noise, not determined by the data."""
+    eps = torch.finfo(FIT_DTYPE).eps
+    return s.square() > s[0].square() * max(shape) * eps * 10 if s.numel() else s > 0
+
+
 def fit_gram(rows: Tensor, n_components: NComponents = None, *, gram: Tensor | None = None) -> Subspace:
     """Fit from the N x N Gram matrix of ``rows: (N, D)`` (N < D). No D x D matrix is formed.
 
@@ -458,26 +495,102 @@ def fit_gram(rows: Tensor, n_components: NComponents = None, *, gram: Tensor | N
     mean = _column_mean(rows)
     if gram is None:
         gram = _gram_block(rows, rows)
-    # Exact centring of the uncentred Gram matrix, in float64.
-    a = gram.mean(dim=1)
-    c = a.mean()
-    gc = gram - a[:, None] - a[None, :] + c
-    gc = (gc + gc.T) * 0.5  # exact symmetry for eigh
-    evals, evecs = symmetric_eigh(gc)
-    sq = evals.flip(0).clamp_min(0.0)  # squared singular values of the centred rows, descending, length N
-    variance = sq / (n - 1)
-    total = variance.sum()
-    k = select_n_components(variance, n_components, n, d)
-    u = evecs.flip(1)[:, :k]  # (N, k)
+    u, sq, variance, k = _gram_spectrum(gram, n_components, d)
     s = torch.sqrt(sq[:k])
     return Subspace(
         mean=mean,
-        components=_components_from_u(rows, mean, u, s),
+        components=_components_from_u(rows, mean, u[:, :k], s),
         explained_variance=variance[:k],
         singular_values=s,
-        total_variance=total,
+        total_variance=variance.sum(),
         n_samples=n,
     )
+
+
+class RowSpanSubspace(nn.Module):
+    """A subspace fitted in dual form: it keeps its training rows, never its ``(k, D)`` components.
+
+    For N < D rows the fitted directions are ``W = S^-1 U^T Xc`` (``U, S`` from the centred Gram matrix), so a
+    projection is ``W^T W x = Xc^T (U S^-2 U^T) Xc x``: two products with the rows, in float64, equal to
+    ``Subspace``'s up to rounding. Forming ``W`` costs as much as a Gram matrix; models that score a few rows once
+    (the fold models of cross-fitting, each fitted on a subset of one set of rows, from blocks of its Gram matrix)
+    are several times cheaper this way, and share one float64 copy of the rows. It has ``Subspace``'s scoring
+    interface (``residual``, ``error_map``, ``fre``) and spectrum buffers; it is not saved in model files.
+
+    Buffers: ``rows`` (N, D) float64, uncentred (possibly shared with other models: never written to), ``mean``
+    (D,) float64, ``coef`` (N, N) float64 ``U_k S_k^-2 U_k^T`` (zero for rows outside the fit),
+    ``explained_variance`` (k,), ``total_variance`` ().
+    """
+
+    def __init__(self, rows: Tensor, mean: Tensor, coef: Tensor, explained_variance: Tensor,
+                 total_variance: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("rows", rows)
+        self.register_buffer("mean", mean)
+        self.register_buffer("coef", coef)
+        self.register_buffer("explained_variance", explained_variance)
+        self.register_buffer("total_variance", total_variance)
+
+    @property
+    def n_features(self) -> int:
+        return self.rows.shape[1]
+
+    @property
+    def n_components(self) -> int:
+        return self.explained_variance.shape[0]
+
+    def residual(self, x: Tensor) -> Tensor:
+        """``(x - mean) - P (x - mean)``, ``P`` the projection onto the subspace: (B, D) -> (B, D) in x's dtype."""
+        if x.ndim != 2 or x.shape[1] != self.n_features:
+            raise ValueError(f"expected features of shape (N, {self.n_features}), got {tuple(x.shape)}")
+        xc = x.to(FIT_DTYPE) - self.mean
+        # Centred rows without a centred copy: Xc xc = X xc - 1 (mean . xc), and Xc^T w = X^T w - mean (1^T w).
+        inner = (self.rows @ xc.T).sub_(self.mean @ xc.T)  # (N, B)
+        weights = self.coef @ inner  # (N, B): the projection, as weights of the training rows
+        xc.addmm_(weights.T, self.rows, alpha=-1)
+        return xc.addr_(weights.sum(dim=0), self.mean).type_as(x)
+
+    def error_map(self, x: Tensor) -> Tensor:
+        """Per-element squared reconstruction error, (B, D) -> (B, D) in x's dtype."""
+        return self.residual(x).square_()
+
+    def fre(self, x: Tensor) -> Tensor:
+        """Feature reconstruction error per row, (B, D) -> (B,)."""
+        return self.error_map(x).sum(dim=1)
+
+
+def fit_row_span(rows: Tensor, n_components: NComponents = None, *, gram: Tensor | None = None,
+                 keep: Tensor | None = None) -> RowSpanSubspace | Subspace:
+    """``fit_gram`` in dual form (``RowSpanSubspace``): the same subspace, scored without forming its components.
+
+    Args:
+        rows: (N, D) the training vectors (not modified), N < D. Float64 rows are kept by reference, not copied:
+            pass one float64 copy to every fold of a cross-fit.
+        n_components: see ``select_n_components``.
+        gram: optional precomputed float64 ``rows @ rows.T`` (``gram_matrix``).
+        keep: optional ``(N,)`` bool: fit on these rows only (``gram`` stays the Gram matrix of all of them).
+
+    Returns:
+        A ``RowSpanSubspace``; a ``Subspace`` (``fit_gram``) when ``n_components`` keeps directions the data do not
+        determine (they are completed to an orthonormal basis there, which has no dual form).
+    """
+    rows = rows.to(FIT_DTYPE)
+    if gram is None:
+        gram = gram_matrix(rows)
+    if keep is None:
+        keep = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    index = torch.nonzero(keep).flatten()
+    n, d = index.numel(), rows.shape[1]
+    if n < 2:
+        raise ValueError(f"need at least 2 samples to fit a subspace, got {n}")
+    u, sq, variance, k = _gram_spectrum(gram[index][:, index], n_components, d)
+    if not bool(_determined(torch.sqrt(sq[:k]), (n, d)).all()):
+        return fit_gram(rows[index], n_components, gram=gram[index][:, index])
+    mean = (keep.to(FIT_DTYPE) / n) @ rows  # the kept rows' mean without gathering them
+    uk = u[:, :k]
+    coef = torch.zeros(rows.shape[0], rows.shape[0], dtype=FIT_DTYPE, device=rows.device)
+    coef[index[:, None], index[None, :]] = (uk / sq[:k]) @ uk.T
+    return RowSpanSubspace(rows, mean, coef, variance[:k], variance.sum())
 
 
 def _column_mean(rows: Tensor) -> Tensor:
@@ -498,10 +611,7 @@ def _components_from_u(rows: Tensor, mean: Tensor, u: Tensor, s: Tensor) -> Tens
     """
     k = u.shape[1]
     d = rows.shape[1]
-    # Eigenvalues of the Gram matrix carry rounding of about N * eps * lambda_max: below that a singular
-    # value (its square root) is noise and its direction undetermined.
-    eps = torch.finfo(FIT_DTYPE).eps
-    good = s.square() > s[0].square() * max(rows.shape) * eps * 10 if k else s > 0
+    good = _determined(s, tuple(rows.shape))
     safe_s = torch.where(good, s, torch.ones_like(s))
     v = torch.empty(k, d, dtype=rows.dtype, device=rows.device)
     best = torch.zeros(k, dtype=FIT_DTYPE, device=rows.device)  # signed entry of largest magnitude so far

@@ -39,14 +39,17 @@ from ..core.distributed import gather_rows, reduce_accumulator
 from ..features.files import atomic_write
 from .geometry import HeadGeometry, as_hw, cut_tiles, embed, stitch, tile_offsets
 from .threshold import ThresholdStats, threshold_stats
-from ..core.precision import autocast, backbone_dtype, check_device, check_precision
+from ..core.precision import FIT_DTYPE, autocast, backbone_dtype, check_device, check_precision
 from ..core.subspace import (
     check_features,
     CovarianceAccumulator,
     GramAccumulator,
+    RowSpanSubspace,
     Subspace,
     fit_accumulator,
+    fit_row_span,
     fit_rows,
+    gram_matrix,
     resolve_solver,
     select_n_components,
 )
@@ -638,10 +641,10 @@ class FREDetector(nn.Module):
         fold_of = torch.empty(n, dtype=torch.int64, device=self.device)
         fold_of[order] = torch.arange(n, device=self.device) % k
         oof = torch.empty(n, cells, device=self.device)
+        shared: list[tuple[Tensor, Tensor] | None] = [None] * len(rows)
         for f in range(k):
             held = fold_of == f
-            models = [fit_rows(r[~held].reshape(-1, d), self.config.n_components, solver=self.config.solver)
-                      for r, d in zip(rows, self.config.subspace_dims)]
+            models = self._subset_models(rows, ~held, shared)
             scales = self._scales(models)
             maps = self._cell_maps([r[held] for r in rows], models, scales, head)
             oof[held] = maps.flatten(1)
@@ -650,6 +653,55 @@ class FREDetector(nn.Module):
         # A cell that is constant on normal images (padding, a fixed background) would divide by ~0: floor the
         # deviation at a millionth of the largest one.
         self.cell_std = std.clamp_min(float(std.max()) * 1e-6 + torch.finfo(torch.float32).tiny)
+
+    def _subset_models(self, rows: Sequence[Tensor], keep: Tensor,
+                       shared: list[tuple[Tensor, Tensor] | None]) -> list[RowSpanSubspace | Subspace]:
+        """Closed-form PCA fits (float64, the configured ``n_components``) of the images ``keep`` selects, one per
+        entry of ``rows`` (``(N, D_s)`` as ``features`` gives them, the first subspaces' in order).
+
+        Where the Gram solver applies, in dual form (``fit_row_span``) from a block of the Gram matrix of all ``N``
+        images' rows: ``shared[i]`` (that Gram matrix and one float64 copy of the rows) is formed on first use and
+        kept by the caller, so ``k`` fold fits cost one Gram matrix instead of ``k`` Gram matrices and ``k`` sets of
+        components. Else ``fit_rows`` on the kept rows.
+        """
+        models: list[RowSpanSubspace | Subspace] = []
+        for i, (r, d) in enumerate(zip(rows, self.config.subspace_dims)):
+            flat = r.reshape(-1, d)
+            kept = keep.repeat_interleave(flat.shape[0] // r.shape[0])  # each image's tiles are consecutive rows
+            if resolve_solver(self.config.solver, int(kept.sum()), d) != "gram":
+                models.append(fit_rows(flat[kept], self.config.n_components, solver=self.config.solver))
+                continue
+            if shared[i] is None:
+                rows64 = flat.to(FIT_DTYPE)
+                gram = gram_matrix(rows64)
+                if not bool(torch.isfinite(gram).all()):
+                    raise ValueError("NaN or Inf features on the training images; check the weights file and the "
+                                     "input images")
+                shared[i] = (gram, rows64)
+            gram, rows64 = shared[i]
+            models.append(fit_row_span(rows64, self.config.n_components, gram=gram, keep=kept))
+        return models
+
+    def fit_subset(self, rows: Sequence[Tensor], keep: Tensor, *,
+                   shared: list[tuple[Tensor, Tensor] | None] | None = None) -> FREDetector:
+        """Fit both heads (mode 'pca') on the training rows of the images ``keep`` selects, without the backbone;
+        the cell statistics stay as they are. For scoring held-out images once (``fre_torch.jobs.crossfit``): where
+        the Gram solver applies the models are ``RowSpanSubspace`` (dual form, not saved in model files).
+
+        Args:
+            rows: every subspace's ``(N, D_s)`` rows, as ``features`` gives them.
+            keep: ``(N,)`` bool, the images to fit on.
+            shared: one slot per subspace for the Gram matrix and float64 copy of all ``N`` images' rows, filled
+                on first use: pass the same list to every fold of one set of rows.
+        """
+        if self.config.mode != "pca" or self.config.kernel is not None:
+            raise ValueError(f"fit_subset fits closed-form PCA; got mode={self.config.mode!r}, "
+                             f"kernel={self.config.kernel!r}")
+        if len(rows) != len(self.config.subspace_dims):
+            raise ValueError(f"expected rows for {len(self.config.subspace_dims)} subspaces, got {len(rows)}")
+        shared = shared if shared is not None else [None] * len(rows)
+        self._set_models(self._subset_models(rows, keep.to(rows[0].device), shared))
+        return self
 
     def _tiles_per_subspace(self) -> list[int]:
         return [head.n_tiles for head in self.config.heads for _ in self.config._fused(head, head.dims)]

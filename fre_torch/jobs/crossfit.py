@@ -32,6 +32,7 @@ __all__ = ["CROSS_FIT_FOLDS", "CrossFit", "cross_fit", "fit_keeping_rows", "fit_
 
 CROSS_FIT_FOLDS = 5
 """Folds of ``cross_fit``: each fold model sees 80 % of the training images."""
+_HELD_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -163,17 +164,27 @@ def cross_fit(detector: FREDetector, data: Any = None, *, rows: Sequence[Tensor]
     scores = torch.empty(n, dtype=torch.float32, device=cache[0].device)
     gh, gw = detector.config.map_grid
     maps = torch.empty(n, gh, gw, dtype=torch.float32, device=cache[0].device) if linear else None
+    # The fold models keep the detector's cell statistics (image_score='top'), themselves out-of-fold estimates,
+    # rather than cross-fit again inside each fold; a detector without them gets its folds' own.
+    own_cells = detector.config.image_score == "top" and detector.cell_mean.numel() == 0
+    # Closed-form PCA in one process: the folds are fitted from blocks of one Gram matrix per subspace, in dual form
+    # (``FREDetector.fit_subset``); otherwise (autoencoders, data-parallel shards, own cell statistics) each fold
+    # runs the detector's own fit.
+    subset = detector.config.mode == "pca" and linear and not is_distributed() and not own_cells
+    shared: list[tuple[Tensor, Tensor] | None] = [None] * len(cache)
     for f in range(k):
         held = torch.nonzero(fold_of == f).flatten()
         keep = torch.ones(n, dtype=torch.bool)
         keep[held] = False
-        # The fold models keep the detector's cell statistics (image_score='top'), themselves out-of-fold estimates,
-        # rather than cross-fit again inside each fold; a detector without them gets its folds' own.
-        fold = _fold_detector(detector, cache).fit(_IndexBatches(torch.arange(n)[keep], batch_size),
-                                                   cell_statistics=detector.cell_mean.numel() == 0)
+        if subset:
+            fold = _fold_detector(detector, cache).fit_subset(cache, keep, shared=shared)
+        else:
+            fold = _fold_detector(detector, cache).fit(_IndexBatches(torch.arange(n)[keep], batch_size),
+                                                       cell_statistics=own_cells)
         if held.numel() == 0:  # a data-parallel shard smaller than k: nothing of it held out in this fold
             continue
-        rows = _IndexBatches(held, batch_size)
+        # Held-out rows in batches of up to _HELD_BATCH: each batch reads all of the fold models' rows or components.
+        rows = _IndexBatches(held, max(batch_size, _HELD_BATCH))
         if linear:
             fold_scores, fold_maps = fold.score_and_maps(rows)
             maps[held.to(maps.device)] = fold_maps.float()
