@@ -18,9 +18,9 @@ from PIL import Image
 import cli
 from fre_torch.jobs.crossfit import cross_fit
 from fre_torch.features.images import MVTecCategory, load_image
-from fre_torch.detection.detector import DetectorConfig, FREDetector
+from fre_torch.detection.detector import MAP_FLOOR_QUANTILE, DetectorConfig, FREDetector
 from fre_torch.jobs.evaluate import THRESHOLD_QUANTILE, evaluate_category
-from fre_torch.jobs.report import NORMAL_COLOUR, write_report
+from fre_torch.jobs.report import NORMAL_COLOUR, _colorbar_figure, write_report
 from fre_torch.features.synthetic import write_synthetic_mvtec
 
 LITE = ["--model", "efficientnet_lite0", "--input_size", "64", "--device", "cpu", "--batch_size", "32"]
@@ -101,7 +101,7 @@ def test_threshold_ignores_test_labels(dataset: Path, monkeypatch: pytest.Monkey
     assert second["labels"] == permuted.tolist()  # the permutation took effect ...
     assert second["image_auroc"] != first["image_auroc"]
     assert second["threshold"] == first["threshold"]  # ... the threshold and the colour scale did not move
-    assert second["map_scale"] == first["map_scale"]
+    assert second["map_scale"] == first["map_scale"] and second["map_floor"] == first["map_floor"]
     # it is the 0.99 quantile of the training images' out-of-fold scores: training images only
     train = torch.stack([load_image(p, 64) for p in MVTecCategory.load(dataset, "object").train])
     in_sample = det.score(train)
@@ -109,10 +109,23 @@ def test_threshold_ignores_test_labels(dataset: Path, monkeypatch: pytest.Monkey
     assert torch.equal(det.score(train), in_sample)  # cross_fit leaves the detector's own fit alone
     assert oof.threshold == pytest.approx(first["threshold"], rel=1e-5)
     assert oof.threshold == pytest.approx(float(torch.quantile(oof.scores, THRESHOLD_QUANTILE)))
+    # colour starts at the 0.99 quantile of the out-of-fold maps' values (float64, torch.quantile's)
+    assert oof.map_floor == float(torch.quantile(oof.maps.double().flatten(), MAP_FLOOR_QUANTILE))
+    assert oof.map_floor == pytest.approx(first["map_floor"], rel=1e-5) and 0 < oof.map_floor < oof.map_scale
     # in-sample training scores would be far lower (the subspace was fitted to them): why it is cross-fitted
     assert float(torch.quantile(in_sample, THRESHOLD_QUANTILE)) < first["threshold"]
     with pytest.raises(ValueError, match="at least 4"):
         cross_fit(det, train[:3])
+
+
+def test_colour_bar_shows_where_colour_starts() -> None:
+    ax = _colorbar_figure(2.0, 0.8).axes[0]
+    assert ax.get_xlim() == (0.0, 2.0) and list(ax.get_xticks()) == [0.0, 0.8, 2.0]
+    plain = [a for a in ax.patches if a.get_gid() == "plain"]
+    assert len(plain) == 1 and plain[0].get_x() == 0.0 and plain[0].get_width() == pytest.approx(0.8)
+    assert ax.images[0].get_extent()[:2] == [0.8, 2.0]  # the colour ramp runs from the floor to the scale
+    ax = _colorbar_figure(2.0, 0.0).axes[0]  # no floor (older results): colour from 0, no plain stretch
+    assert not [a for a in ax.patches if a.get_gid() == "plain"] and ax.images[0].get_extent()[:2] == [0.0, 2.0]
 
 
 def test_report_without_maps_and_bad_input(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,9 +2,10 @@
 
 Per category: the metrics table, ROC and precision-recall curves (``fre_torch.detection.metrics``) with the operating point
 of the threshold, histograms of the normal and defective test images' scores with the threshold drawn, the colour
-bar of the heatmaps, and the heatmap panels (``fre_torch.jobs.heatmaps``) of the worst images: the highest-scoring
-normal ones (false positives when above the threshold) and the lowest-scoring defective ones (false negatives when
-at or below it). The page has no script and no external resource, so it opens offline from the file system.
+bar of the heatmaps (where colour starts and where it is full), and the heatmap panels (``fre_torch.jobs.heatmaps``)
+of the worst images: the highest-scoring normal ones (false positives when above the threshold) and the
+lowest-scoring defective ones (false negatives when at or below it). The page has no script and no external
+resource, so it opens offline from the file system.
 
 The threshold is the one ``evaluate_category`` computed from the training images only (never from test scores or
 labels); test labels are used here only to draw what happened at it.
@@ -27,7 +28,7 @@ from urllib.parse import quote
 import torch
 from torch import Tensor
 
-from ..detection.detector import MAP_SCALE_QUANTILE
+from ..detection.detector import MAP_FLOOR_QUANTILE, MAP_SCALE_QUANTILE
 from .evaluate import THRESHOLD_QUANTILE
 from .heatmaps import COLORMAP, OVERLAY_ALPHA, PNG_COMPRESS_LEVEL, heatmap_names, render_file
 from ..detection.metrics import precision_recall_curve, roc_curve
@@ -128,19 +129,35 @@ def _plot_curves(path: Path, scores: Tensor, labels: Tensor, threshold: float, a
     _save_figure(fig, path)
 
 
-def _plot_colorbar(path: Path, scale: float) -> None:
-    """The heatmap colour scale, 0 .. ``scale`` (values above are drawn as ``scale``); one PNG (600 x 90 px)."""
+def _plot_colorbar(path: Path, scale: float, floor: float = 0.0) -> None:
+    """The heatmap colour scale, 0 .. ``scale``: plain (no colour) up to ``floor``, then the colour map up to
+    ``scale`` (values above are drawn as ``scale``); one PNG (600 x 110 px)."""
+    _save_figure(_colorbar_figure(scale, floor), path)
+
+
+def _colorbar_figure(scale: float, floor: float) -> Any:
     from matplotlib.colors import ListedColormap
 
-    fig = _figure(6.0, 0.9)
+    fig = _figure(6.0, 1.1)
     ax = fig.subplots()
     ramp = torch.linspace(0.0, 1.0, COLORMAP.shape[0])[None].numpy()
-    ax.imshow(ramp, aspect="auto", cmap=ListedColormap((COLORMAP / 255).numpy()), extent=(0.0, scale, 0.0, 1.0))
+    ax.imshow(ramp, aspect="auto", cmap=ListedColormap((COLORMAP / 255).numpy()), extent=(floor, scale, 0.0, 1.0))
+    ax.set_xlim(0.0, scale)
+    if floor > 0:
+        # The uncoloured stretch, hatched, so the bar shows where colour starts.
+        ax.axvspan(0.0, floor, facecolor="white", edgecolor="#999999", hatch="//", lw=0.0, gid="plain")
+        ax.axvline(floor, color=_THRESHOLD_COLOUR, lw=1.0)
+        if floor > 0.2 * scale:
+            ax.text(floor / 2, 0.5, "no colour", ha="center", va="center", fontsize=8,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+        ax.set_xticks([0.0, floor, scale], ["0", f"{floor:.4g}\nmap_floor", f"{scale:.4g}\nmap_scale"])
+    else:
+        ax.set_xticks([0.0, scale], ["0", f"{scale:.4g}\nmap_scale"])
     ax.set_yticks([])
-    ax.set_xlabel(f"anomaly map value (full colour at map_scale = {scale:.4g}, opacity up to {OVERLAY_ALPHA:g})",
-                  fontsize=8)
+    ax.set_xlabel(f"anomaly map value (colour and opacity, up to {OVERLAY_ALPHA:g}, rise from "
+                  f"{'map_floor' if floor > 0 else '0'} to map_scale)", fontsize=8)
     ax.tick_params(labelsize=8)
-    _save_figure(fig, path)
+    return fig
 
 
 def _worst(scores: Tensor, labels: Tensor, kind: int, n: int) -> list[int]:
@@ -187,9 +204,10 @@ def _category_section(out: Path, folder: str, name: str, r: Mapping[str, Any], n
     parts = [f'<section id="{html.escape(folder)}"><h2>{html.escape(name)}</h2>', _table(rows),
              _img(f"{folder}/curves.png", f"{name}: ROC, precision-recall and score histograms", "wide")]
     grid_maps, scale = r.get("grid_maps"), r.get("map_scale")
+    floor = float(r.get("map_floor") or 0.0)  # results from before the colour floor: colour from 0
     have_maps = grid_maps is not None and scale is not None and "paths" in r
     if have_maps:
-        _plot_colorbar(out / folder / "colorbar.png", float(scale))
+        _plot_colorbar(out / folder / "colorbar.png", float(scale), floor)
         parts.append(_img(f"{folder}/colorbar.png", f"{name}: heatmap colour scale", "bar"))
     elif "paths" not in r:
         parts.append("<p>No per-image panels: the results carry no paths (keep_maps=False).</p>")
@@ -214,7 +232,7 @@ def _category_section(out: Path, folder: str, name: str, r: Mapping[str, Any], n
             if have_maps:
                 src = f"{folder}/{'normal' if kind == 0 else 'defective'}_{file_name}"
                 picture = render_file(paths[i], grid_maps[i], float(scale), mask=masks[i], normal=kind == 0,
-                                      max_side=_PANEL_SIDE)
+                                      max_side=_PANEL_SIDE, floor=floor)
                 with atomic_write(out / src) as tmp:
                     picture.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
                 parts.append(f"<figure>{_img(src, label)}{caption}</figure>")
@@ -250,7 +268,8 @@ def write_report(out_dir: str | os.PathLike, results: Mapping[str, Mapping[str, 
         out_dir: the report folder (created; files of an earlier report there are overwritten).
         results: category name -> the dict ``evaluate_category(..., keep_maps=True)`` returned: it needs
             ``"scores"``, ``"labels"`` and ``"threshold"``; ``"paths"``, ``"mask_paths"``, ``"grid_maps"`` ``(N, g,
-            g)`` and ``"map_scale"`` add the heatmap panels; metric keys present are tabulated.
+            g)`` and ``"map_scale"`` add the heatmap panels (``"map_floor"``, default 0, where their colour
+            starts); metric keys present are tabulated.
         title: the page title.
         config: settings shown at the top (e.g. ``DetectorConfig.to_dict()`` plus the device).
         n_worst: panels per category and kind.
@@ -289,9 +308,10 @@ def write_report(out_dir: str | os.PathLike, results: Mapping[str, Mapping[str, 
         "images. It never sees a test image or label. Images scoring above it are flagged. F1-max is an oracle "
         "(best threshold chosen with the test labels): reported, not used.<br><b>Heatmaps</b>: image | anomaly "
         "map over the image | ground-truth outline (green, drawn just inside the mask). The colour scale is fixed "
-        "per category: 0 leaves the image untouched; <code>map_scale</code>, the "
-        f"{MAP_SCALE_QUANTILE:g} quantile of the out-of-fold training maps' values, and above get the full colour "
-        "(see the colour bar); nothing is normalised per image.</p>"
+        "per category, from the out-of-fold training maps' values: up to <code>map_floor</code>, their "
+        f"{MAP_FLOOR_QUANTILE:g} quantile (the level normal images stay under), the image is left untouched; "
+        f"<code>map_scale</code>, their {MAP_SCALE_QUANTILE:g} quantile, and above get the full colour (see the "
+        "colour bar); nothing is normalised per image.</p>"
     )
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{settings}\n{note}\n{summary}\n"
