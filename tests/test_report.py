@@ -20,7 +20,8 @@ from fre_torch.jobs.crossfit import cross_fit
 from fre_torch.features.images import MVTecCategory, load_image
 from fre_torch.detection.detector import MAP_FLOOR_QUANTILE, DetectorConfig, FREDetector
 from fre_torch.jobs.evaluate import THRESHOLD_QUANTILE, evaluate_category
-from fre_torch.jobs.report import NORMAL_COLOUR, _colorbar_figure, write_report
+from fre_torch.jobs.report import (NORMAL_COLOUR, _at_threshold, _colorbar_figure, _curves_figure, _HIST_BINS,
+                                   write_report)
 from fre_torch.features.synthetic import write_synthetic_mvtec
 
 LITE = ["--model", "efficientnet_lite0", "--input_size", "64", "--device", "cpu", "--batch_size", "32"]
@@ -116,6 +117,33 @@ def test_threshold_ignores_test_labels(dataset: Path, monkeypatch: pytest.Monkey
     assert float(torch.quantile(in_sample, THRESHOLD_QUANTILE)) < first["threshold"]
     with pytest.raises(ValueError, match="at least 4"):
         cross_fit(det, train[:3])
+
+
+def _hist_axis(scores: list[float], labels: list[int], threshold: float):
+    s, y = torch.tensor(scores, dtype=torch.float64), torch.tensor(labels)
+    return _curves_figure(s, y, threshold, _at_threshold(s, y, threshold)).axes[2]
+
+
+def test_histogram_stays_readable_with_a_100x_outlier() -> None:
+    g = torch.Generator().manual_seed(0)
+    normal = (1.0 + torch.rand(30, generator=g, dtype=torch.float64)).tolist()  # in [1, 2)
+    defective = (2.5 + torch.rand(15, generator=g, dtype=torch.float64)).tolist()  # in [2.5, 3.5)
+    others = normal + defective
+    outlier = 100 * max(others)
+    ax = _hist_axis(others + [outlier], [0] * 30 + [1] * 16, 2.2)
+    counts = np.sum([[bar.get_height() for bar in group] for group in ax.containers], axis=0)  # per bin
+    assert len(counts) == _HIST_BINS and counts.sum() == len(others)  # every other score in a bin, the outlier not
+    assert (counts > 0).sum() >= 0.6 * _HIST_BINS  # spread over most of the bins, not squashed into the first
+    x0, x1 = ax.get_xlim()
+    assert x0 < min(others) and max(others) < x1 < 1.2 * max(others)  # the axis ends near them, not at 100x
+    markers = [a for a in ax.get_lines() if a.get_gid() == "clipped"]
+    assert len(markers) == 1 and markers[0].get_ydata()[0] == 1 and markers[0].get_xdata()[0] > max(others)
+    notes = [t.get_text() for t in ax.texts if t.get_gid() == "clipped"]
+    assert notes == [f"1 above\n(to {outlier:.3g})"]
+    # without an outlier nothing is clipped: the axis spans every score
+    ax = _hist_axis(others, [0] * 30 + [1] * 15, 2.2)
+    assert sum(p.get_height() for p in ax.patches) == len(others)
+    assert not [a for a in [*ax.get_lines(), *ax.texts] if a.get_gid() == "clipped"]
 
 
 def test_colour_bar_shows_where_colour_starts() -> None:

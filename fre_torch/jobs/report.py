@@ -1,11 +1,12 @@
 """A static HTML report of an evaluation run: ``DIR/index.html`` with its PNG files beside it.
 
 Per category: the metrics table, ROC and precision-recall curves (``fre_torch.detection.metrics``) with the operating point
-of the threshold, histograms of the normal and defective test images' scores with the threshold drawn, the colour
-bar of the heatmaps (where colour starts and where it is full), and the heatmap panels (``fre_torch.jobs.heatmaps``)
-of the worst images: the highest-scoring normal ones (false positives when above the threshold) and the
-lowest-scoring defective ones (false negatives when at or below it). The page has no script and no external
-resource, so it opens offline from the file system.
+of the threshold, histograms of the normal and defective test images' scores with the threshold drawn (far
+outliers counted at the axis' edge, so one huge score does not squash the rest into one bin), the colour bar of the
+heatmaps (where colour starts and where it is full), and the heatmap panels (``fre_torch.jobs.heatmaps``) of the
+worst images: the highest-scoring normal ones (false positives when above the threshold) and the lowest-scoring
+defective ones (false negatives when at or below it). The page has no script and no external resource, so it opens
+offline from the file system.
 
 The threshold is the one ``evaluate_category`` computed from the training images only (never from test scores or
 labels); test labels are used here only to draw what happened at it.
@@ -46,6 +47,8 @@ DEFECTIVE_COLOUR = "#e0533a"
 """Colour of defective test images in the plots."""
 
 _THRESHOLD_COLOUR = "#222222"
+_HIST_BINS = 25
+_OUTLIER_FENCE = 3.0  # Tukey's "far out" fences: beyond Q1 - 3 IQR or Q3 + 3 IQR
 _PANEL_SIDE = 256  # longest side of one panel in the report's thumbnails (the full-size files are --save_heatmaps)
 _SAFE = re.compile(r"[^\w.-]+")
 _METRIC_LABELS = (
@@ -88,8 +91,28 @@ def _at_threshold(scores: Tensor, labels: Tensor, threshold: float) -> dict[str,
             "precision": tp / (tp + fp) if tp + fp else math.nan}
 
 
-def _plot_curves(path: Path, scores: Tensor, labels: Tensor, threshold: float, at: Mapping[str, float]) -> None:
-    """ROC, precision-recall and score histograms side by side, threshold marked; one PNG (1200 x 360 px)."""
+def _histogram_range(scores: Tensor, threshold: float) -> tuple[float, float]:
+    """The score histogram's x range ``(lo, hi)``: the scores and the threshold, far outliers left out.
+
+    Clipped rather than drawn on a log axis: scores may be 0 or negative (``image_score='top'`` averages z-scores),
+    where a log axis has no place, and a log axis would also squeeze the region around the threshold that the plot
+    is for. The cut is Tukey's far-out fence, ``Q1 - 3 IQR`` / ``Q3 + 3 IQR`` of the test scores: unlike a fixed
+    quantile it cuts nothing when no score is far out (a well separated defective cluster widens the IQR with it),
+    and one score 100 times the others no longer squashes them into the first of the bins. The threshold always
+    stays on the axis. Scores outside ``(lo, hi)`` are counted at the edge (``_curves_figure``).
+    """
+    q1, q3 = torch.quantile(scores, torch.tensor([0.25, 0.75], dtype=scores.dtype)).tolist()
+    fence_lo, fence_hi = q1 - _OUTLIER_FENCE * (q3 - q1), q3 + _OUTLIER_FENCE * (q3 - q1)
+    inside = scores[(scores >= fence_lo) & (scores <= fence_hi)]  # never empty: Q1..Q3 lie inside
+    lo = min(float(inside.min()), threshold)
+    hi = max(float(inside.max()), threshold)
+    if hi <= lo:
+        hi = lo + 1.0
+    return lo, hi
+
+
+def _curves_figure(scores: Tensor, labels: Tensor, threshold: float, at: Mapping[str, float]) -> Any:
+    """ROC, precision-recall and score histograms side by side, threshold marked (a Figure of 1200 x 360 px)."""
     fig = _figure(12.0, 3.6)
     roc_ax, pr_ax, hist_ax = fig.subplots(1, 3)
     both = at["n_pos"] > 0 and at["n_neg"] > 0
@@ -112,21 +135,41 @@ def _plot_curves(path: Path, scores: Tensor, labels: Tensor, threshold: float, a
     else:
         pr_ax.text(0.5, 0.5, "no defective test image", ha="center", va="center")
     pr_ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="recall", ylabel="precision", title="precision-recall")
-    lo = min(float(scores.min()), threshold)
-    hi = max(float(scores.max()), threshold)
-    if hi <= lo:
-        hi = lo + 1.0
-    edges = torch.linspace(lo, hi, 26).tolist()
-    groups = [(scores[labels == 0].tolist(), NORMAL_COLOUR, "normal"),
-              (scores[labels == 1].tolist(), DEFECTIVE_COLOUR, "defective")]
+    lo, hi = _histogram_range(scores, threshold)
+    edges = torch.linspace(lo, hi, _HIST_BINS + 1, dtype=torch.float64).tolist()  # float32 edges could drop the max
+    shown = (scores >= lo) & (scores <= hi)
+    groups = [(scores[(labels == 0) & shown].tolist(), NORMAL_COLOUR, "normal"),
+              (scores[(labels == 1) & shown].tolist(), DEFECTIVE_COLOUR, "defective")]
     groups = [g for g in groups if g[0]]
-    # Side-by-side opaque bars: each class keeps its exact colour (no blending where they overlap).
-    hist_ax.hist([g[0] for g in groups], bins=edges, color=[g[1] for g in groups], label=[g[2] for g in groups])
+    if groups:
+        # Side-by-side opaque bars: each class keeps its exact colour (no blending where they overlap).
+        hist_ax.hist([g[0] for g in groups], bins=edges, color=[g[1] for g in groups], label=[g[2] for g in groups])
     hist_ax.axvline(threshold, color=_THRESHOLD_COLOUR, lw=1.5, ls="--", label="threshold")
+    # Clipped scores: a triangle per class just beyond the edge they lie past, at the height of their count, and
+    # above them the count and the farthest score, so nothing is hidden.
+    pad = 0.03 * (hi - lo)
+    for side, beyond, x, marker, ha in (("below", scores < lo, lo - pad, "<", "left"),
+                                        ("above", scores > hi, hi + pad, ">", "right")):
+        if not bool(beyond.any()):
+            continue
+        counts = [(int((beyond & (labels == kind)).sum()), colour)
+                  for kind, colour in ((0, NORMAL_COLOUR), (1, DEFECTIVE_COLOUR))]
+        for n, colour in counts:
+            if n:
+                hist_ax.plot([x], [n], marker=marker, ms=9, ls="none", color=colour, clip_on=False, gid="clipped")
+        far = float(scores[beyond].min() if side == "below" else scores[beyond].max())
+        hist_ax.annotate(f"{int(beyond.sum())} {side}\n(to {far:.3g})", xy=(x, max(n for n, _ in counts)),
+                         xytext=(0, 8), textcoords="offset points", ha=ha, va="bottom", fontsize=7, gid="clipped")
     hist_ax.set(xlabel="image score", ylabel="test images", title="test scores")
+    hist_ax.margins(y=0.15)  # room for the clipped scores' count
     hist_ax.yaxis.get_major_locator().set_params(integer=True)  # counts
     hist_ax.legend(fontsize=8)
-    _save_figure(fig, path)
+    return fig
+
+
+def _plot_curves(path: Path, scores: Tensor, labels: Tensor, threshold: float, at: Mapping[str, float]) -> None:
+    """``_curves_figure`` as one PNG (1200 x 360 px)."""
+    _save_figure(_curves_figure(scores, labels, threshold, at), path)
 
 
 def _plot_colorbar(path: Path, scale: float, floor: float = 0.0) -> None:
