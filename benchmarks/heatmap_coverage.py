@@ -17,8 +17,11 @@ sees (a value whose overlay rounds back to the image's own pixel counts as plain
 
 ``variants`` recomputes the last three from the kept grid maps, exactly (``t > 0``, i.e. value > the colour floor,
 no rounding), for other ways of bringing the grid map to the image's size: bilinear (antialiased: what
-``upsample_maps`` and the pixel metrics use), bicubic and nearest; so a rendering-only change can be judged without
-touching the pixel metrics. ``--label`` names the entry in the results file (e.g. ``before`` / ``after`` a change);
+``upsample_maps`` and the pixel metrics use), bicubic and nearest, and bilinear with the floor at 0 (the rendering
+before the floor); so a rendering-only change can be judged without touching the pixel metrics. Each variant adds
+where the outside colour lies: ``outside_far``, coloured pixels more than one grid cell (chessboard distance) from
+the mask / all coloured pixels (what is not a blob reaching past the outline at the grid's resolution, but colour
+elsewhere), and ``ink_outside``, the share of the opacity (``t`` summed) that falls outside the mask. ``--label`` names the entry in the results file (e.g. ``before`` / ``after`` a change);
 other labels' entries are kept. Run it with ``OMP_NUM_THREADS=1`` on a shared machine: it measures areas, not time.
 """
 
@@ -42,7 +45,7 @@ from benchmarks.common import REPO, data_root
 SETS = {"bottle": ("mvtec_bottle", "bottle"), "screw": ("mvtec_screw", "screw"),
         "magnetic_tile": ("magnetic_tile", "magnetic_tile")}
 RESULTS = REPO / "benchmarks" / "results" / "heatmap_coverage.json"
-MODES = ("bilinear", "bicubic", "nearest")
+MODES = ("bilinear", "bicubic", "nearest")  # grid map -> image size
 
 
 def _upsample(grid: torch.Tensor, hw: tuple[int, int], mode: str) -> torch.Tensor:
@@ -53,14 +56,23 @@ def _upsample(grid: torch.Tensor, hw: tuple[int, int], mode: str) -> torch.Tenso
     return F.interpolate(x, size=hw, mode=mode, antialias=True, align_corners=False)[0, 0]
 
 
+def _dilate(mask: torch.Tensor, r: int) -> torch.Tensor:
+    """``(H, W)`` bool -> pixels within chessboard distance ``r`` of the mask (a box sum from 2-d prefix sums)."""
+    x = F.pad(mask.to(torch.int64), (r + 1, r, r + 1, r)).cumsum(0).cumsum(1)
+    k = 2 * r + 1
+    return (x[k:, k:] - x[:-k, k:] - x[k:, :-k] + x[:-k, :-k]) > 0
+
+
 class _Tally:
     """Pixel counts over one set's test images."""
 
     def __init__(self) -> None:
         self.normal_px = self.normal_col = self.normal_images = self.normal_plain = 0
-        self.col = self.col_out = self.mask_px = self.mask_col = 0
+        self.col = self.col_out = self.col_far = self.mask_px = self.mask_col = 0
+        self.ink = self.ink_out = 0.0
 
-    def add(self, coloured: torch.Tensor, mask: torch.Tensor | None, label: int) -> None:
+    def add(self, coloured: torch.Tensor, mask: torch.Tensor | None, label: int, t: torch.Tensor | None = None,
+            near: torch.Tensor | None = None) -> None:
         if label == 0:
             n = int(coloured.sum())
             self.normal_px += coloured.numel()
@@ -72,12 +84,20 @@ class _Tally:
             self.col_out += int((coloured & ~mask).sum())
             self.mask_px += int(mask.sum())
             self.mask_col += int((coloured & mask).sum())
+            if near is not None:
+                self.col_far += int((coloured & ~near).sum())
+            if t is not None:
+                self.ink += float(t.double().sum())
+                self.ink_out += float(t[~mask].double().sum())
 
     def figures(self) -> dict[str, Any]:
-        return {"normal_coloured": self.normal_col / max(1, self.normal_px),
-                "normal_images_plain": f"{self.normal_plain} of {self.normal_images}",
-                "outside_mask": self.col_out / max(1, self.col),
-                "mask_coloured": self.mask_col / max(1, self.mask_px)}
+        out = {"normal_coloured": self.normal_col / max(1, self.normal_px),
+               "normal_images_plain": f"{self.normal_plain} of {self.normal_images}",
+               "outside_mask": self.col_out / max(1, self.col),
+               "mask_coloured": self.mask_col / max(1, self.mask_px)}
+        if self.ink:
+            out.update(outside_far=self.col_far / max(1, self.col), ink_outside=self.ink_out / self.ink)
+        return out
 
 
 def measure(name: str, root: Path) -> dict[str, Any]:
@@ -97,8 +117,10 @@ def measure(name: str, root: Path) -> dict[str, Any]:
         r = result.results[next(iter(result.results))][category]
         floor = float(r.get("map_floor", 0.0))  # absent before the colour floor existed: colour started at 0
         scale = float(r["map_scale"])
-        seen, exact = _Tally(), {mode: _Tally() for mode in MODES}
+        variants = [(mode, mode, floor) for mode in MODES] + [("bilinear, floor 0", "bilinear", 0.0)]
+        seen, exact = _Tally(), {name: _Tally() for name, _, _ in variants}
         names = heatmap_names(r["paths"])
+        grid_h = r["grid_maps"].shape[1]
         for path, file_name, mask_path, label, grid in zip(r["paths"], names, r["mask_paths"], r["labels"],
                                                            r["grid_maps"]):
             with Image.open(heat / category / file_name) as img:
@@ -107,8 +129,11 @@ def measure(name: str, root: Path) -> dict[str, Any]:
             coloured = (arr[:, w:2 * w] != arr[:, :w]).any(dim=2)
             mask = load_mask(mask_path) if mask_path is not None else None
             seen.add(coloured, mask, label)
-            for mode in MODES:
-                exact[mode].add(_upsample(grid, (h, w), mode) > floor, mask, label)
+            near = _dilate(mask, round(h / grid_h)) if mask is not None else None  # within one grid cell
+            for variant, mode, start in variants:
+                value = _upsample(grid, (h, w), mode)
+                t = ((value - start) / (scale - start)).clamp(0.0, 1.0)
+                exact[variant].add(value > start, mask, label, t, near)
     return {"set": name, "n_test": len(r["paths"]), "evaluate_s": seconds, "map_floor": floor, "map_scale": scale,
             "pixel_auroc": r.get("pixel_auroc"), "pro": r.get("pro"), "image_auroc": r["image_auroc"],
             **seen.figures(), "variants": {mode: t.figures() for mode, t in exact.items()}}
@@ -132,9 +157,10 @@ def main() -> None:
               f"normal pixels coloured {e['normal_coloured']:.2%} ({e['normal_images_plain']} normal images plain); "
               f"coloured pixels outside the masks {e['outside_mask']:.2%}; mask pixels coloured "
               f"{e['mask_coloured']:.2%}; pixel AUROC {e['pixel_auroc']:.4f}, PRO {e['pro']:.4f}")
-        for mode, v in e["variants"].items():
-            print(f"    value > floor, {mode:8s}: normal {v['normal_coloured']:.2%}, outside {v['outside_mask']:.2%}, "
-                  f"mask {v['mask_coloured']:.2%}")
+        for variant, v in e["variants"].items():
+            print(f"    value > floor, {variant:17s}: normal {v['normal_coloured']:.2%}, outside "
+                  f"{v['outside_mask']:.2%} (beyond one cell {v['outside_far']:.2%}; opacity outside "
+                  f"{v['ink_outside']:.2%}), mask {v['mask_coloured']:.2%}")
     path = Path(a.json)
     doc = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     doc[a.label] = {"machine": f"{os.cpu_count()} cores, torch {torch.__version__}", "sets": entries}
