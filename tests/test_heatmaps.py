@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 import cli
-from fre_torch.features.images import image_size, load_mask
-from fre_torch.detection.detector import FREDetector
-from fre_torch.jobs.heatmaps import (COLORMAP, OUTLINE_COLOUR, OVERLAY_ALPHA, colorize, heatmap_names, heatmap_scale,
-                                mask_outline, render_panel)
+from fre_torch.features.images import MVTecCategory, image_size, load_image, load_mask
+from fre_torch.detection.detector import MAP_FLOOR_QUANTILE, DetectorConfig, FREDetector, _map_level
+from fre_torch.jobs.heatmaps import (COLORMAP, OUTLINE_COLOUR, OVERLAY_ALPHA, colorize, heatmap_floor, heatmap_names,
+                                     heatmap_scale, mask_outline, render_panel, save_heatmaps)
 from fre_torch.features.synthetic import write_synthetic_mvtec
 
 LITE = ["--model", "efficientnet_lite0", "--input_size", "64", "--device", "cpu", "--batch_size", "32"]
@@ -78,6 +78,84 @@ def test_colour_scale_is_fixed_not_per_image() -> None:
     torch.testing.assert_close(alpha, torch.tensor([0.0, OVERLAY_ALPHA, OVERLAY_ALPHA]))
     expected = (120 * (1 - OVERLAY_ALPHA) + COLORMAP[-1] * OVERLAY_ALPHA).round()
     np.testing.assert_array_equal(full, expected.to(torch.uint8).numpy())
+
+
+def test_colour_starts_above_the_floor() -> None:
+    """t = clip((v - floor) / (scale - floor), 0, 1): a normal-like map (every value <= floor) leaves the image
+    pixel for pixel; scale gets the full colour; halfway the middle of the colour map at half the opacity."""
+    floor, scale = 1.25, 3.25
+    img = _image(24, 32, seed=2)
+    normal_like = torch.rand(24, 32, generator=torch.Generator().manual_seed(3)) * floor
+    normal_like[0, 0], normal_like[5, 7] = floor, 0.0  # exactly the floor, and 0
+    pic = np.asarray(render_panel(img, normal_like, scale, panels=2, floor=floor))
+    np.testing.assert_array_equal(pic[:, 32:], img.numpy())  # the overlay panel is the image itself
+    # without the floor (older model files: map_floor = 0) the same map is coloured almost everywhere
+    before = np.asarray(render_panel(img, normal_like, scale, panels=2))
+    assert (before[:, 32:] != img.numpy()).any(axis=2).mean() > 0.9
+
+    values = torch.tensor([0.0, floor, floor + 1e-3, (floor + scale) / 2, scale, 4 * scale])
+    rgb, alpha = colorize(values, scale, floor)
+    torch.testing.assert_close(alpha, OVERLAY_ALPHA * torch.tensor([0.0, 0.0, 1e-3 / 2.0, 0.5, 1.0, 1.0]))
+    assert float(alpha[2]) > 0  # colour starts right above the floor
+    # t = 0.5 -> LUT entry round(127.5) = 128; scale and above -> the last entry, the full colour
+    torch.testing.assert_close(rgb, COLORMAP[[0, 0, 0, 128, 255, 255]], rtol=0, atol=0)
+    grey = torch.full((1, 2, 3), 100, dtype=torch.uint8)
+    full = np.asarray(render_panel(grey, torch.tensor([[scale, floor]]), scale, panels=2, floor=floor))[0, 2:]
+    expected = (100 * (1 - OVERLAY_ALPHA) + COLORMAP[-1] * OVERLAY_ALPHA).round().to(torch.uint8).numpy()
+    np.testing.assert_array_equal(full[0], expected)
+    np.testing.assert_array_equal(full[1], [100, 100, 100])
+    # floor == scale: full colour above it, nothing up to it
+    _, step = colorize(torch.tensor([0.5, 1.0, 1.5]), 1.0, 1.0)
+    torch.testing.assert_close(step, torch.tensor([0.0, 0.0, OVERLAY_ALPHA]))
+    for bad in (-0.1, scale + 0.1, float("nan")):
+        with pytest.raises(ValueError, match="map_floor"):
+            colorize(values, scale, bad)
+
+
+def test_floor_is_the_float64_quantile_of_normal_maps() -> None:
+    g = torch.Generator().manual_seed(4)
+    for shape in ((1, 2, 2), (3, 7, 7), (40, 14, 14), (7, 5, 3)):
+        maps = torch.rand(shape, generator=g) ** 3
+        expected = torch.quantile(maps.double().flatten(), MAP_FLOOR_QUANTILE)
+        level = _map_level(maps, MAP_FLOOR_QUANTILE)
+        assert level.dtype == torch.float64 and torch.equal(level, expected), shape
+    ramp = torch.arange(101, dtype=torch.float32).view(1, 1, 101)  # 0..100: the 0.99 quantile is 99 exactly
+    assert float(_map_level(ramp, MAP_FLOOR_QUANTILE)) == 99.0
+    with pytest.raises(ValueError, match="floor"):
+        _map_level(torch.tensor([[[1.0, float("nan")]]]), 0.99)
+
+
+def test_detector_floor_from_normal_maps_saved_and_loaded(dataset: Path, tmp_path: Path) -> None:
+    """set_map_scale / calibrate set map_floor to torch.quantile (float64) of the normal images' maps; the model
+    file keeps it; a file written before the floor existed loads with 0 (colour from 0, as it was drawn then)."""
+    cat = MVTecCategory.load(dataset, "object")
+    train = torch.stack([load_image(p, 64) for p in cat.train])
+    held = torch.stack([load_image(p, 64) for p, y in zip(cat.test_paths, cat.test_labels.tolist()) if y == 0])
+    det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=64), device="cpu").fit(train)
+    assert float(det.map_floor) == 0.0  # not calibrated yet: no floor
+    det.calibrate(held)
+    _, maps = det.score_and_maps(held)
+    assert torch.equal(det.map_floor, torch.quantile(maps.double().flatten(), MAP_FLOOR_QUANTILE))
+    assert 0 < heatmap_floor(det) < heatmap_scale(det)
+    det.set_map_scale(train)
+    _, maps = det.score_and_maps(train)
+    assert torch.equal(det.map_floor, torch.quantile(maps.double().flatten(), MAP_FLOOR_QUANTILE))
+    loaded = FREDetector.load(det.save(tmp_path / "m.pt"))
+    assert torch.equal(loaded.map_floor, det.map_floor) and float(loaded.map_scale) == float(det.map_scale)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    del payload["map_floor"]  # as written before the floor existed
+    torch.save(payload, tmp_path / "old.pt")
+    old = FREDetector.load(tmp_path / "old.pt")
+    assert heatmap_floor(old) == 0.0 and float(old.map_scale) == float(det.map_scale)
+
+
+def test_heatmaps_are_deterministic(dataset: Path, tmp_path: Path) -> None:
+    paths = sorted((dataset / "object" / "test" / "scratch").glob("*.png"))
+    maps = torch.rand(len(paths), 7, 7, generator=torch.Generator().manual_seed(5))
+    written = [save_heatmaps(tmp_path / d, paths, maps, 0.8, floor=0.3) for d in ("a", "b")]
+    for a, b in zip(*written):
+        assert a.read_bytes() == b.read_bytes()
+    assert not list(tmp_path.rglob("*.partial"))
 
 
 def test_outline_on_the_mask_boundary() -> None:
@@ -162,7 +240,7 @@ def test_predict_save_heatmaps(dataset: Path, tmp_path: Path, capsys: pytest.Cap
     assert cli.main(["fit", "--train_dir", str(dataset / "object" / "train" / "good"), "--out", str(model),
                      "--model", "efficientnet_lite0", "--input_size", "64"]) == 0
     det = FREDetector.load(model)
-    assert math.isfinite(heatmap_scale(det))
+    assert math.isfinite(heatmap_scale(det)) and 0 < heatmap_floor(det) < heatmap_scale(det)
     inputs = tmp_path / "in"
     (inputs / "a").mkdir(parents=True)
     (inputs / "b").mkdir()

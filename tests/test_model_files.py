@@ -33,3 +33,4 @@ def test_version_1_model_file_loads_and_scores_the_same(tmp_path: Path) -> None:
     torch.testing.assert_close(scores, torch.tensor(expected["scores"]), rtol=1e-5, atol=0)
     torch.testing.assert_close(maps.sum((1, 2)), torch.tensor(expected["map_sums"]), rtol=1e-4, atol=0)
     assert float(det.threshold) == pytest.approx(expected["threshold"], rel=1e-6)
+    assert float(det.map_floor) == 0.0  # written before the heatmap colour floor: colour starts at 0, as then

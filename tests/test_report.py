@@ -18,9 +18,10 @@ from PIL import Image
 import cli
 from fre_torch.jobs.crossfit import cross_fit
 from fre_torch.features.images import MVTecCategory, load_image
-from fre_torch.detection.detector import DetectorConfig, FREDetector
+from fre_torch.detection.detector import MAP_FLOOR_QUANTILE, DetectorConfig, FREDetector
 from fre_torch.jobs.evaluate import THRESHOLD_QUANTILE, evaluate_category
-from fre_torch.jobs.report import NORMAL_COLOUR, write_report
+from fre_torch.jobs.report import (NORMAL_COLOUR, _at_threshold, _colorbar_figure, _curves_figure, _HIST_BINS,
+                                   write_report)
 from fre_torch.features.synthetic import write_synthetic_mvtec
 
 LITE = ["--model", "efficientnet_lite0", "--input_size", "64", "--device", "cpu", "--batch_size", "32"]
@@ -101,7 +102,7 @@ def test_threshold_ignores_test_labels(dataset: Path, monkeypatch: pytest.Monkey
     assert second["labels"] == permuted.tolist()  # the permutation took effect ...
     assert second["image_auroc"] != first["image_auroc"]
     assert second["threshold"] == first["threshold"]  # ... the threshold and the colour scale did not move
-    assert second["map_scale"] == first["map_scale"]
+    assert second["map_scale"] == first["map_scale"] and second["map_floor"] == first["map_floor"]
     # it is the 0.99 quantile of the training images' out-of-fold scores: training images only
     train = torch.stack([load_image(p, 64) for p in MVTecCategory.load(dataset, "object").train])
     in_sample = det.score(train)
@@ -109,6 +110,9 @@ def test_threshold_ignores_test_labels(dataset: Path, monkeypatch: pytest.Monkey
     assert torch.equal(det.score(train), in_sample)  # cross_fit leaves the detector's own fit alone
     assert oof.threshold == pytest.approx(first["threshold"], rel=1e-5)
     assert oof.threshold == pytest.approx(float(torch.quantile(oof.scores, THRESHOLD_QUANTILE)))
+    # colour starts at the 0.99 quantile of the out-of-fold maps' values (float64, torch.quantile's)
+    assert oof.map_floor == float(torch.quantile(oof.maps.double().flatten(), MAP_FLOOR_QUANTILE))
+    assert oof.map_floor == pytest.approx(first["map_floor"], rel=1e-5) and 0 < oof.map_floor < oof.map_scale
     # in-sample training scores would be far lower (the subspace was fitted to them): why it is cross-fitted
     assert float(torch.quantile(in_sample, THRESHOLD_QUANTILE)) < first["threshold"]
     with pytest.raises(ValueError, match="at least 4"):
@@ -130,6 +134,43 @@ def test_cross_fit_in_dual_form_equals_the_fold_fits(dataset: Path, monkeypatch:
     assert dual.map_scale == pytest.approx(fits.map_scale, rel=1e-6)
     assert torch.allclose(dual.scores, fits.scores, rtol=1e-4, atol=1e-6 * float(fits.scores.abs().max()))
     assert float((dual.maps - fits.maps).abs().max()) <= 1e-5 * float(fits.maps.abs().max())
+
+
+def _hist_axis(scores: list[float], labels: list[int], threshold: float):
+    s, y = torch.tensor(scores, dtype=torch.float64), torch.tensor(labels)
+    return _curves_figure(s, y, threshold, _at_threshold(s, y, threshold)).axes[2]
+
+
+def test_histogram_stays_readable_with_a_100x_outlier() -> None:
+    g = torch.Generator().manual_seed(0)
+    normal = (1.0 + torch.rand(30, generator=g, dtype=torch.float64)).tolist()  # in [1, 2)
+    defective = (2.5 + torch.rand(15, generator=g, dtype=torch.float64)).tolist()  # in [2.5, 3.5)
+    others = normal + defective
+    outlier = 100 * max(others)
+    ax = _hist_axis(others + [outlier], [0] * 30 + [1] * 16, 2.2)
+    counts = np.sum([[bar.get_height() for bar in group] for group in ax.containers], axis=0)  # per bin
+    assert len(counts) == _HIST_BINS and counts.sum() == len(others)  # every other score in a bin, the outlier not
+    assert (counts > 0).sum() >= 0.6 * _HIST_BINS  # spread over most of the bins, not squashed into the first
+    x0, x1 = ax.get_xlim()
+    assert x0 < min(others) and max(others) < x1 < 1.2 * max(others)  # the axis ends near them, not at 100x
+    markers = [a for a in ax.get_lines() if a.get_gid() == "clipped"]
+    assert len(markers) == 1 and markers[0].get_ydata()[0] == 1 and markers[0].get_xdata()[0] > max(others)
+    notes = [t.get_text() for t in ax.texts if t.get_gid() == "clipped"]
+    assert notes == [f"1 above\n(to {outlier:.3g})"]
+    # without an outlier nothing is clipped: the axis spans every score
+    ax = _hist_axis(others, [0] * 30 + [1] * 15, 2.2)
+    assert sum(p.get_height() for p in ax.patches) == len(others)
+    assert not [a for a in [*ax.get_lines(), *ax.texts] if a.get_gid() == "clipped"]
+
+
+def test_colour_bar_shows_where_colour_starts() -> None:
+    ax = _colorbar_figure(2.0, 0.8).axes[0]
+    assert ax.get_xlim() == (0.0, 2.0) and list(ax.get_xticks()) == [0.0, 0.8, 2.0]
+    plain = [a for a in ax.patches if a.get_gid() == "plain"]
+    assert len(plain) == 1 and plain[0].get_x() == 0.0 and plain[0].get_width() == pytest.approx(0.8)
+    assert ax.images[0].get_extent()[:2] == [0.8, 2.0]  # the colour ramp runs from the floor to the scale
+    ax = _colorbar_figure(2.0, 0.0).axes[0]  # no floor (older results): colour from 0, no plain stretch
+    assert not [a for a in ax.patches if a.get_gid() == "plain"] and ax.images[0].get_extent()[:2] == [0.0, 2.0]
 
 
 def test_report_without_maps_and_bad_input(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

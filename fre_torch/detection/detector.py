@@ -57,8 +57,8 @@ from ..core.subspace import (
 if TYPE_CHECKING:  # the cache does file I/O; the detector only calls its key / get / put
     from ..features.images import FeatureCache
 
-__all__ = ["CELL_FOLDS", "DEFAULT_LAYERS", "DEFAULT_MAP_LAYERS", "DetectorConfig", "FREDetector", "MAP_SCALE_QUANTILE", "MODES", "ModelFileError",
-           "embed", "upsample_maps"]
+__all__ = ["CELL_FOLDS", "DEFAULT_LAYERS", "DEFAULT_MAP_LAYERS", "DetectorConfig", "FREDetector", "MAP_FLOOR_QUANTILE",
+           "MAP_SCALE_QUANTILE", "MODES", "ModelFileError", "embed", "upsample_maps"]
 
 _FORMAT = "fre_torch.detector"
 _VERSION = 2  # 2: two heads (map_subspaces, map_scales); version-1 files load as one head
@@ -455,9 +455,12 @@ class FREDetector(nn.Module):
         self.register_buffer("calibration_scores", torch.empty(0, dtype=torch.float32, device=self.device))
         self.register_buffer("threshold", torch.full((), float("nan"), dtype=torch.float32, device=self.device))
         self.threshold_quantile: float | None = None
-        # Heatmap colour scale: a high quantile of normal images' grid-map values (``set_map_scale``), so a heatmap's
-        # colours mean the same thing on every image and are never set from test scores.
+        # Heatmap colour scale: high quantiles of normal images' grid-map values (``set_map_scale``), so a heatmap's
+        # colours mean the same thing on every image and are never set from test scores. Colour starts above
+        # ``map_floor`` (the normal level; 0, today's default, colours every value above 0) and is full at
+        # ``map_scale``.
         self.register_buffer("map_scale", torch.full((), float("nan"), dtype=torch.float32, device=self.device))
+        self.register_buffer("map_floor", torch.zeros((), dtype=torch.float64, device=self.device))
         self._weights_id = _weights_identity(self.config.backbone, pretrained, weights)
         if isinstance(feature_cache, (str, os.PathLike)):
             from ..features.images import FeatureCache
@@ -878,8 +881,8 @@ class FREDetector(nn.Module):
 
         The threshold is the ``quantile`` of their scores (linear interpolation, ``torch.quantile``), so about
         ``1 - quantile`` of normal images are flagged; no anomalous example and no test label is used. The sorted
-        held-out scores are kept for ``calibrated_score``. In linear mode the same pass sets ``map_scale`` (the
-        heatmap colour scale) from the held-out maps.
+        held-out scores are kept for ``calibrated_score``. In linear mode the same pass sets ``map_scale`` and
+        ``map_floor`` (the heatmap colour scale) from the held-out maps.
         """
         if not 0.0 < quantile < 1.0:
             raise ValueError(f"quantile must lie in (0, 1), got {quantile}; e.g. 0.99 flags about 1 % of normal images")
@@ -898,17 +901,19 @@ class FREDetector(nn.Module):
         self.threshold = torch.quantile(scores, quantile)
         self.threshold_quantile = float(quantile)
         if maps is not None:
-            self.map_scale = _map_quantile(maps)
+            self.map_scale, self.map_floor = _map_quantile(maps), _map_level(maps, MAP_FLOOR_QUANTILE)
         return self
 
     @torch.inference_mode()
     def set_map_scale(self, normal: Any, *, batch_size: int = 32) -> FREDetector:
-        """Set ``map_scale``, the value shown as full colour in heatmaps, from normal images: the
-        ``MAP_SCALE_QUANTILE`` of their grid-map values. Prefer images the subspaces were not fitted on (``calibrate``
-        does this with the held-out split, ``fre_torch.jobs.crossfit`` with out-of-fold maps); the training images' own
-        residuals are far smaller (17x on MVTec bottle), which would make every test heatmap saturate."""
+        """Set the heatmap colour scale from normal images' grid-map values: ``map_scale``, shown as full colour, their
+        ``MAP_SCALE_QUANTILE``, and ``map_floor``, where colour starts, their ``MAP_FLOOR_QUANTILE``. Prefer images
+        the subspaces were not fitted on (``calibrate`` does this with the held-out split, ``fre_torch.jobs.crossfit``
+        with out-of-fold maps); the training images' own residuals are far smaller (17x on MVTec bottle), which
+        would make every test heatmap saturate."""
         _, maps = self.score_and_maps(normal, batch_size=batch_size)
-        self.map_scale = _map_quantile(gather_rows(maps))  # data-parallel: every rank's maps (identity otherwise)
+        maps = gather_rows(maps)  # data-parallel: every rank's maps (identity otherwise)
+        self.map_scale, self.map_floor = _map_quantile(maps), _map_level(maps, MAP_FLOOR_QUANTILE)
         return self
 
     def threshold_stats(self) -> ThresholdStats:
@@ -973,6 +978,7 @@ class FREDetector(nn.Module):
             "threshold": self.threshold.detach().cpu(),
             "threshold_quantile": self.threshold_quantile,
             "map_scale": self.map_scale.detach().cpu(),
+            "map_floor": self.map_floor.detach().cpu(),
         }
         if self.calibration_scores.numel() and self.threshold_quantile is not None:
             # Derived from the held-out scores above (load recomputes it); stored in plain values for readers of the
@@ -1047,10 +1053,20 @@ class FREDetector(nn.Module):
             det.threshold_quantile = payload.get("threshold_quantile")
         if "map_scale" in payload:
             det.map_scale = payload["map_scale"].to(det.device)
+        # Files written before the colour floor have none: 0 colours every value above 0, as they were drawn then.
+        # An additive key, so no new file version (an older fre_torch reading a newer file ignores it).
+        if "map_floor" in payload:
+            det.map_floor = payload["map_floor"].to(det.device, torch.float64)
         return det
 
 
 MAP_SCALE_QUANTILE = 0.999
+"""Heatmaps draw this quantile of normal images' grid-map values (``map_scale``) and above at full colour."""
+
+MAP_FLOOR_QUANTILE = 0.99
+"""Heatmaps leave values up to this quantile of normal images' grid-map values (``map_floor``) uncoloured: about 99 %
+of a normal image's cells (more of its pixels, which interpolate between cells) stay plain, and colour means "above
+what normal images reach"."""
 
 
 def _map_quantile(maps: Tensor) -> Tensor:
@@ -1061,6 +1077,20 @@ def _map_quantile(maps: Tensor) -> Tensor:
         raise ValueError("cannot set the heatmap scale: no maps, or NaN/Inf in the normal images' maps")
     k = max(1, min(flat.numel(), int(round(MAP_SCALE_QUANTILE * flat.numel()))))
     return flat.kthvalue(k).values.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _map_level(maps: Tensor, q: float) -> Tensor:
+    """The ``q`` quantile of all values of grid maps ``(N, g, g)`` -> 0-dim float64: ``torch.quantile``'s (linear
+    interpolation) in float64, computed with two ``kthvalue`` calls, since ``torch.quantile`` refuses inputs of more
+    than 16M elements."""
+    flat = maps.detach().double().flatten()
+    if flat.numel() == 0 or not bool(torch.isfinite(flat).all()):
+        raise ValueError("cannot set the heatmap floor: no maps, or NaN/Inf in the normal images' maps")
+    rank = torch.tensor(q * (flat.numel() - 1), dtype=torch.float64)  # as torch.quantile: q (N - 1), then lerp
+    below = int(rank.floor())
+    low = flat.kthvalue(below + 1).values
+    high = flat.kthvalue(min(below + 2, flat.numel())).values
+    return torch.lerp(low, high, (rank - below).to(flat.device))
 
 
 def _residual_variance(model: Subspace | LinearAutoencoder) -> Tensor:

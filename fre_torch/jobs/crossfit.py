@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..detection.detector import FREDetector, _batches, _map_quantile
+from ..detection.detector import MAP_FLOOR_QUANTILE, FREDetector, _batches, _map_level, _map_quantile
 from ..core.distributed import gather_rows, is_distributed, rank
 
 __all__ = ["CROSS_FIT_FOLDS", "CrossFit", "cross_fit", "fit_keeping_rows", "fit_on_rows"]
@@ -47,6 +47,8 @@ class CrossFit:
         quantile: that quantile.
         map_scale: ``MAP_SCALE_QUANTILE`` of all values of ``maps`` (as ``FREDetector.set_map_scale``), or None.
         folds: the number of folds used.
+        map_floor: ``MAP_FLOOR_QUANTILE`` of all values of ``maps`` (``torch.quantile``'s, in float64), where
+            heatmap colour starts, or None.
     """
 
     scores: Tensor
@@ -55,6 +57,7 @@ class CrossFit:
     quantile: float
     map_scale: float | None
     folds: int
+    map_floor: float | None = None
 
 
 class _IndexBatches:
@@ -196,5 +199,6 @@ def cross_fit(detector: FREDetector, data: Any = None, *, rows: Sequence[Tensor]
         raise ValueError("cross-fitting gave NaN/Inf scores on the training images; check the images and weights")
     maps_cpu = gather_rows(maps).cpu() if maps is not None else None
     map_scale = float(_map_quantile(maps_cpu)) if maps_cpu is not None else None
+    map_floor = float(_map_level(maps_cpu, MAP_FLOOR_QUANTILE)) if maps_cpu is not None else None
     return CrossFit(scores=scores_cpu, maps=maps_cpu, threshold=float(torch.quantile(scores_cpu, quantile)),
-                    quantile=float(quantile), map_scale=map_scale, folds=k)
+                    quantile=float(quantile), map_scale=map_scale, folds=k, map_floor=map_floor)

@@ -86,15 +86,17 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
     With ``keep_maps``, the training images are cross-fitted after the fit (``fre_torch.jobs.crossfit``, 5 folds, on
     the feature rows the fit kept in memory: no second decoding or backbone pass): each
     gets a score and a map from a model that did not see it. The decision threshold is the ``THRESHOLD_QUANTILE``
-    of those scores and the heatmap colour scale the ``MAP_SCALE_QUANTILE`` of those maps' values; neither uses a
-    test image or label, and the detector's own calibration (``threshold``, ``map_scale``) is left as it was.
+    of those scores and the heatmap colour scale runs from the ``MAP_FLOOR_QUANTILE`` (no colour) to the
+    ``MAP_SCALE_QUANTILE`` (full colour) of those maps' values; none of them uses a test image or label, and the
+    detector's own calibration (``threshold``, ``map_scale``, ``map_floor``) is left as it was.
 
     Returns:
         ``{"image_auroc", "image_aupr", "image_f1_max", "n_train", "n_test", "fit_seconds",
         "test_images_per_second"}``, ``"pixel_auroc", "pro", "pixel_f1_max"`` when computed, plus ``"scores"``
         (list, test order), ``"labels"`` and ``"paths"`` (str, test order). With ``keep_maps`` also ``"threshold"``,
-        ``"threshold_quantile"``, ``"cross_fit_folds"``, ``"map_scale"`` (linear mode), ``"mask_paths"`` (str or
-        None, test order) and ``"grid_maps"`` (``(N, GH, GW)`` float32 CPU tensor, None in kernel mode).
+        ``"threshold_quantile"``, ``"cross_fit_folds"``, ``"map_scale"`` and ``"map_floor"`` (linear mode),
+        ``"mask_paths"`` (str or None, test order) and ``"grid_maps"`` (``(N, GH, GW)`` float32 CPU tensor, None
+        in kernel mode).
     """
     linear = detector.config.kernel is None
     store = None
@@ -157,7 +159,7 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
             oof = cross_fit(detector, rows=train_rows, quantile=THRESHOLD_QUANTILE, batch_size=batch_size)
             extra = {"threshold": oof.threshold, "threshold_quantile": THRESHOLD_QUANTILE, "cross_fit_folds": oof.folds}
             if linear:
-                extra["map_scale"] = oof.map_scale
+                extra.update(map_scale=oof.map_scale, map_floor=oof.map_floor)
         if not is_main_process():
             # Data-parallel: metrics are computed, and files written, once, by rank 0.
             return {"n_train": len(cat.train), "n_test": len(cat.test), "fit_seconds": fit_seconds,

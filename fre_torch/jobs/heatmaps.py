@@ -1,12 +1,16 @@
 """Heatmap panels: the image, its anomaly map overlaid on it, and the ground-truth outline, side by side in one PNG.
 
-Colours mean the same thing on every image of a model: a map value ``v`` is coloured by ``t = clip(v / scale, 0,
-1)`` through the fixed colour map ``COLORMAP`` (indigo -> magenta -> orange -> pale yellow, lightness increasing)
-and blended over the image with opacity ``OVERLAY_ALPHA * t``. So 0 leaves the image untouched, ``scale`` and above
-get the full colour at the full opacity, and nothing is ever normalised per image or from test scores. ``scale``
-is a high quantile of normal images' map values, so on a normal image almost nothing reaches the full colour: the
-detector's ``map_scale`` (``FREDetector.calibrate`` on held-out images, as ``cli.py fit`` does) for ``predict``, and
-the out-of-fold maps of the training images (``fre_torch.jobs.crossfit``) for ``evaluate``.
+Colours mean the same thing on every image of a model: a map value ``v`` is coloured by ``t = clip((v - floor) /
+(scale - floor), 0, 1)`` through the fixed colour map ``COLORMAP`` (indigo -> magenta -> orange -> pale yellow,
+lightness increasing) and blended over the image with opacity ``OVERLAY_ALPHA * t``. So a value up to ``floor``
+leaves the image untouched (pixel for pixel), ``scale`` and above get the full colour at the full opacity, and
+nothing is ever normalised per image or from test scores. Both come from normal images' map values, never from a
+test image: ``floor`` is their ``MAP_FLOOR_QUANTILE`` (0.99), the level normal images stay under, so about 99 % of a
+normal image stays plain and colour means "above normal"; ``scale`` their ``MAP_SCALE_QUANTILE`` (0.999), so almost
+nothing of a normal image reaches the full colour. For ``predict`` they are the detector's ``map_floor`` and
+``map_scale`` (``FREDetector.calibrate`` on held-out images, as ``cli.py fit`` does), for ``evaluate`` the same
+quantiles of the training images' out-of-fold maps (``fre_torch.jobs.crossfit``). A model file written before the
+floor existed has ``map_floor = 0``: colour starts at 0, as it was drawn then.
 
 A PNG is ``panels * W`` wide and ``H`` high, ``(H, W)`` the image file's own size (maps are upsampled to it):
 
@@ -38,8 +42,8 @@ from ..features.images import _decode, _to_rgb, cpu_count, load_mask
 from ..detection.detector import FREDetector, upsample_maps
 from ..features.files import atomic_write
 
-__all__ = ["COLORMAP", "OUTLINE_COLOUR", "OVERLAY_ALPHA", "PNG_COMPRESS_LEVEL", "colorize", "heatmap_names",
-           "heatmap_scale", "mask_outline", "render_file", "render_panel", "save_heatmaps"]
+__all__ = ["COLORMAP", "OUTLINE_COLOUR", "OVERLAY_ALPHA", "PNG_COMPRESS_LEVEL", "colorize", "heatmap_floor",
+           "heatmap_names", "heatmap_scale", "mask_outline", "render_file", "render_panel", "save_heatmaps"]
 
 # Stops of the colour map (position, RGB): lightness rises monotonically, so a brighter colour always means a
 # larger value, also in greyscale print; no stop is green, which stays free for the ground-truth outline.
@@ -67,11 +71,13 @@ def _build_lut() -> Tensor:
 
 
 COLORMAP: Tensor = _build_lut()
-"""``(256, 3)`` float32 RGB in [0, 255]: entry ``i`` is the colour of ``t = i / 255`` (``t = value / scale``)."""
+"""``(256, 3)`` float32 RGB in [0, 255]: entry ``i`` is the colour of ``t = i / 255`` (``t = (value - floor) /
+(scale - floor)``)."""
 
 OVERLAY_ALPHA = 0.7
-"""Opacity of the overlay at ``t = 1`` (``value >= scale``); it is ``OVERLAY_ALPHA * t`` below, 0 at 0, so the
-image's texture stays visible under the strongest colour and a zero map leaves the image unchanged."""
+"""Opacity of the overlay at ``t = 1`` (``value >= scale``); it is ``OVERLAY_ALPHA * t`` below, 0 at ``floor`` and
+under, so the image's texture stays visible under the strongest colour and a map at the normal level leaves the image
+unchanged."""
 
 OUTLINE_COLOUR = (40, 255, 40)
 """RGB of the ground-truth outline: green, which the colour map never uses."""
@@ -97,6 +103,12 @@ def heatmap_scale(detector: FREDetector) -> float:
     return scale
 
 
+def heatmap_floor(detector: FREDetector) -> float:
+    """The detector's ``map_floor`` as a float: the value up to which heatmaps stay uncoloured (0 for a model file
+    written before the floor existed)."""
+    return float(detector.map_floor)
+
+
 def _check_scale(scale: float | Tensor) -> float:
     value = float(scale)
     if not (math.isfinite(value) and value > 0):
@@ -105,22 +117,35 @@ def _check_scale(scale: float | Tensor) -> float:
     return value
 
 
-def colorize(heat: Tensor, scale: float | Tensor) -> tuple[Tensor, Tensor]:
-    """Fixed-scale colours of map values.
+def _check_levels(scale: float | Tensor, floor: float | Tensor) -> tuple[float, float]:
+    """``(scale, floor)`` as floats, checked: ``0 <= floor <= scale``, ``scale > 0``, both finite."""
+    value, start = _check_scale(scale), float(floor)
+    if not (math.isfinite(start) and 0.0 <= start <= value):
+        raise ValueError(f"heatmap floor must be a finite number in [0, scale = {value:g}], got {start}; use the "
+                         "detector's map_floor with its map_scale (set together by calibrate or set_map_scale)")
+    return value, start
+
+
+def colorize(heat: Tensor, scale: float | Tensor, floor: float | Tensor = 0.0) -> tuple[Tensor, Tensor]:
+    """Fixed-scale colours of map values: ``t = clip((heat - floor) / (scale - floor), 0, 1)``.
 
     Args:
         heat: ``(...)`` float map values (any shape), >= 0 (negative values count as 0).
         scale: the value drawn at full colour (``map_scale``); values above it are clipped to it.
+        floor: the value up to which nothing is drawn (``map_floor``, the normal level), in ``[0, scale]``; 0
+            colours every value above 0. With ``floor == scale`` a value is drawn at full colour or not at all.
 
     Returns:
         ``(rgb, alpha)``: ``rgb`` ``(..., 3)`` float32 in [0, 255] from ``COLORMAP``, ``alpha`` ``(...)`` float32 in
-        ``[0, OVERLAY_ALPHA]``. Both depend on each value alone, never on the rest of the map.
+        ``[0, OVERLAY_ALPHA]``, exactly 0 where ``heat <= floor``. Both depend on each value alone, never on the
+        rest of the map.
     """
-    value = _check_scale(scale)
+    value, start = _check_levels(scale, floor)
     heat = torch.as_tensor(heat).detach().to("cpu", torch.float32)
     if not bool(torch.isfinite(heat).all()):
         raise ValueError("the anomaly map holds NaN/Inf values; check the input image and the model")
-    t = (heat / value).clamp(0.0, 1.0)
+    # With floor 0 this is exactly the former heat / scale; a value <= floor gives t = 0 (alpha 0) exactly.
+    t = ((heat - start) / (value - start)).clamp(0.0, 1.0) if value > start else (heat > start).float()
     index = (t * (_LUT_SIZE - 1)).round().long()
     return COLORMAP[index], OVERLAY_ALPHA * t
 
@@ -159,7 +184,7 @@ def _as_image(image: Any) -> Tensor:
 
 
 def render_panel(image: Tensor | np.ndarray, heat: Tensor, scale: float | Tensor, mask: Tensor | None = None, *,
-                 panels: int = 3) -> Image.Image:
+                 panels: int = 3, floor: float | Tensor = 0.0) -> Image.Image:
     """One RGB picture of ``panels`` side-by-side panels, each ``W x H``.
 
     Args:
@@ -169,6 +194,7 @@ def render_panel(image: Tensor | np.ndarray, heat: Tensor, scale: float | Tensor
         mask: ``(H, W)`` bool ground truth (all False for a normal image), or None when it is unknown: the third
             panel is then labelled "no mask".
         panels: 3 (image, overlay, ground truth) or 2 (image, overlay; ``mask`` must be None).
+        floor: the map value up to which the overlay is the image itself (the detector's ``map_floor``).
 
     Returns:
         A ``PIL.Image`` of size ``(panels * W, H)`` (PIL's (width, height)), mode RGB.
@@ -183,7 +209,7 @@ def render_panel(image: Tensor | np.ndarray, heat: Tensor, scale: float | Tensor
         raise ValueError(f"panels must be 2 (image, overlay) or 3 (image, overlay, ground truth), got {panels}")
     if panels == 2 and mask is not None:
         raise ValueError("a mask needs the ground-truth panel: use panels=3")
-    rgb, alpha = colorize(heat, scale)
+    rgb, alpha = colorize(heat, scale, floor)
     alpha = alpha[..., None]
     # Blend in float32; pixels with alpha 0 round back to exactly their input value.
     overlay = (img.float() * (1.0 - alpha) + rgb * alpha).round().clamp(0, 255).to(torch.uint8)
@@ -213,7 +239,7 @@ def render_panel(image: Tensor | np.ndarray, heat: Tensor, scale: float | Tensor
 
 def render_file(path: str | os.PathLike, grid_map: Tensor, scale: float | Tensor, *,
                 mask: str | os.PathLike | None = None, normal: bool = False, panels: int = 3,
-                max_side: int | None = None) -> Image.Image:
+                max_side: int | None = None, floor: float | Tensor = 0.0) -> Image.Image:
     """``render_panel`` of an image file at its own size (or shrunk to ``max_side``).
 
     Args:
@@ -224,6 +250,7 @@ def render_file(path: str | os.PathLike, grid_map: Tensor, scale: float | Tensor
         normal: with ``mask=None``, the image is known to be normal: no outline and no "no mask" label.
         panels: 3 or 2 (see ``render_panel``).
         max_side: shrink so the longer side is at most this (for thumbnails; LANCZOS image, nearest-neighbour mask).
+        floor: the value up to which nothing is coloured (``map_floor``).
     """
     pixels, (h, w) = _decode(path, _to_rgb)
     truth: Tensor | None = None
@@ -249,7 +276,7 @@ def render_file(path: str | os.PathLike, grid_map: Tensor, scale: float | Tensor
     if grid_map.ndim != 2:
         raise ValueError(f"grid_map must be (g, g), got {tuple(grid_map.shape)}")
     heat = upsample_maps(grid_map[None], (h, w))[0]
-    return render_panel(image, heat, scale, truth, panels=panels)
+    return render_panel(image, heat, scale, truth, panels=panels, floor=floor)
 
 
 def heatmap_names(paths: Sequence[str | os.PathLike]) -> list[str]:
@@ -303,7 +330,8 @@ def _write_png(picture: Image.Image, path: Path) -> None:
 
 def save_heatmaps(out_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], grid_maps: Tensor,
                   scale: float | Tensor, *, masks: Sequence[str | os.PathLike | None] | None = None,
-                  labels: Sequence[int] | Tensor | None = None, names: Sequence[str] | None = None) -> list[Path]:
+                  labels: Sequence[int] | Tensor | None = None, names: Sequence[str] | None = None,
+                  floor: float | Tensor = 0.0) -> list[Path]:
     """Write one heatmap PNG per image into ``out_dir`` (created), each ``panels * W x H`` at the image's own size.
 
     Args:
@@ -315,11 +343,12 @@ def save_heatmaps(out_dir: str | os.PathLike, paths: Sequence[str | os.PathLike]
         labels: ``N`` labels (0 = normal): with them, an image of label 0 and no mask shows no outline rather than
             "no mask" (there is nothing to outline).
         names: ``N`` output file names; default ``heatmap_names(paths)``.
+        floor: the value up to which nothing is coloured: the detector's ``map_floor`` (see ``heatmap_floor``).
 
     Returns:
         The written files, in ``paths`` order.
     """
-    scale = _check_scale(scale)
+    scale, floor = _check_levels(scale, floor)
     maps = torch.as_tensor(grid_maps).detach().to("cpu", torch.float32)
     n = len(paths)
     if maps.ndim != 3 or maps.shape[0] != n:
@@ -335,7 +364,7 @@ def save_heatmaps(out_dir: str | os.PathLike, paths: Sequence[str | os.PathLike]
     def write(i: int) -> Path:
         picture = render_file(paths[i], maps[i], scale, mask=None if masks is None else masks[i],
                               normal=label_list is not None and label_list[i] == 0,
-                              panels=2 if masks is None else 3)
+                              panels=2 if masks is None else 3, floor=floor)
         target = out / names[i]
         _write_png(picture, target)
         return target

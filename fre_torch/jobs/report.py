@@ -1,10 +1,12 @@
 """A static HTML report of an evaluation run: ``DIR/index.html`` with its PNG files beside it.
 
 Per category: the metrics table, ROC and precision-recall curves (``fre_torch.detection.metrics``) with the operating point
-of the threshold, histograms of the normal and defective test images' scores with the threshold drawn, the colour
-bar of the heatmaps, and the heatmap panels (``fre_torch.jobs.heatmaps``) of the worst images: the highest-scoring
-normal ones (false positives when above the threshold) and the lowest-scoring defective ones (false negatives when
-at or below it). The page has no script and no external resource, so it opens offline from the file system.
+of the threshold, histograms of the normal and defective test images' scores with the threshold drawn (far
+outliers counted at the axis' edge, so one huge score does not squash the rest into one bin), the colour bar of the
+heatmaps (where colour starts and where it is full), and the heatmap panels (``fre_torch.jobs.heatmaps``) of the
+worst images: the highest-scoring normal ones (false positives when above the threshold) and the lowest-scoring
+defective ones (false negatives when at or below it). The page has no script and no external resource, so it opens
+offline from the file system.
 
 The threshold is the one ``evaluate_category`` computed from the training images only (never from test scores or
 labels); test labels are used here only to draw what happened at it.
@@ -27,7 +29,7 @@ from urllib.parse import quote
 import torch
 from torch import Tensor
 
-from ..detection.detector import MAP_SCALE_QUANTILE
+from ..detection.detector import MAP_FLOOR_QUANTILE, MAP_SCALE_QUANTILE
 from .evaluate import THRESHOLD_QUANTILE
 from .heatmaps import COLORMAP, OVERLAY_ALPHA, PNG_COMPRESS_LEVEL, heatmap_names, render_file
 from ..detection.metrics import precision_recall_curve, roc_curve
@@ -45,6 +47,8 @@ DEFECTIVE_COLOUR = "#e0533a"
 """Colour of defective test images in the plots."""
 
 _THRESHOLD_COLOUR = "#222222"
+_HIST_BINS = 25
+_OUTLIER_FENCE = 3.0  # Tukey's "far out" fences: beyond Q1 - 3 IQR or Q3 + 3 IQR
 _PANEL_SIDE = 256  # longest side of one panel in the report's thumbnails (the full-size files are --save_heatmaps)
 _SAFE = re.compile(r"[^\w.-]+")
 _METRIC_LABELS = (
@@ -87,8 +91,28 @@ def _at_threshold(scores: Tensor, labels: Tensor, threshold: float) -> dict[str,
             "precision": tp / (tp + fp) if tp + fp else math.nan}
 
 
-def _plot_curves(path: Path, scores: Tensor, labels: Tensor, threshold: float, at: Mapping[str, float]) -> None:
-    """ROC, precision-recall and score histograms side by side, threshold marked; one PNG (1200 x 360 px)."""
+def _histogram_range(scores: Tensor, threshold: float) -> tuple[float, float]:
+    """The score histogram's x range ``(lo, hi)``: the scores and the threshold, far outliers left out.
+
+    Clipped rather than drawn on a log axis: scores may be 0 or negative (``image_score='top'`` averages z-scores),
+    where a log axis has no place, and a log axis would also squeeze the region around the threshold that the plot
+    is for. The cut is Tukey's far-out fence, ``Q1 - 3 IQR`` / ``Q3 + 3 IQR`` of the test scores: unlike a fixed
+    quantile it cuts nothing when no score is far out (a well separated defective cluster widens the IQR with it),
+    and one score 100 times the others no longer squashes them into the first of the bins. The threshold always
+    stays on the axis. Scores outside ``(lo, hi)`` are counted at the edge (``_curves_figure``).
+    """
+    q1, q3 = torch.quantile(scores, torch.tensor([0.25, 0.75], dtype=scores.dtype)).tolist()
+    fence_lo, fence_hi = q1 - _OUTLIER_FENCE * (q3 - q1), q3 + _OUTLIER_FENCE * (q3 - q1)
+    inside = scores[(scores >= fence_lo) & (scores <= fence_hi)]  # never empty: Q1..Q3 lie inside
+    lo = min(float(inside.min()), threshold)
+    hi = max(float(inside.max()), threshold)
+    if hi <= lo:
+        hi = lo + 1.0
+    return lo, hi
+
+
+def _curves_figure(scores: Tensor, labels: Tensor, threshold: float, at: Mapping[str, float]) -> Any:
+    """ROC, precision-recall and score histograms side by side, threshold marked (a Figure of 1200 x 360 px)."""
     fig = _figure(12.0, 3.6)
     roc_ax, pr_ax, hist_ax = fig.subplots(1, 3)
     both = at["n_pos"] > 0 and at["n_neg"] > 0
@@ -111,36 +135,72 @@ def _plot_curves(path: Path, scores: Tensor, labels: Tensor, threshold: float, a
     else:
         pr_ax.text(0.5, 0.5, "no defective test image", ha="center", va="center")
     pr_ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="recall", ylabel="precision", title="precision-recall")
-    lo = min(float(scores.min()), threshold)
-    hi = max(float(scores.max()), threshold)
-    if hi <= lo:
-        hi = lo + 1.0
-    edges = torch.linspace(lo, hi, 26).tolist()
-    groups = [(scores[labels == 0].tolist(), NORMAL_COLOUR, "normal"),
-              (scores[labels == 1].tolist(), DEFECTIVE_COLOUR, "defective")]
+    lo, hi = _histogram_range(scores, threshold)
+    edges = torch.linspace(lo, hi, _HIST_BINS + 1, dtype=torch.float64).tolist()  # float32 edges could drop the max
+    shown = (scores >= lo) & (scores <= hi)
+    groups = [(scores[(labels == 0) & shown].tolist(), NORMAL_COLOUR, "normal"),
+              (scores[(labels == 1) & shown].tolist(), DEFECTIVE_COLOUR, "defective")]
     groups = [g for g in groups if g[0]]
-    # Side-by-side opaque bars: each class keeps its exact colour (no blending where they overlap).
-    hist_ax.hist([g[0] for g in groups], bins=edges, color=[g[1] for g in groups], label=[g[2] for g in groups])
+    if groups:
+        # Side-by-side opaque bars: each class keeps its exact colour (no blending where they overlap).
+        hist_ax.hist([g[0] for g in groups], bins=edges, color=[g[1] for g in groups], label=[g[2] for g in groups])
     hist_ax.axvline(threshold, color=_THRESHOLD_COLOUR, lw=1.5, ls="--", label="threshold")
+    # Clipped scores: a triangle per class just beyond the edge they lie past, at the height of their count, and
+    # above them the count and the farthest score, so nothing is hidden.
+    pad = 0.03 * (hi - lo)
+    for side, beyond, x, marker, ha in (("below", scores < lo, lo - pad, "<", "left"),
+                                        ("above", scores > hi, hi + pad, ">", "right")):
+        if not bool(beyond.any()):
+            continue
+        counts = [(int((beyond & (labels == kind)).sum()), colour)
+                  for kind, colour in ((0, NORMAL_COLOUR), (1, DEFECTIVE_COLOUR))]
+        for n, colour in counts:
+            if n:
+                hist_ax.plot([x], [n], marker=marker, ms=9, ls="none", color=colour, clip_on=False, gid="clipped")
+        far = float(scores[beyond].min() if side == "below" else scores[beyond].max())
+        hist_ax.annotate(f"{int(beyond.sum())} {side}\n(to {far:.3g})", xy=(x, max(n for n, _ in counts)),
+                         xytext=(0, 8), textcoords="offset points", ha=ha, va="bottom", fontsize=7, gid="clipped")
     hist_ax.set(xlabel="image score", ylabel="test images", title="test scores")
+    hist_ax.margins(y=0.15)  # room for the clipped scores' count
     hist_ax.yaxis.get_major_locator().set_params(integer=True)  # counts
     hist_ax.legend(fontsize=8)
-    _save_figure(fig, path)
+    return fig
 
 
-def _plot_colorbar(path: Path, scale: float) -> None:
-    """The heatmap colour scale, 0 .. ``scale`` (values above are drawn as ``scale``); one PNG (600 x 90 px)."""
+def _plot_curves(path: Path, scores: Tensor, labels: Tensor, threshold: float, at: Mapping[str, float]) -> None:
+    """``_curves_figure`` as one PNG (1200 x 360 px)."""
+    _save_figure(_curves_figure(scores, labels, threshold, at), path)
+
+
+def _plot_colorbar(path: Path, scale: float, floor: float = 0.0) -> None:
+    """The heatmap colour scale, 0 .. ``scale``: plain (no colour) up to ``floor``, then the colour map up to
+    ``scale`` (values above are drawn as ``scale``); one PNG (600 x 110 px)."""
+    _save_figure(_colorbar_figure(scale, floor), path)
+
+
+def _colorbar_figure(scale: float, floor: float) -> Any:
     from matplotlib.colors import ListedColormap
 
-    fig = _figure(6.0, 0.9)
+    fig = _figure(6.0, 1.1)
     ax = fig.subplots()
     ramp = torch.linspace(0.0, 1.0, COLORMAP.shape[0])[None].numpy()
-    ax.imshow(ramp, aspect="auto", cmap=ListedColormap((COLORMAP / 255).numpy()), extent=(0.0, scale, 0.0, 1.0))
+    ax.imshow(ramp, aspect="auto", cmap=ListedColormap((COLORMAP / 255).numpy()), extent=(floor, scale, 0.0, 1.0))
+    ax.set_xlim(0.0, scale)
+    if floor > 0:
+        # The uncoloured stretch, hatched, so the bar shows where colour starts.
+        ax.axvspan(0.0, floor, facecolor="white", edgecolor="#999999", hatch="//", lw=0.0, gid="plain")
+        ax.axvline(floor, color=_THRESHOLD_COLOUR, lw=1.0)
+        if floor > 0.2 * scale:
+            ax.text(floor / 2, 0.5, "no colour", ha="center", va="center", fontsize=8,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+        ax.set_xticks([0.0, floor, scale], ["0", f"{floor:.4g}\nmap_floor", f"{scale:.4g}\nmap_scale"])
+    else:
+        ax.set_xticks([0.0, scale], ["0", f"{scale:.4g}\nmap_scale"])
     ax.set_yticks([])
-    ax.set_xlabel(f"anomaly map value (full colour at map_scale = {scale:.4g}, opacity up to {OVERLAY_ALPHA:g})",
-                  fontsize=8)
+    ax.set_xlabel(f"anomaly map value (colour and opacity, up to {OVERLAY_ALPHA:g}, rise from "
+                  f"{'map_floor' if floor > 0 else '0'} to map_scale)", fontsize=8)
     ax.tick_params(labelsize=8)
-    _save_figure(fig, path)
+    return fig
 
 
 def _worst(scores: Tensor, labels: Tensor, kind: int, n: int) -> list[int]:
@@ -187,9 +247,10 @@ def _category_section(out: Path, folder: str, name: str, r: Mapping[str, Any], n
     parts = [f'<section id="{html.escape(folder)}"><h2>{html.escape(name)}</h2>', _table(rows),
              _img(f"{folder}/curves.png", f"{name}: ROC, precision-recall and score histograms", "wide")]
     grid_maps, scale = r.get("grid_maps"), r.get("map_scale")
+    floor = float(r.get("map_floor") or 0.0)  # results from before the colour floor: colour from 0
     have_maps = grid_maps is not None and scale is not None and "paths" in r
     if have_maps:
-        _plot_colorbar(out / folder / "colorbar.png", float(scale))
+        _plot_colorbar(out / folder / "colorbar.png", float(scale), floor)
         parts.append(_img(f"{folder}/colorbar.png", f"{name}: heatmap colour scale", "bar"))
     elif "paths" not in r:
         parts.append("<p>No per-image panels: the results carry no paths (keep_maps=False).</p>")
@@ -214,7 +275,7 @@ def _category_section(out: Path, folder: str, name: str, r: Mapping[str, Any], n
             if have_maps:
                 src = f"{folder}/{'normal' if kind == 0 else 'defective'}_{file_name}"
                 picture = render_file(paths[i], grid_maps[i], float(scale), mask=masks[i], normal=kind == 0,
-                                      max_side=_PANEL_SIDE)
+                                      max_side=_PANEL_SIDE, floor=floor)
                 with atomic_write(out / src) as tmp:
                     picture.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
                 parts.append(f"<figure>{_img(src, label)}{caption}</figure>")
@@ -250,7 +311,8 @@ def write_report(out_dir: str | os.PathLike, results: Mapping[str, Mapping[str, 
         out_dir: the report folder (created; files of an earlier report there are overwritten).
         results: category name -> the dict ``evaluate_category(..., keep_maps=True)`` returned: it needs
             ``"scores"``, ``"labels"`` and ``"threshold"``; ``"paths"``, ``"mask_paths"``, ``"grid_maps"`` ``(N, g,
-            g)`` and ``"map_scale"`` add the heatmap panels; metric keys present are tabulated.
+            g)`` and ``"map_scale"`` add the heatmap panels (``"map_floor"``, default 0, where their colour
+            starts); metric keys present are tabulated.
         title: the page title.
         config: settings shown at the top (e.g. ``DetectorConfig.to_dict()`` plus the device).
         n_worst: panels per category and kind.
@@ -289,9 +351,10 @@ def write_report(out_dir: str | os.PathLike, results: Mapping[str, Mapping[str, 
         "images. It never sees a test image or label. Images scoring above it are flagged. F1-max is an oracle "
         "(best threshold chosen with the test labels): reported, not used.<br><b>Heatmaps</b>: image | anomaly "
         "map over the image | ground-truth outline (green, drawn just inside the mask). The colour scale is fixed "
-        "per category: 0 leaves the image untouched; <code>map_scale</code>, the "
-        f"{MAP_SCALE_QUANTILE:g} quantile of the out-of-fold training maps' values, and above get the full colour "
-        "(see the colour bar); nothing is normalised per image.</p>"
+        "per category, from the out-of-fold training maps' values: up to <code>map_floor</code>, their "
+        f"{MAP_FLOOR_QUANTILE:g} quantile (the level normal images stay under), the image is left untouched; "
+        f"<code>map_scale</code>, their {MAP_SCALE_QUANTILE:g} quantile, and above get the full colour (see the "
+        "colour bar); nothing is normalised per image.</p>"
     )
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{settings}\n{note}\n{summary}\n"

@@ -247,7 +247,8 @@ class EvaluationResult:
         configs: mode -> the detector configuration of that mode.
         results: mode -> category -> the ``evaluate_category`` dict: metrics (``image_auroc``, ...), ``n_train``,
             ``n_test``, ``fit_seconds``, ``test_images_per_second``, ``scores`` and ``labels`` (test order),
-            ``paths``; with ``keep_maps`` also ``threshold``, ``map_scale``, ``mask_paths`` and ``grid_maps``.
+            ``paths``; with ``keep_maps`` also ``threshold``, ``map_scale``, ``map_floor``, ``mask_paths`` and
+            ``grid_maps``.
             On ranks other than 0 of a data-parallel run: counts, timings and scores only.
         device: the device this process ran on.
         context: this process's rank and world size.
@@ -328,7 +329,7 @@ class EvaluationResult:
                 raise ValueError("heatmaps need the test maps and a map scale: evaluate with keep_maps=True (or "
                                  "heatmaps=DIR), in linear mode")
             save_heatmaps(Path(out_dir) / name, r["paths"], r["grid_maps"], r["map_scale"], masks=r["mask_paths"],
-                          labels=r["labels"])
+                          labels=r["labels"], floor=r.get("map_floor") or 0.0)
             count += len(r["paths"])
         return count
 
@@ -674,7 +675,7 @@ def predict(settings: PredictSettings, *, progress: ProgressFactory | None = Non
     Raises:
         ValueError: no input could be read (nothing is written then), or bad settings.
     """
-    from .heatmaps import heatmap_scale, save_heatmaps
+    from .heatmaps import heatmap_floor, heatmap_scale, save_heatmaps
 
     s = settings
     if s.out is not None:
@@ -703,7 +704,7 @@ def predict(settings: PredictSettings, *, progress: ProgressFactory | None = Non
             scored = [r for r in rows if r["map"] is not None]  # unreadable images: reported in the CSV only
             result.heatmap_dir = Path(s.out) / "heatmaps"
             save_heatmaps(result.heatmap_dir, [r["path"] for r in scored], torch.stack([r["map"] for r in scored]),
-                          scale)
+                          scale, floor=heatmap_floor(det))
             result.n_heatmaps = len(scored)
     return result
 
