@@ -16,7 +16,7 @@ from conftest import NEEDS_CUDA
 from sklearn import metrics as skm
 
 from fre_torch.detection import metrics as M
-from fre_torch.detection.metrics import pixel_auroc, pixel_f1_max, pro
+from fre_torch.detection.metrics import pixel_auroc, pixel_f1_max, pro, segmentation_metrics
 from fre_torch.detection.regions import label_components
 
 SCIPY_REASON = "scipy.ndimage, the reference labelling, comes with scikit-learn (requirements.txt); pip install scipy"
@@ -257,6 +257,33 @@ def test_cut_falls_back_to_sorting_everything():
     keys[::stride] = 1000
     got = M._top_sorted(keys, keys[:0], need=n // 2, period=1)
     assert torch.equal(got, torch.sort(keys).values)
+
+
+@pytest.mark.parametrize("seed,ties", CASES)
+@pytest.mark.parametrize("limit", [0.3, 0.05, 1.0])
+def test_segmentation_metrics_equal_each_metric_alone(seed, ties, limit):
+    """One shared sort gives exactly what each metric gives alone (PRO from a suffix of the full sort)."""
+    maps, masks = (torch.from_numpy(a) for a in random_case(seed, ties=ties))
+    before = maps.clone()
+    got = segmentation_metrics(maps, masks, fpr_limit=limit)
+    assert list(got) == ["pixel_auroc", "pro", "pixel_f1_max"] and torch.equal(maps, before)
+    assert got["pixel_auroc"].item() == pixel_auroc(maps, masks).item()
+    assert got["pixel_f1_max"].item() == pixel_f1_max(maps, masks).item()
+    assert got["pro"].item() == pytest.approx(pro(maps, masks, fpr_limit=limit).item(), abs=1e-12)
+    assert got["pro"].item() == pytest.approx(reference_pro(maps.numpy(), masks.numpy(), limit), abs=1e-9)
+    with pytest.raises(ValueError, match="fpr_limit"):
+        segmentation_metrics(maps, masks, fpr_limit=0.0)
+
+
+def test_segmentation_metrics_on_a_large_input_with_ties_across_the_cut():
+    g = torch.Generator().manual_seed(5)
+    masks = torch.zeros(12, 320, 320, dtype=torch.bool)
+    masks[1:, 40:90, 100:130] = True
+    maps = torch.rand(12, 320, 320, generator=g) + 0.5 * masks
+    maps[3] = (maps[3] * 10).round() / 10  # ties
+    got = segmentation_metrics(maps, masks)
+    assert got["pro"].item() == pytest.approx(pro(maps, masks).item(), abs=1e-12)
+    assert got["pixel_auroc"].item() == pixel_auroc(maps, masks).item()
 
 
 def test_pro_errors():

@@ -22,7 +22,7 @@ from ..features.images import FeatureCache, ImageDataset, MVTecCategory, image_s
 from ..detection.detector import DetectorConfig, FREDetector, upsample_maps
 from ..core.distributed import config_hash_check, gather_rows, is_main_process, shard
 from .crossfit import cross_fit, fit_keeping_rows
-from ..detection.metrics import aupr, auroc, f1_max, pixel_auroc, pixel_f1_max, pro
+from ..detection.metrics import aupr, auroc, f1_max, segmentation_metrics
 from ..features.files import atomic_write
 
 __all__ = ["evaluate_category", "evaluation_maps", "format_table", "summarize", "write_json", "write_scores_csv",
@@ -244,8 +244,7 @@ def _pixel_metrics(cat: MVTecCategory, grid_maps: torch.Tensor) -> dict[str, flo
     maps, masks = maps[keep], masks[keep]
     if not bool(masks.any()):
         return {}
-    return {"pixel_auroc": float(pixel_auroc(maps, masks)), "pro": float(pro(maps, masks)),
-            "pixel_f1_max": float(pixel_f1_max(maps, masks))}
+    return {k: float(v) for k, v in segmentation_metrics(maps, masks).items()}
 
 
 def summarize(results: dict[str, dict[str, Any]], config: DetectorConfig, extra: dict[str, Any]) -> dict[str, Any]:
