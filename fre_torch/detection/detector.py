@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..core.autoencoder import LinearAutoencoder
 from ..features.backbones import (IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, FeatureExtractor, Normalize,
                         build_feature_extractor, get_backbone_spec)
-from ..core.distributed import gather_rows, reduce_accumulator
+from ..core.distributed import gather_rows, is_distributed, reduce_accumulator
 from ..features.files import atomic_write
 from .geometry import HeadGeometry, as_hw, cut_tiles, embed, stitch, tile_offsets
 from .threshold import ThresholdStats, threshold_stats
@@ -614,7 +614,11 @@ class FREDetector(nn.Module):
         accs = [reduce_accumulator(acc, self.config.solver) for acc in accs]
         self._set_models([self._solve(acc) for acc in accs])
         if keep:
-            self._fit_cell_statistics([gather_rows(r[:start]) for r in score_rows])
+            # One process: the score head's Gram accumulators hold these very rows, in this order, and their Gram
+            # matrices are formed already; the fold fits take blocks of them.
+            shared = [(acc.gram, acc.rows.to(FIT_DTYPE)) if isinstance(acc, GramAccumulator) else None
+                      for acc in accs[:len(score_rows)]] if not is_distributed() else None
+            self._fit_cell_statistics([gather_rows(r[:start]) for r in score_rows], shared)
         return self
 
     def _row_buffers(self, n: int | None, dims: Sequence[int]) -> list[Tensor]:
@@ -623,14 +627,16 @@ class FREDetector(nn.Module):
                              "keep its rows for the cell statistics; or use image_score='fre'")
         return [torch.empty(n, d, device=self.device) for d in dims]
 
-    def _fit_cell_statistics(self, rows: Sequence[Tensor]) -> None:
+    def _fit_cell_statistics(self, rows: Sequence[Tensor],
+                             shared: list[tuple[Tensor, Tensor] | None] | None = None) -> None:
         """Each score-head cell's mean and standard deviation on out-of-fold normal images.
 
         ``rows``: the score head's ``(N, D_s)`` rows of every training image (all ranks'). The images are cut into
         ``CELL_FOLDS`` seeded folds; each fold's cell maps come from score-head subspaces fitted (closed-form PCA, in
         float64, at the configured ``n_components``) on the other folds, divided by those subspaces' own scales, so
         every map is that of an image its model did not see -- as a test image's is. In-sample maps would be far too
-        small (17x on MVTec bottle). Fewer than 4 images: mean 0, standard deviation 1 (the raw cells).
+        small (17x on MVTec bottle). Fewer than 4 images: mean 0, standard deviation 1 (the raw cells). ``shared``:
+        the Gram matrices and float64 rows of ``rows`` where the caller has them (see ``_subset_models``).
         """
         head = self.config.score_head
         n = rows[0].shape[0]
@@ -644,7 +650,7 @@ class FREDetector(nn.Module):
         fold_of = torch.empty(n, dtype=torch.int64, device=self.device)
         fold_of[order] = torch.arange(n, device=self.device) % k
         oof = torch.empty(n, cells, device=self.device)
-        shared: list[tuple[Tensor, Tensor] | None] = [None] * len(rows)
+        shared = list(shared) if shared is not None else [None] * len(rows)
         for f in range(k):
             held = fold_of == f
             models = self._subset_models(rows, ~held, shared)
