@@ -196,8 +196,9 @@ class PatchCore(nn.Module):
         maps = self.extractor(x)
         return aggregate([maps[name] for name in self.config.layers], self.config.aggregate)
 
-    def _patches(self, batches: Iterable[Tensor], n_images: int) -> Tensor:
-        """All patches of ``n_images`` images, ``(n_images * G * G, D)``, filled batch by batch."""
+    @torch.inference_mode()
+    def patches(self, batches: Iterable[Tensor], n_images: int) -> Tensor:
+        """All patch features of ``n_images`` uint8 image batches, ``(n_images * G * G, D)``, filled batch by batch."""
         per_image = self.grid * self.grid
         out = torch.empty(n_images * per_image, self.dim)
         lo = 0
@@ -210,15 +211,18 @@ class PatchCore(nn.Module):
         return out
 
     @torch.inference_mode()
-    def fit(self, batches: Iterable[Tensor], n_images: int) -> PatchCore:
-        """Build the memory bank from the training images (uint8 batches, ``n_images`` in all)."""
-        patches = self._patches(batches, n_images)
+    def build_bank(self, patches: Tensor) -> PatchCore:
+        """Keep the coreset of the training patches ``(N, D)`` as the memory bank."""
         c = self.config
         n = max(1, round(c.coreset_fraction * patches.shape[0]))
         projected = patches @ random_projection(self.dim, c.projection_dim, c.seed)
         start = int(torch.randint(patches.shape[0], (1,), generator=torch.Generator().manual_seed(c.seed)))
-        self.memory_bank = patches[greedy_coreset(projected, n, start)].clone()
+        self.memory_bank = patches[greedy_coreset(projected, n, start)]
         return self
+
+    def fit(self, batches: Iterable[Tensor], n_images: int) -> PatchCore:
+        """Build the memory bank from the training images (uint8 batches, ``n_images`` in all)."""
+        return self.build_bank(self.patches(batches, n_images))
 
     @torch.inference_mode()
     def score_and_maps(self, batches: Iterable[Tensor], n_images: int) -> tuple[Tensor, Tensor]:
