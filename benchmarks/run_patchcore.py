@@ -114,6 +114,11 @@ def main() -> None:
         print(f"wrote {write_section('patchcore', table)}")
 
 
+def _coreset_bytes(doc: dict[str, Any], result: dict[str, Any]) -> int:
+    """Bytes the greedy coreset streams: the whole float32 projection (N x projection_dim) once per bank patch."""
+    return result["training_patches"] * doc["patchcore_config"]["projection_dim"] * 4 * result["memory_bank"]
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The side-by-side table, its caption naming machine, threads, date and torch version."""
     lines = [f"{doc['date']}, {doc['machine']}; both methods with {doc['threads']} torch thread(s), batch "
@@ -128,7 +133,9 @@ def markdown(doc: dict[str, Any]) -> str:
                   "| 1.0x, 1.0x |",
                   f"| | PatchCore, Lite0 (bank {p['memory_bank']} of {p['training_patches']} patches) | "
                   f"{p['image_auroc']:.3f} | {p['pixel_auroc']:.3f} | {p['pro']:.3f} | {p['fit_s']:.1f} "
-                  f"({p['fit_features_s']:.1f} features + {p['fit_coreset_s']:.1f} coreset) | "
+                  f"({p['fit_features_s']:.1f} features + {p['fit_coreset_s']:.1f} coreset: "
+                  f"{_coreset_bytes(doc, p) / 1e9:.0f} GB at {_coreset_bytes(doc, p) / 1e9 / p['fit_coreset_s']:.1f} "
+                  "GB/s) | "
                   f"{p['test_images_per_second']:.1f} | {p['fit_s'] / d['fit_s']:.1f}x, "
                   f"{d['test_images_per_second'] / p['test_images_per_second']:.1f}x |",
                   f"| | PatchCore, Lite0, published | {ref['image_auroc']:.3f} | {ref['pixel_auroc']:.3f} | "

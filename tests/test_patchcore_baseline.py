@@ -86,8 +86,7 @@ def test_patchcore_shapes_on_random_weights():
     assert model.memory_bank.shape == (round(0.01 * 2 * 784), 152)
     scores, maps = model.score_and_maps([images[:1]], 1)
     assert scores.shape == (1,) and maps.shape == (1, 224, 224) and bool(torch.isfinite(maps).all())
-    # A training image is its own bank's best match only where its patches were kept; its score is the largest of
-    # its patches' distances, which the map (blurred) never exceeds.
+    # Upsampling and blur average the patch distances, so the map never exceeds the image score (their maximum).
     assert float(maps.max()) <= float(scores[0]) + 1e-5
 
 
