@@ -67,12 +67,18 @@ def check_report_dependencies() -> None:
             from err
 
 
-def _figure(width: float, height: float) -> Any:
-    """A matplotlib Figure that renders with Agg, without touching pyplot's global state."""
+def _figure(width: float, height: float, margins: Mapping[str, float]) -> Any:
+    """A matplotlib Figure that renders with Agg, without touching pyplot's global state.
+
+    ``margins``: ``Figure.subplots_adjust`` fractions, fixed per plot: matplotlib's constrained layout would find
+    them itself but measures every text first, which doubled the report's plotting time.
+    """
     check_report_dependencies()
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=100)
+    fig.subplots_adjust(**margins)
+    return fig
 
 
 def _save_figure(fig: Any, path: Path) -> None:
@@ -113,7 +119,7 @@ def _histogram_range(scores: Tensor, threshold: float) -> tuple[float, float]:
 
 def _curves_figure(scores: Tensor, labels: Tensor, threshold: float, at: Mapping[str, float]) -> Any:
     """ROC, precision-recall and score histograms side by side, threshold marked (a Figure of 1200 x 360 px)."""
-    fig = _figure(12.0, 3.6)
+    fig = _figure(12.0, 3.6, {"left": 0.05, "right": 0.975, "bottom": 0.14, "top": 0.91, "wspace": 0.22})
     roc_ax, pr_ax, hist_ax = fig.subplots(1, 3)
     both = at["n_pos"] > 0 and at["n_neg"] > 0
     if both:
@@ -181,7 +187,7 @@ def _plot_colorbar(path: Path, scale: float, floor: float = 0.0) -> None:
 def _colorbar_figure(scale: float, floor: float) -> Any:
     from matplotlib.colors import ListedColormap
 
-    fig = _figure(6.0, 1.1)
+    fig = _figure(6.0, 1.1, {"left": 0.02, "right": 0.95, "bottom": 0.62, "top": 0.95})
     ax = fig.subplots()
     ramp = torch.linspace(0.0, 1.0, COLORMAP.shape[0])[None].numpy()
     ax.imshow(ramp, aspect="auto", cmap=ListedColormap((COLORMAP / 255).numpy()), extent=(floor, scale, 0.0, 1.0))
