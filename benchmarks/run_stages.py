@@ -10,11 +10,16 @@ setting), on every training and test image of each set:
   grey images resized first (``fre_torch.features.images._resized_rgb``);
 - backbone: normalise + backbone to the deepest layer + the heads' embeddings, both threads: before = the plain
   modules (``extractor.fused = False``), after = the fused CPU kernels;
-- fit: the subspaces of both heads and the cell statistics from the training rows (eigenproblems on both threads
-  before, on one after: ``fre_torch.core.subspace.symmetric_eigh``);
+- fit: the subspaces of both heads and the cell statistics from the training rows: before = eigenproblems on both
+  threads and each of the 5 cell-statistics folds a fit with its own Gram matrix and components; after = one
+  thread (``fre_torch.core.subspace.symmetric_eigh``) and the folds in dual form from blocks of the fit's Gram
+  matrices (``fit_row_span``);
 - heads: scores and maps of the test rows (unchanged);
-- cross-fit: ``--report`` / ``--save_heatmaps``' 5-fold threshold and map scale from the kept training rows;
-- metrics: image AUROC, pixel AUROC and PRO over the test maps (unchanged);
+- cross-fit: ``--report`` / ``--save_heatmaps``' 5-fold threshold and map scale from the kept training rows: before
+  = a full ``fit`` per fold and held-out rows in batches of 32, after = ``FREDetector.fit_subset`` (dual form, one
+  Gram matrix per subspace for all folds);
+- metrics: image AUROC, pixel AUROC, PRO and pixel F1-max over the test maps: before = each pixel metric sorting
+  the pixels itself, after = ``segmentation_metrics`` (one sort);
 - writes: one 3-panel heatmap PNG per test image, one thread: before = zlib level 6, after = level 1.
 
 Before and after run alternately, best of ``--repeat``; the machine's load average is printed with the figures.
@@ -69,9 +74,11 @@ def measure(name: str, repeat: int) -> dict[str, Any]:
     from fre_torch.detection.detector import DetectorConfig, FREDetector
     from fre_torch.features.images import MVTecCategory, _resized_rgb, _to_rgb
     from fre_torch.jobs import heatmaps
+    from fre_torch.detection import detector as detector_module
+    from fre_torch.jobs import crossfit as crossfit_module
     from fre_torch.jobs.crossfit import cross_fit, fit_on_rows
-    from fre_torch.jobs.evaluate import _pixel_metrics
-    from fre_torch.detection.metrics import auroc
+    from fre_torch.jobs.evaluate import _pixel_metrics, evaluation_maps
+    from fre_torch.detection.metrics import auroc, pixel_auroc, pixel_f1_max, pro
 
     cat = MVTecCategory.load(data_root() / SETS[name], name)
     paths = list(cat.train) + list(cat.test_paths)
@@ -113,26 +120,51 @@ def measure(name: str, repeat: int) -> dict[str, Any]:
     row["backbone"] = {k: n_test / v for k, v in t.items()}
     train_rows, test_rows = rows(train), rows(test)
 
-    def fit(one_thread_max: int) -> Callable[[], Any]:
+    def fold_fits_with_components(rows: torch.Tensor, n_components: Any, *, gram: torch.Tensor,
+                                  keep: torch.Tensor) -> Any:
+        return subspace.fit_gram(rows[keep].float(), n_components)  # before: a Gram matrix and components per fold
+
+    def before_issue_20(fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn`` on the code paths before issue #20: eigenproblems on both threads, every fold fit (cell statistics
+        and cross-fit) a full fit with its own Gram matrix and components, held-out rows in batches of 32."""
         def run() -> Any:
-            subspace._EIGH_ONE_THREAD_MAX = one_thread_max
+            saved = (subspace._EIGH_ONE_THREAD_MAX, detector_module.fit_row_span, crossfit_module.is_distributed,
+                     crossfit_module._HELD_BATCH)
+            subspace._EIGH_ONE_THREAD_MAX = 0
+            detector_module.fit_row_span = fold_fits_with_components
+            crossfit_module.is_distributed = lambda: True  # one process as rank 0 of 1: fold fits through ``fit``
+            crossfit_module._HELD_BATCH = 0
             try:
-                fit_on_rows(det, train_rows)
+                return fn()
             finally:
-                subspace._EIGH_ONE_THREAD_MAX = 2048
+                (subspace._EIGH_ONE_THREAD_MAX, detector_module.fit_row_span, crossfit_module.is_distributed,
+                 crossfit_module._HELD_BATCH) = saved
         return run
 
-    t = _best({"before": fit(0), "after": fit(2048)}, repeat, time.perf_counter)
+    def fit() -> Any:
+        return fit_on_rows(det, train_rows)
+
+    t = _best({"before": before_issue_20(fit), "after": fit}, repeat, time.perf_counter)
     row["fit"] = {k: n_train / v for k, v in t.items()}
     t = _best({"heads": lambda: (det.score_features(test_rows), det.maps_from_features(test_rows))}, repeat,
               time.perf_counter)
     row["heads"] = {"after": n_test / t["heads"]}
     scores, maps = det.score_features(test_rows), det.maps_from_features(test_rows)
-    t = _best({"cross_fit": lambda: cross_fit(det, rows=train_rows, quantile=0.99)}, 1, time.perf_counter)
-    row["cross_fit"] = {"after": n_train / t["cross_fit"]}
-    t = _best({"metrics": lambda: (auroc(scores, cat.test_labels), _pixel_metrics(cat, maps))}, 1,
-              time.perf_counter)
-    row["metrics"] = {"after": n_test / t["metrics"]}
+
+    def crossfit() -> Any:
+        return cross_fit(det, rows=train_rows, quantile=0.99)
+
+    t = _best({"before": before_issue_20(crossfit), "after": crossfit}, repeat, time.perf_counter)
+    row["cross_fit"] = {k: n_train / v for k, v in t.items()}
+
+    def metrics_apart() -> Any:  # before: each pixel metric sorts the pixels itself
+        ev_maps, ev_masks = evaluation_maps(cat, maps)
+        return auroc(scores, cat.test_labels), pixel_auroc(ev_maps, ev_masks), pro(ev_maps, ev_masks), \
+            pixel_f1_max(ev_maps, ev_masks)
+
+    t = _best({"before": metrics_apart, "after": lambda: (auroc(scores, cat.test_labels), _pixel_metrics(cat, maps))},
+              repeat, time.perf_counter)
+    row["metrics"] = {k: n_test / v for k, v in t.items()}
     scale = float(maps.quantile(0.999))
     sample = list(range(0, n_test, max(1, n_test // 40)))
 
