@@ -122,18 +122,32 @@ def test_threshold_ignores_test_labels(dataset: Path, monkeypatch: pytest.Monkey
 def test_cross_fit_in_dual_form_equals_the_fold_fits(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fold models fitted from blocks of one Gram matrix (``fit_subset``, the default) give the out-of-fold
     scores, maps, threshold and map scale of fold detectors fitted by ``fit`` (the data-parallel path)."""
+    import fre_torch.detection.detector as detector_module
     import fre_torch.jobs.crossfit as crossfit
 
     det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=64), device="cpu")
     train = torch.stack([load_image(p, 64) for p in MVTecCategory.load(dataset, "object").train])
     det.fit(train)
+    span_fits = []
+    real_fit_row_span = detector_module.fit_row_span
+    monkeypatch.setattr(detector_module, "fit_row_span",
+                        lambda *a, **k: span_fits.append(1) or real_fit_row_span(*a, **k))
     dual = cross_fit(det, train, quantile=THRESHOLD_QUANTILE)
+    assert len(span_fits) == 5 * len(det.config.subspace_dims)  # every fold of every subspace in dual form
     monkeypatch.setattr(crossfit, "is_distributed", lambda: True)  # one process: rank 0 of 1, the fold-fit path
     fits = cross_fit(det, train, quantile=THRESHOLD_QUANTILE)
     assert dual.threshold == pytest.approx(fits.threshold, rel=1e-6)
     assert dual.map_scale == pytest.approx(fits.map_scale, rel=1e-6)
     assert torch.allclose(dual.scores, fits.scores, rtol=1e-4, atol=1e-6 * float(fits.scores.abs().max()))
     assert float((dual.maps - fits.maps).abs().max()) <= 1e-5 * float(fits.maps.abs().max())
+    # Beyond the float64 budget (thousands of images) subspaces fall back to a fit per fold: the same results.
+    monkeypatch.setattr(crossfit, "is_distributed", lambda: False)
+    monkeypatch.setattr(detector_module, "ROW_SPAN_MAX_BYTES", 0)
+    spans = []
+    monkeypatch.setattr(detector_module, "fit_row_span", lambda *a, **k: spans.append(1))
+    capped = cross_fit(det, train, quantile=THRESHOLD_QUANTILE)
+    assert not spans and capped.threshold == pytest.approx(fits.threshold, rel=1e-6)
+    assert capped.map_scale == pytest.approx(fits.map_scale, rel=1e-6)
 
 
 def _hist_axis(scores: list[float], labels: list[int], threshold: float):

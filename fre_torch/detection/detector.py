@@ -58,7 +58,7 @@ if TYPE_CHECKING:  # the cache does file I/O; the detector only calls its key / 
     from ..features.images import FeatureCache
 
 __all__ = ["CELL_FOLDS", "DEFAULT_LAYERS", "DEFAULT_MAP_LAYERS", "DetectorConfig", "FREDetector", "MAP_FLOOR_QUANTILE",
-           "MAP_SCALE_QUANTILE", "MODES", "ModelFileError", "embed", "upsample_maps"]
+           "MAP_SCALE_QUANTILE", "MODES", "ModelFileError", "ROW_SPAN_MAX_BYTES", "embed", "upsample_maps"]
 
 _FORMAT = "fre_torch.detector"
 _VERSION = 2  # 2: two heads (map_subspaces, map_scales); version-1 files load as one head
@@ -66,6 +66,12 @@ _MIN_RESIDUAL_FRACTION = 1e-6  # floor of a layer's score scale, as a fraction o
 # Fitting modes: closed-form PCA, or a linear autoencoder trained by gradient descent, tied or untied.
 MODES = ("pca", "tae", "ae")
 # Folds of the cross-fitting that gives the score head's per-cell normal statistics (``image_score='top'``).
+ROW_SPAN_MAX_BYTES = 1 << 30
+"""The most memory the dual-form fold fits (``FREDetector.fit_subset``, the cell statistics) hold in float64 copies of
+the training rows and their Gram matrices; subspaces beyond it are fitted per fold (slower, from the float32 rows).
+1 GiB covers all five subspaces of the default layers up to about 2,000 training images."""
+_FIT_BYTES = torch.finfo(FIT_DTYPE).bits // 8
+
 CELL_FOLDS = 5
 
 
@@ -616,7 +622,7 @@ class FREDetector(nn.Module):
         if keep:
             # One process: the score head's Gram accumulators hold these very rows, in this order, and their Gram
             # matrices are formed already; the fold fits take blocks of them.
-            shared = [(acc.gram, acc.rows.to(FIT_DTYPE)) if isinstance(acc, GramAccumulator) else None
+            shared = [(acc.gram, None) if isinstance(acc, GramAccumulator) else None
                       for acc in accs[:len(score_rows)]] if not is_distributed() else None
             self._fit_cell_statistics([gather_rows(r[:start]) for r in score_rows], shared)
         return self
@@ -628,7 +634,7 @@ class FREDetector(nn.Module):
         return [torch.empty(n, d, device=self.device) for d in dims]
 
     def _fit_cell_statistics(self, rows: Sequence[Tensor],
-                             shared: list[tuple[Tensor, Tensor] | None] | None = None) -> None:
+                             shared: list[tuple[Tensor, Tensor | None] | None] | None = None) -> None:
         """Each score-head cell's mean and standard deviation on out-of-fold normal images.
 
         ``rows``: the score head's ``(N, D_s)`` rows of every training image (all ranks'). The images are cut into
@@ -664,35 +670,42 @@ class FREDetector(nn.Module):
         self.cell_std = std.clamp_min(float(std.max()) * 1e-6 + torch.finfo(torch.float32).tiny)
 
     def _subset_models(self, rows: Sequence[Tensor], keep: Tensor,
-                       shared: list[tuple[Tensor, Tensor] | None]) -> list[RowSpanSubspace | Subspace]:
+                       shared: list[tuple[Tensor, Tensor | None] | None]) -> list[RowSpanSubspace | Subspace]:
         """Closed-form PCA fits (float64, the configured ``n_components``) of the images ``keep`` selects, one per
         entry of ``rows`` (``(N, D_s)`` as ``features`` gives them, the first subspaces' in order).
 
         Where the Gram solver applies, in dual form (``fit_row_span``) from a block of the Gram matrix of all ``N``
-        images' rows: ``shared[i]`` (that Gram matrix and one float64 copy of the rows) is formed on first use and
-        kept by the caller, so ``k`` fold fits cost one Gram matrix instead of ``k`` Gram matrices and ``k`` sets of
-        components. Else ``fit_rows`` on the kept rows.
+        images' rows: ``shared[i]`` (that Gram matrix, or ``(gram, None)`` when the caller has it, and one float64
+        copy of the rows) is formed on first use and kept by the caller, so ``k`` fold fits cost one Gram matrix
+        instead of ``k`` Gram matrices and ``k`` sets of components. Else (the covariance solver, or float64 copies
+        beyond ``ROW_SPAN_MAX_BYTES``) ``fit_rows`` on the kept rows.
         """
         models: list[RowSpanSubspace | Subspace] = []
         for i, (r, d) in enumerate(zip(rows, self.config.subspace_dims)):
             flat = r.reshape(-1, d)
             kept = keep.repeat_interleave(flat.shape[0] // r.shape[0])  # each image's tiles are consecutive rows
-            if resolve_solver(self.config.solver, int(kept.sum()), d) != "gram":
+            gram, rows64 = shared[i] if shared[i] is not None else (None, None)
+            if rows64 is None and resolve_solver(self.config.solver, int(kept.sum()), d) == "gram":
+                held = sum(t.numel() * t.element_size() for entry in shared if entry is not None
+                           for t in entry if t is not None)
+                need = flat.shape[0] * (d + (flat.shape[0] if gram is None else 0)) * _FIT_BYTES
+                if held + need <= ROW_SPAN_MAX_BYTES:
+                    rows64 = flat.to(FIT_DTYPE)
+                    if gram is None:
+                        gram = gram_matrix(rows64)
+                        if not bool(torch.isfinite(gram).all()):
+                            raise ValueError("NaN or Inf features on the training images; check the weights file "
+                                             "and the input images")
+                    shared[i] = (gram, rows64)
+            if rows64 is None:
+                # The covariance solver, or float64 copies beyond the budget (thousands of images): a fit per fold.
                 models.append(fit_rows(flat[kept], self.config.n_components, solver=self.config.solver))
                 continue
-            if shared[i] is None:
-                rows64 = flat.to(FIT_DTYPE)
-                gram = gram_matrix(rows64)
-                if not bool(torch.isfinite(gram).all()):
-                    raise ValueError("NaN or Inf features on the training images; check the weights file and the "
-                                     "input images")
-                shared[i] = (gram, rows64)
-            gram, rows64 = shared[i]
             models.append(fit_row_span(rows64, self.config.n_components, gram=gram, keep=kept))
         return models
 
     def fit_subset(self, rows: Sequence[Tensor], keep: Tensor, *,
-                   shared: list[tuple[Tensor, Tensor] | None] | None = None) -> FREDetector:
+                   shared: list[tuple[Tensor, Tensor | None] | None] | None = None) -> FREDetector:
         """Fit both heads (mode 'pca') on the training rows of the images ``keep`` selects, without the backbone;
         the cell statistics stay as they are. For scoring held-out images once (``fre_torch.jobs.crossfit``): where
         the Gram solver applies the models are ``RowSpanSubspace`` (dual form, not saved in model files).

@@ -174,7 +174,7 @@ def cross_fit(detector: FREDetector, data: Any = None, *, rows: Sequence[Tensor]
     # (``FREDetector.fit_subset``); otherwise (autoencoders, data-parallel shards, own cell statistics) each fold
     # runs the detector's own fit.
     subset = detector.config.mode == "pca" and linear and not is_distributed() and not own_cells
-    shared: list[tuple[Tensor, Tensor] | None] = [None] * len(cache)
+    shared: list[tuple[Tensor, Tensor | None] | None] = [None] * len(cache)
     for f in range(k):
         held = torch.nonzero(fold_of == f).flatten()
         keep = torch.ones(n, dtype=torch.bool)
