@@ -583,9 +583,10 @@ def fit_row_span(rows: Tensor, n_components: NComponents = None, *, gram: Tensor
     n, d = index.numel(), rows.shape[1]
     if n < 2:
         raise ValueError(f"need at least 2 samples to fit a subspace, got {n}")
-    u, sq, variance, k = _gram_spectrum(gram[index][:, index], n_components, d)
+    block = gram[index][:, index]
+    u, sq, variance, k = _gram_spectrum(block, n_components, d)
     if not bool(_determined(torch.sqrt(sq[:k]), (n, d)).all()):
-        return fit_gram(rows[index], n_components, gram=gram[index][:, index])
+        return fit_gram(rows[index], n_components, gram=block)
     mean = (keep.to(FIT_DTYPE) / n) @ rows  # the kept rows' mean without gathering them
     uk = u[:, :k]
     coef = torch.zeros(rows.shape[0], rows.shape[0], dtype=FIT_DTYPE, device=rows.device)

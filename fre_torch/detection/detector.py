@@ -65,13 +65,12 @@ _VERSION = 2  # 2: two heads (map_subspaces, map_scales); version-1 files load a
 _MIN_RESIDUAL_FRACTION = 1e-6  # floor of a layer's score scale, as a fraction of its total variance
 # Fitting modes: closed-form PCA, or a linear autoencoder trained by gradient descent, tied or untied.
 MODES = ("pca", "tae", "ae")
-# Folds of the cross-fitting that gives the score head's per-cell normal statistics (``image_score='top'``).
 ROW_SPAN_MAX_BYTES = 1 << 30
 """The most memory the dual-form fold fits (``FREDetector.fit_subset``, the cell statistics) hold in float64 copies of
 the training rows and their Gram matrices; subspaces beyond it are fitted per fold (slower, from the float32 rows).
 1 GiB covers all five subspaces of the default layers up to about 2,000 training images."""
 _FIT_BYTES = torch.finfo(FIT_DTYPE).bits // 8
-
+# Folds of the cross-fitting that gives the score head's per-cell normal statistics (``image_score='top'``).
 CELL_FOLDS = 5
 
 
@@ -681,11 +680,13 @@ class FREDetector(nn.Module):
         beyond ``ROW_SPAN_MAX_BYTES``) ``fit_rows`` on the kept rows.
         """
         models: list[RowSpanSubspace | Subspace] = []
+        n_keep = int(keep.sum())
         for i, (r, d) in enumerate(zip(rows, self.config.subspace_dims)):
             flat = r.reshape(-1, d)
-            kept = keep.repeat_interleave(flat.shape[0] // r.shape[0])  # each image's tiles are consecutive rows
+            tiles = flat.shape[0] // r.shape[0]
+            kept = keep.repeat_interleave(tiles)  # each image's tiles are consecutive rows
             gram, rows64 = shared[i] if shared[i] is not None else (None, None)
-            if rows64 is None and resolve_solver(self.config.solver, int(kept.sum()), d) == "gram":
+            if rows64 is None and resolve_solver(self.config.solver, n_keep * tiles, d) == "gram":
                 held = sum(t.numel() * t.element_size() for entry in shared if entry is not None
                            for t in entry if t is not None)
                 need = flat.shape[0] * (d + (flat.shape[0] if gram is None else 0)) * _FIT_BYTES
@@ -920,7 +921,7 @@ class FREDetector(nn.Module):
         self.threshold = torch.quantile(scores, quantile)
         self.threshold_quantile = float(quantile)
         if maps is not None:
-            self.map_scale, self.map_floor = _map_quantile(maps), _map_level(maps, MAP_FLOOR_QUANTILE)
+            self.map_scale, self.map_floor = _map_levels(maps)
         return self
 
     @torch.inference_mode()
@@ -932,7 +933,7 @@ class FREDetector(nn.Module):
         would make every test heatmap saturate."""
         _, maps = self.score_and_maps(normal, batch_size=batch_size)
         maps = gather_rows(maps)  # data-parallel: every rank's maps (identity otherwise)
-        self.map_scale, self.map_floor = _map_quantile(maps), _map_level(maps, MAP_FLOOR_QUANTILE)
+        self.map_scale, self.map_floor = _map_levels(maps)
         return self
 
     def threshold_stats(self) -> ThresholdStats:
@@ -1110,6 +1111,12 @@ def _map_level(maps: Tensor, q: float) -> Tensor:
     low = flat.kthvalue(below + 1).values
     high = flat.kthvalue(min(below + 2, flat.numel())).values
     return torch.lerp(low, high, (rank - below).to(flat.device))
+
+
+def _map_levels(maps: Tensor) -> tuple[Tensor, Tensor]:
+    """The heatmap colour scale of normal grid maps ``(N, g, g)``: ``(map_scale, map_floor)``, their
+    ``MAP_SCALE_QUANTILE`` (float32) and ``MAP_FLOOR_QUANTILE`` (float64)."""
+    return _map_quantile(maps), _map_level(maps, MAP_FLOOR_QUANTILE)
 
 
 def _residual_variance(model: Subspace | LinearAutoencoder) -> Tensor:

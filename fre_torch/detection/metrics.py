@@ -322,12 +322,12 @@ def _f1_max(
     and no more true positives, so the maximum is reached at a positive's score, where ``TP`` and ``flagged`` come
     from the ranks of the positives: no full-size gather.
     """
-    return _f1_from_ranks(scores, labels, *_positive_ranks(scores, labels), return_threshold)
+    keys, below, _, order = _positive_ranks(scores, labels)
+    return _f1_from_ranks(scores, labels, keys, below, order, return_threshold)
 
 
 def _f1_from_ranks(scores: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, below: torch.Tensor,
-                   upto: torch.Tensor, order: torch.Tensor,
-                   return_threshold: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   order: torch.Tensor, return_threshold: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     n, n_pos = scores.numel(), keys.numel()
     starts = _run_starts(keys)  # (T,) one per distinct positive score, increasing
     tps = (n_pos - starts).to(torch.float64)  # positives scoring >= each
@@ -433,11 +433,22 @@ def pro(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> torc
     Raises:
         ValueError: ``fpr_limit`` outside (0, 1], or as ``pixel_auroc``.
     """
+    fpr_limit = _check_fpr_limit(fpr_limit)
+    scores, labels = _validate_maps(maps, masks)
+    return _pro_area(scores, labels.view(maps.shape), fpr_limit)
+
+
+def _check_fpr_limit(fpr_limit: float) -> float:
     if isinstance(fpr_limit, bool) or not isinstance(fpr_limit, (int, float)) or not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be a number in (0, 1], got {fpr_limit!r}; the standard value is 0.3")
-    scores, labels = _validate_maps(maps, masks)
-    fpr, overlap = _pro_curve(scores, labels.view(maps.shape), float(fpr_limit))
-    return _area_until(fpr, overlap, float(fpr_limit)) / fpr_limit
+    return float(fpr_limit)
+
+
+def _pro_area(scores: torch.Tensor, masks: torch.Tensor, fpr_limit: float,
+              sorted_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """PRO of validated flat ``scores`` against ``masks: (N, H, W)`` bool (``_pro_curve``'s arguments)."""
+    fpr, overlap = _pro_curve(scores, masks, fpr_limit, sorted_keys)
+    return _area_until(fpr, overlap, fpr_limit) / fpr_limit
 
 
 def segmentation_metrics(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> dict[str, torch.Tensor]:
@@ -457,16 +468,14 @@ def segmentation_metrics(maps: torch.Tensor, masks: torch.Tensor, fpr_limit: flo
     Raises:
         ValueError: as ``pixel_auroc`` and ``pro``.
     """
-    if isinstance(fpr_limit, bool) or not isinstance(fpr_limit, (int, float)) or not 0 < fpr_limit <= 1:
-        raise ValueError(f"fpr_limit must be a number in (0, 1], got {fpr_limit!r}; the standard value is 0.3")
+    fpr_limit = _check_fpr_limit(fpr_limit)
     scores, labels = _validate_maps(maps, masks)
     keys, below, upto, order, everything = _ranks(scores, labels)
-    result = {"pixel_auroc": _auroc_from_ranks(below, upto, scores.numel()),
-              "pixel_f1_max": _f1_from_ranks(scores, labels, keys, below, upto, order, False)}
-    del keys, below, upto, order
-    fpr, overlap = _pro_curve(scores, labels.view(maps.shape), float(fpr_limit), sorted_keys=everything)
-    result["pro"] = _area_until(fpr, overlap, float(fpr_limit)) / fpr_limit
-    return {k: result[k] for k in ("pixel_auroc", "pro", "pixel_f1_max")}
+    auc = _auroc_from_ranks(below, upto, scores.numel())
+    f1 = _f1_from_ranks(scores, labels, keys, below, order, False)
+    del keys, below, upto, order  # before PRO's own allocations
+    return {"pixel_auroc": auc, "pro": _pro_area(scores, labels.view(maps.shape), fpr_limit, everything),
+            "pixel_f1_max": f1}
 
 
 def _pro_curve(scores: torch.Tensor, masks: torch.Tensor, fpr_limit: float,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..detection.detector import MAP_FLOOR_QUANTILE, FREDetector, _batches, _map_level, _map_quantile
+from ..detection.detector import FREDetector, _batches, _map_levels
 from ..core.distributed import gather_rows, is_distributed, rank
 
 __all__ = ["CROSS_FIT_FOLDS", "CrossFit", "cross_fit", "fit_keeping_rows", "fit_on_rows"]
@@ -198,7 +198,6 @@ def cross_fit(detector: FREDetector, data: Any = None, *, rows: Sequence[Tensor]
     if not bool(torch.isfinite(scores_cpu).all()):
         raise ValueError("cross-fitting gave NaN/Inf scores on the training images; check the images and weights")
     maps_cpu = gather_rows(maps).cpu() if maps is not None else None
-    map_scale = float(_map_quantile(maps_cpu)) if maps_cpu is not None else None
-    map_floor = float(_map_level(maps_cpu, MAP_FLOOR_QUANTILE)) if maps_cpu is not None else None
+    map_scale, map_floor = (float(v) for v in _map_levels(maps_cpu)) if maps_cpu is not None else (None, None)
     return CrossFit(scores=scores_cpu, maps=maps_cpu, threshold=float(torch.quantile(scores_cpu, quantile)),
                     quantile=float(quantile), map_scale=map_scale, folds=k, map_floor=map_floor)
