@@ -65,26 +65,24 @@ def _parser() -> argparse.ArgumentParser:
     add("--kernel", choices=["rbf", "laplacian"], default=None, help="kernel FRE (image scores only), not linear")
     add("--kernel_features", type=int, default=4096, help="explicit kernel features M (default 4096)")
     add("--kernel_method", choices=["rff", "nystroem"], default="rff", help="random Fourier features or Nystroem")
-    add("--modes", nargs="+", choices=["pca", "tae", "ae"], default=["pca"],
-        help="fits to compare at the k of --pca: pca (closed form, default), tae / ae (tied / untied linear "
-             "autoencoder trained with Adam); one table per mode, JSON keyed by mode when several")
+    add("--modes", nargs="+", choices=["pca", "tae", "ae"], default=["pca"], help="fits to compare at the k of --pca: "
+        "pca (closed form), tae / ae (tied / untied linear autoencoder, Adam); one table per mode, JSON keyed by mode")
     add("--gpu", action="store_true", help="same as --device cuda")
-    add("--reference", action="store_true",
-        help="the reference configuration exactly (efficientnet_b5 unless --model says otherwise, one layer, pool 2, "
-             "ImageNet normalisation, plain FRE)")
-    add("--pixel_metrics", choices=["auto", "off"], default="auto",
-        help="auto: maps and pixel AUROC / PRO / pixel F1-max where masks exist; off: image metrics only")
+    add("--reference", action="store_true", help="the reference configuration (efficientnet_b5 unless --model says "
+        "otherwise)")
+    add("--pixel_metrics", choices=["auto", "off"], default="auto", help="auto: maps and pixel AUROC / PRO / "
+        "pixel F1-max where masks exist; off: image metrics only")
     add("--json", default=None, help="write the results as JSON to this path")
-    add("--save_heatmaps", default=None, metavar="DIR",
-        help="one PNG per test image, DIR/<category>/<defect>_<stem>.png: image | map overlay | mask outline")
+    add("--save_heatmaps", default=None, metavar="DIR", help="one PNG per test image, "
+        "DIR/<category>/<defect>_<stem>.png: image | map overlay | mask outline")
     add("--report", default=None, metavar="DIR", help="a static HTML report, DIR/index.html (needs matplotlib)")
     add("--list_models", action="store_true", help="print the backbones (offline or downloaded weights) and exit")
     add("--skip_unreadable", action="store_true", help="leave out images that cannot be decoded (default: stop)")
     add("--scores_csv", default=None, metavar="PATH", help="every test image's score (category,path,label,score)")
     add("--cache_images_only", action="store_true", help="with --cache: keep preprocessed images only")
-    add("--resize", choices=["auto", "cpu", "device"], default="auto",
-        help="where images are resized: cpu (LANCZOS in the loader workers, the reference), device (bilinear, "
-             "antialiased, images of one size) or auto (device on CUDA when a category's images share one size)")
+    add("--resize", choices=["auto", "cpu", "device"], default="auto", help="where images are resized: cpu (LANCZOS "
+        "in the loader workers), device (bilinear, antialiased) or auto (device on CUDA when a category's images "
+        "share one size)")
     _add_run_options(ev, device=None, cache=True, distributed=True)
 
     fit = sub.add_parser("fit", help="fit on a folder of normal images and save a model file with a threshold")
@@ -131,10 +129,11 @@ def _add_model(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--map_pool", type=int, default=2, help="pool of the first map layer: the map grid (default 2)")
     p.add_argument("--map_input_size", type=int, nargs="+", default=[0], metavar=SIZE,
                    help="map head's image size, a second backbone pass (default: the input size, one pass)")
+    p.add_argument("--map_detail", choices=["auto", "on", "off"], default="auto", help="a finer map combined with "
+                   "the map head's (auto: when the training images' short side is >= 1.5x the input size)")
     p.add_argument("--tile_size", type=int, nargs="+", default=[0], metavar=SIZE,
                    help="cut the image into overlapping tiles of this size, each through the backbone (default: off)")
-    p.add_argument("--tile_stride", type=int, nargs="+", default=[0], metavar=SIZE,
-                   help="step between tiles in pixels (default: half a tile)")
+    p.add_argument("--tile_stride", type=int, nargs="+", default=[0], metavar=SIZE, help="tile step (default: half)")
     p.add_argument("--image_score", choices=["top", "fre"], default="top",
                    help="top: mean of the top 10%% cells, each standardised by its normal spread (default); fre: "
                         "the sum over cells, the image's FRE")
@@ -166,7 +165,8 @@ def _config(args: argparse.Namespace, run, **fields):
     return run.detector_config(args.model, layers=args.layers, input_size=args.input_size, pca=args.pca,
                                solver=args.solver, map_layers=args.map_layers, map_pool=args.map_pool,
                                map_input_size=args.map_input_size, tile_size=args.tile_size,
-                               tile_stride=args.tile_stride, image_score=args.image_score, **fields)
+                               tile_stride=args.tile_stride, image_score=args.image_score, map_detail=args.map_detail,
+                               **fields)
 
 
 def cmd_evaluate(args: argparse.Namespace, run) -> object:
@@ -177,7 +177,7 @@ def cmd_evaluate(args: argparse.Namespace, run) -> object:
     return run.evaluate(run.EvaluateSettings(
         root=args.dataset_directory, categories=args.object_category, train_dir=args.train_dir,
         normal_dir=args.normal_dir, abnormal_dir=args.abnormal_dir, mask_dir=args.mask_dir, config=config,
-        modes=args.modes, skip_unreadable=args.skip_unreadable,
+        modes=args.modes, skip_unreadable=args.skip_unreadable, map_detail=args.map_detail,
         device="cuda" if args.gpu else (args.device or "cpu"), batch_size=args.batch_size, workers=args.workers,
         weights=args.weights, pixel_metrics=args.pixel_metrics == "auto", compile=args.compile,
         precision=args.precision, cache=args.cache, cache_images_only=args.cache_images_only, resize=args.resize,
@@ -188,8 +188,8 @@ def cmd_evaluate(args: argparse.Namespace, run) -> object:
 
 def cmd_fit(args: argparse.Namespace, run) -> object:
     return run.fit(run.FitSettings(
-        train_dir=args.train_dir, out=args.out, config=_config(args, run), holdout=args.holdout,
-        quantile=args.quantile, strict=args.strict, device=args.device, batch_size=args.batch_size,
+        train_dir=args.train_dir, out=args.out, config=_config(args, run), holdout=args.holdout, quantile=args.quantile,
+        strict=args.strict, map_detail=args.map_detail, device=args.device, batch_size=args.batch_size,
         workers=args.workers, weights=args.weights, cache=args.cache, compile=args.compile, precision=args.precision,
         distributed=args.distributed or None, dist_timeout=args.dist_timeout))
 

@@ -16,12 +16,12 @@ from PIL import Image
 
 import cli
 from conftest import NEEDS_NO_CUDA, REPO
-from fre_torch.detection.detector import DetectorConfig
+from fre_torch.detection.detector import DetectorConfig, FREDetector
 from fre_torch.jobs.evaluate import METRICS, PIXEL_METRICS
 from fre_torch.features.synthetic import write_synthetic_mvtec
 
 # The synthetic categories have masks, so the pixel metrics are reported too.
-CATEGORY_KEYS = {*METRICS, *PIXEL_METRICS, "n_train", "n_test", "fit_seconds", "test_images_per_second"}
+CATEGORY_KEYS = {*METRICS, *PIXEL_METRICS, "n_train", "n_test", "fit_seconds", "test_images_per_second", "map_grid"}
 ALL_METRICS = (*METRICS, *PIXEL_METRICS)
 LITE = ["--model", "efficientnet_lite0"]
 
@@ -132,6 +132,28 @@ def test_evaluate_selected_categories(categories: list[str], dataset: Path, tmp_
     doc = json.loads(out_json.read_text(encoding="utf-8"))
     _check_document(doc, categories, 12, 12, {"reference"})
     assert doc["config"]["reference"] is True and doc["config"]["layers"] == ["blocks.8"]
+
+
+@pytest.mark.parametrize(("flags", "grid"), [
+    ([], [4, 4]),  # 64 px images at a 64 px input: no detail they carry beyond it, so no detail head (auto)
+    (["--map_detail", "on"], [8, 8]),  # asked for: the detail head's grid (stride 8 at 64 px)
+    (["--input_size", "32"], [4, 4]),  # images twice the input: the detail head is kept (32 / 8 = 4)
+    (["--input_size", "32", "--map_detail", "off"], [2, 2]),  # the map head's grid alone
+], ids=["auto-small", "on", "auto-large", "off"])
+def test_map_detail_follows_the_image_size(flags: list[str], grid: list[int], dataset: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out_json = tmp_path / "out.json"
+    code, _, err = _run(["evaluate", "--dataset_directory", str(dataset), *LITE, "--object_category", "texture",
+                         "--json", str(out_json), "--batch_size", "16", "--workers", "0", "--input_size", "64",
+                         *flags], capsys)
+    assert code == 0, err
+    assert json.loads(out_json.read_text(encoding="utf-8"))["categories"]["texture"]["map_grid"] == grid
+    # fit decides the same way, and the model file keeps the decision
+    model = tmp_path / "m.pt"
+    code, _, err = _run(["fit", "--train_dir", str(dataset / "texture" / "train"), "--out", str(model), *LITE,
+                         "--input_size", "64", *flags, "--workers", "0"], capsys)
+    assert code == 0, err
+    assert FREDetector.load(model).config.map_grid == tuple(grid)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -81,9 +81,9 @@ def test_concat_fusion_uses_the_same_per_layer_entries(tmp_path):
     summed = _detector(tmp_path).features(images)
     concat = _detector(tmp_path, config=DetectorConfig("efficientnet_lite0", input_size=64, fusion="concat"))
     counted = _Counting(concat)
-    score_row, map_row = concat.features(images)  # one concatenated row per head
+    score_row, map_row, detail_row = concat.features(images)  # one concatenated row per head
     assert counted.images == 0 and torch.equal(score_row, torch.cat(summed[:2], dim=1))
-    assert torch.equal(map_row, torch.cat(summed[2:], dim=1))
+    assert torch.equal(map_row, torch.cat(summed[2:5], dim=1)) and torch.equal(detail_row, torch.cat(summed[5:], 1))
 
 
 @pytest.mark.full

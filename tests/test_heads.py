@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fre_torch import DetectorConfig, FREDetector, run
-from fre_torch.detection.detector import DEFAULT_MAP_LAYERS
+from fre_torch.detection.detector import DEFAULT_DETAIL_LAYERS, DEFAULT_MAP_LAYERS, with_detail_for
 from fre_torch.features import ImageDataset, get_backbone_spec, list_backbones
 
 SIZE = 64
@@ -33,7 +33,7 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.full
 def test_each_head_equals_its_single_head_detector(data) -> None:
     train, test = data
-    cfg = DetectorConfig(LITE, input_size=SIZE)
+    cfg = DetectorConfig(LITE, input_size=SIZE, detail_layers=None)  # the detail head: the next test
     both = FREDetector(cfg).fit(train)
     score_only = FREDetector(DetectorConfig(LITE, input_size=SIZE, layers=cfg.layers, map_layers=None)).fit(train)
     map_only = FREDetector(DetectorConfig(LITE, input_size=SIZE, layers=cfg.map_layers, pool=cfg.map_pool,
@@ -49,6 +49,75 @@ def test_each_head_equals_its_single_head_detector(data) -> None:
                                rtol=1e-5, atol=1e-6)
 
 
+def test_detail_map_is_the_geometric_mean_of_two_single_head_maps(data) -> None:
+    """With the detail head (the default), the map is sqrt(coarse upsampled bilinear x fine), where coarse is the map
+    head's map and fine the detail head's, each equal to a single-head detector fitted alone on the same images."""
+    train, test = data
+    cfg = DetectorConfig(LITE, input_size=SIZE)
+    assert cfg.detail_layers == DEFAULT_DETAIL_LAYERS[LITE] and cfg.map_grid == (8, 8) == cfg.detail_head.grid
+    det = FREDetector(cfg).fit(train)
+    coarse_only = FREDetector(DetectorConfig(LITE, input_size=SIZE, layers=cfg.map_layers, pool=cfg.map_pool,
+                                             map_layers=None)).fit(train)
+    fine_only = FREDetector(DetectorConfig(LITE, input_size=SIZE, layers=cfg.detail_layers, pool=cfg.detail_pool,
+                                           map_layers=None)).fit(train)
+    _, coarse = coarse_only.anomaly_maps(test)
+    _, fine = fine_only.anomaly_maps(test)
+    assert coarse.shape == (6, 4, 4) and fine.shape == (6, 8, 8)
+    up = torch.nn.functional.interpolate(coarse.double()[:, None], size=(8, 8), mode="bilinear",
+                                         align_corners=False)[:, 0]
+    want = (up * fine.double()).sqrt()
+    scores, maps = det.anomaly_maps(test)
+    torch.testing.assert_close(maps.double(), want, rtol=1e-5, atol=0)
+    feats = det.features(test)
+    torch.testing.assert_close(det.head_maps(feats, "coarse"), coarse, rtol=1e-6, atol=0)
+    torch.testing.assert_close(det.head_maps(feats, "detail"), fine, rtol=1e-6, atol=0)
+    # The score head is untouched by the detail head.
+    no_detail = FREDetector(DetectorConfig(LITE, input_size=SIZE, detail_layers=None)).fit(train)
+    torch.testing.assert_close(scores, no_detail.score(test), rtol=1e-6, atol=0)
+
+
+def test_detail_head_settings() -> None:
+    # Only where measured (Lite0), only on one plain pass; asking for it where it cannot combine is an error.
+    assert DetectorConfig("efficientnet_lite1").detail_layers is None
+    assert DetectorConfig(LITE, map_input_size=448).detail_layers is None
+    assert DetectorConfig(LITE, input_size=96, tile_size=64, tile_stride=32).detail_layers is None
+    assert DetectorConfig(LITE, map_layers=None).detail_layers is None
+    assert DetectorConfig.reference(LITE).detail_layers is None
+    with pytest.raises(ValueError, match="map_input_size or tile_size"):
+        DetectorConfig(LITE, map_input_size=448, detail_layers=("blocks.4",))
+    with pytest.raises(ValueError, match="needs a map head"):
+        DetectorConfig(LITE, map_layers=None, detail_layers=("blocks.4",))
+    with pytest.raises(ValueError, match="no layer"):
+        DetectorConfig(LITE, detail_layers=("blocks.99",))
+    assert DetectorConfig("efficientnet_lite1", detail_layers=("blocks.4", "blocks.6")).detail_head.grid == (30, 30)
+
+
+def test_detail_kept_only_for_images_larger_than_the_input() -> None:
+    """``with_detail_for``: the median short side of the training images against 1.5x the map head's input."""
+    cfg = DetectorConfig(LITE)  # 224 px: the detail head needs a median short side >= 336 px
+    assert with_detail_for(cfg, [(384, 384)] * 5) is cfg
+    assert with_detail_for(cfg, [(336, 900)] * 3 + [(100, 100)] * 2) is cfg  # median short side 336
+    small = with_detail_for(cfg, [(335, 900)] * 3 + [(1000, 1000)] * 2)  # median short side 335
+    assert small.detail_layers is None and small.map_grid == (14, 14) and small.layers == cfg.layers
+    assert with_detail_for(cfg, []) is cfg  # nothing to judge by: the configuration as given
+    off = DetectorConfig(LITE, detail_layers=None)
+    assert with_detail_for(off, [(1000, 1000)]) is off
+
+
+def test_model_files_before_the_detail_head_load_without_one(data, tmp_path: Path) -> None:
+    """A version-2 file (written before ``detail_layers`` existed) loads as a two-head detector, maps unchanged."""
+    train, test = data
+    det = FREDetector(DetectorConfig(LITE, input_size=SIZE, detail_layers=None)).fit(train)
+    payload = torch.load(det.save(tmp_path / "m.pt"), weights_only=True)
+    payload["version"] = 2
+    del payload["config"]["detail_layers"], payload["config"]["detail_pool"]
+    torch.save(payload, tmp_path / "v2.pt")
+    old = FREDetector.load(tmp_path / "v2.pt")
+    assert old.config.detail_layers is None and old.config.map_grid == (4, 4)
+    for a, b in zip(old.anomaly_maps(test), det.anomaly_maps(test)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.full
 def test_tiles_are_the_subspace_samples(data) -> None:
     """A 96 px image in 4 tiles of 64 px at stride 32: the shared subspaces are those of a detector fitted on the
@@ -61,7 +130,7 @@ def test_tiles_are_the_subspace_samples(data) -> None:
     def crops(x: torch.Tensor) -> torch.Tensor:  # (B, 3, 96, 96) -> (B * 4, 3, 64, 64), tiles row-major per image
         return torch.stack([x[:, :, t:t + SIZE, l:l + SIZE] for t, l in cfg.score_head.tiles], 1).flatten(0, 1)
 
-    plain = FREDetector(DetectorConfig(LITE, input_size=SIZE, image_score="fre")).fit(crops(train))
+    plain = FREDetector(DetectorConfig(LITE, input_size=SIZE, image_score="fre", detail_layers=None)).fit(crops(train))
     assert [int(s.n_samples) for s in tiled.subspaces] == [40, 40]  # 10 images x 4 tiles
     for a, b in zip([*tiled.subspaces, *tiled.map_subspaces], [*plain.subspaces, *plain.map_subspaces]):
         torch.testing.assert_close(a.components.abs(), b.components.abs(), rtol=1e-4, atol=1e-5)
@@ -123,10 +192,11 @@ def test_a_second_map_pass_equals_a_detector_on_the_larger_images(data) -> None:
 
 def test_non_square_input_keeps_its_shape(tmp_path: Path) -> None:
     cfg = DetectorConfig(LITE, input_size=(64, 160))
-    assert cfg.input_size == (64, 160) and cfg.score_head.grid == (2, 5) and cfg.map_grid == (4, 10)
+    assert cfg.input_size == (64, 160) and cfg.score_head.grid == (2, 5) and cfg.map_head.grid == (4, 10)
+    assert cfg.map_grid == (8, 20)  # the detail head's
     det = FREDetector(cfg).fit(_images(12, 64, 160, 6))
     scores, maps = det.anomaly_maps(_images(2, 64, 160, 7))
-    assert scores.shape == (2,) and maps.shape == (2, 4, 10)
+    assert scores.shape == (2,) and maps.shape == (2, 8, 20)
     # the reader resizes files to (height, width), LANCZOS
     from PIL import Image
 
@@ -145,7 +215,8 @@ def test_two_head_model_file_round_trip(data, tmp_path: Path) -> None:
     det = FREDetector(DetectorConfig(LITE, input_size=SIZE)).fit(train[:18]).calibrate(train[18:], quantile=0.9)
     loaded = FREDetector.load(det.save(tmp_path / "m.pt"))
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
-    assert payload["version"] == 2 and len(payload["map_subspaces"]) == len(DEFAULT_MAP_LAYERS[LITE]) == 3
+    assert payload["version"] == 3  # map head, then detail head
+    assert len(payload["map_subspaces"]) == len(DEFAULT_MAP_LAYERS[LITE]) + len(DEFAULT_DETAIL_LAYERS[LITE]) == 5
     for a, b in zip(det.anomaly_maps(test), loaded.anomaly_maps(test)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert float(loaded.map_scale) == float(det.map_scale)

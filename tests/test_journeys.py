@@ -380,7 +380,7 @@ def test_python_api(tmp_path: Path) -> None:
     code = readme_python("from fre_torch import DetectorConfig, FREDetector")
     probe = code + "\nimport json; print(json.dumps([float(scores[0]), list(maps.shape), float(det.score(images)[0])]))\n"
     score, shape, reloaded = json.loads(python(probe))
-    assert shape == [1, 14, 14] and math.isfinite(score) and reloaded == pytest.approx(score, rel=1e-6)  # saved, loaded, same
+    assert shape == [1, 28, 28] and math.isfinite(score) and reloaded == pytest.approx(score, rel=1e-6)  # saved, loaded, same
 
 
 @pytest.mark.full

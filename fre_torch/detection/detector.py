@@ -57,11 +57,12 @@ from ..core.subspace import (
 if TYPE_CHECKING:  # the cache does file I/O; the detector only calls its key / get / put
     from ..features.images import FeatureCache
 
-__all__ = ["CELL_FOLDS", "DEFAULT_LAYERS", "DEFAULT_MAP_LAYERS", "DetectorConfig", "FREDetector", "MAP_FLOOR_QUANTILE",
-           "MAP_SCALE_QUANTILE", "MODES", "ModelFileError", "ROW_SPAN_MAX_BYTES", "embed", "upsample_maps"]
+__all__ = ["CELL_FOLDS", "DEFAULT_DETAIL_LAYERS", "DEFAULT_LAYERS", "DEFAULT_MAP_LAYERS", "DETAIL_MIN_SCALE",
+           "DetectorConfig", "embed", "FREDetector", "MAP_FLOOR_QUANTILE", "MAP_SCALE_QUANTILE", "ModelFileError",
+           "MODES", "ROW_SPAN_MAX_BYTES", "upsample_maps", "with_detail_for"]
 
 _FORMAT = "fre_torch.detector"
-_VERSION = 2  # 2: two heads (map_subspaces, map_scales); version-1 files load as one head
+_VERSION = 3  # 2: two heads (map_subspaces, map_scales); 3: the detail head. Version-1 files load as one head
 _MIN_RESIDUAL_FRACTION = 1e-6  # floor of a layer's score scale, as a fraction of its total variance
 # Fitting modes: closed-form PCA, or a linear autoencoder trained by gradient descent, tied or untied.
 MODES = ("pca", "tae", "ae")
@@ -107,6 +108,13 @@ DEFAULT_MAP_LAYERS: dict[str, tuple[str, ...]] = {
     "resnet50": ("layer2", "layer3"),
     "wide_resnet50_2": ("layer2", "layer3"),
 }
+# Default layers of the detail head: the map head's stride-8 layers unpooled, a grid twice as fine again (28 x 28 at
+# 224 px). The map is the geometric mean of the two heads' maps (``FREDetector.head_maps``): a cell is high only where
+# the coarse map (whole-part context) and the fine one (the defect's outline) agree. Measured on Lite0 only
+# (benchmarks/local_model_study.py, BENCHMARKS.md); other backbones have no detail head unless asked for.
+DEFAULT_DETAIL_LAYERS: dict[str, tuple[str, ...]] = {
+    "efficientnet_lite0": ("blocks.3", "blocks.4"),
+}
 
 
 def _size_field(value: Any, what: str, minimum: int) -> int | tuple[int, int]:
@@ -151,6 +159,11 @@ class DetectorConfig:
         map_pool: average-pooling kernel of the first map layer's map: the map grid.
         map_input_size: the map head's image size (int or ``(height, width)``); 0 = ``input_size`` (one backbone pass
             for both heads), else a second pass at this size.
+        detail_layers: the detail head's layers: a third head on the map head's pass, on its own finer grid; the
+            anomaly map is then the geometric mean of the map head's map (upsampled bilinear to the finer grid) and
+            the detail head's. Empty = ``DEFAULT_DETAIL_LAYERS`` (none for backbones without an entry, and none
+            with tiling or ``map_input_size``); None = no detail head (the map head's map alone).
+        detail_pool: average-pooling kernel of the first detail layer's map: the detail grid (1 = the layer's own).
         tile_size: 0 (no tiling) or the side (int or ``(height, width)``) of square-ish tiles cut from the
             ``input_size`` image, each run through the backbone at that size; both heads read the tiles, and one
             subspace per layer is shared by all tile positions (the tiles are its samples).
@@ -181,6 +194,8 @@ class DetectorConfig:
     map_layers: tuple[str, ...] | None = ()
     map_pool: int = 2
     map_input_size: int | tuple[int, int] = 0
+    detail_layers: tuple[str, ...] | None = ()
+    detail_pool: int = 1
     tile_size: int | tuple[int, int] = 0
     tile_stride: int | tuple[int, int] = 0
     image_score: str = "top"
@@ -192,7 +207,7 @@ class DetectorConfig:
                                     DEFAULT_LAYERS.get(self.backbone, spec.default_layers), "layers")
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "input_size", _size_field(self.input_size or spec.input_size, "input_size", 32))
-        for name in ("pool", "map_pool"):
+        for name in ("pool", "map_pool", "detail_pool"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -216,6 +231,7 @@ class DetectorConfig:
         select_n_components(torch.ones(1), self.n_components, 2 ** 31 - 1, 2 ** 31 - 1)  # range check only
         self._resolve_map_head(spec)
         self._resolve_tiling()
+        self._resolve_detail_head()
         if self.image_score not in ("fre", "top"):
             raise ValueError(f"image_score must be 'fre' or 'top', got {self.image_score!r}")
         if self.kernel is not None:
@@ -254,6 +270,23 @@ class DetectorConfig:
             object.__setattr__(self, "map_input_size", _size_field(self.map_input_size, "map_input_size", 32))
             if as_hw(self.map_input_size) == as_hw(self.input_size):
                 object.__setattr__(self, "map_input_size", 0)  # the same size: one pass, not two
+
+    def _resolve_detail_head(self) -> None:
+        asked = bool(self.detail_layers)
+        if self.detail_layers is not None and not asked:  # the default: only where it was measured, one plain pass
+            default = DEFAULT_DETAIL_LAYERS.get(self.backbone, ())
+            plain = self.map_layers is not None and not self.map_input_size and not self.tile_size
+            object.__setattr__(self, "detail_layers", default if default and plain else None)
+            return
+        if self.detail_layers is None:
+            return
+        if self.map_layers is None:
+            raise ValueError("detail_layers needs a map head (map_layers): its map is combined with the map head's")
+        if self.map_input_size or self.tile_size:
+            raise ValueError("detail_layers does not combine with map_input_size or tile_size: the detail head reads "
+                             "the map head's single pass at input_size; drop one of them")
+        layers = self._check_layers(tuple(self.detail_layers), "detail_layers")
+        object.__setattr__(self, "detail_layers", layers)
 
     def _resolve_tiling(self) -> None:
         if not self.tile_size:
@@ -303,10 +336,17 @@ class DetectorConfig:
         return self._head(self.map_layers, self.map_pool, self.map_input_size or self.input_size)
 
     @property
+    def detail_head(self) -> HeadGeometry | None:
+        """The detail head (``detail_layers``, at the map head's image size), or None."""
+        if self.detail_layers is None:
+            return None
+        return self._head(self.detail_layers, self.detail_pool, self.map_input_size or self.input_size)
+
+    @property
     def heads(self) -> tuple[HeadGeometry, ...]:
-        """The score head, then the map head if there is one: the order of ``features``' vectors."""
-        map_head = self.map_head
-        return (self.score_head,) if map_head is None else (self.score_head, map_head)
+        """The score head, then the map head and the detail head where there are: the order of ``features``'
+        vectors."""
+        return tuple(h for h in (self.score_head, self.map_head, self.detail_head) if h is not None)
 
     @property
     def load_size(self) -> int | tuple[int, int]:
@@ -317,8 +357,9 @@ class DetectorConfig:
 
     @property
     def map_grid(self) -> tuple[int, int]:
-        """``(GH, GW)`` of the anomaly maps: the map head's (the score head's without one), tiles stitched."""
-        return (self.map_head or self.score_head).canvas
+        """``(GH, GW)`` of the anomaly maps: the detail head's, else the map head's (the score head's without one),
+        tiles stitched."""
+        return (self.detail_head or self.map_head or self.score_head).canvas
 
     @property
     def layer_dims(self) -> tuple[int, ...]:
@@ -340,8 +381,14 @@ class DetectorConfig:
 
     @property
     def n_score_subspaces(self) -> int:
-        """How many of ``layer_features`` belong to the score head (the rest to the map head)."""
+        """How many of ``layer_features`` belong to the score head (the rest to the map and detail heads)."""
         return len(self._fused(self.score_head, self.score_head.dims))
+
+    @property
+    def n_map_subspaces(self) -> int:
+        """How many of ``layer_features`` belong to the map head (0 without one); the detail head's follow them."""
+        head = self.map_head
+        return 0 if head is None else len(self._fused(head, head.dims))
 
     @classmethod
     def reference(cls, backbone: str = "efficientnet_b5") -> DetectorConfig:
@@ -350,7 +397,7 @@ class DetectorConfig:
         spec = get_backbone_spec(backbone)
         return cls(backbone=backbone, layers=tuple(spec.default_layers), input_size=spec.input_size, pool=2,
                    n_components=0.97, solver="auto", normalization="imagenet", normalize_scores=False,
-                   map_layers=None, image_score="fre")
+                   map_layers=None, detail_layers=None, image_score="fre")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (lists for tuples): JSON documents and model files."""
@@ -859,9 +906,14 @@ class FREDetector(nn.Module):
         divided by the subspace's scale; a head's layers are summed (they share the grid). A vector inside its
         subspace gives a map of exactly zero up to rounding.
 
+        With a detail head, 'map' is the geometric mean of the map head's map, upsampled bilinear to the detail grid,
+        and the detail head's map (both are squared residuals, so it is >= 0, and 0 wherever either model
+        reconstructs the cell exactly).
+
         Args:
             features: rows from ``features``.
-            head: 'map' (the map head; the score head when there is none) or 'score'.
+            head: 'map' (the anomaly map: the map head's, combined with the detail head's where there is one; the
+                score head's when there is no map head), 'score', 'coarse' (the map head's alone) or 'detail'.
             stitched: the tiles placed on the image's grid, ``(B, GH, GW)``; False gives them apart,
                 ``(B, T, gh, gw)``. The score head's unstitched maps are the cells of the image score
                 (``score_from_cells``); with ``image_score='fre'`` the score is their sum (up to rounding: that
@@ -871,13 +923,26 @@ class FREDetector(nn.Module):
         if self.config.kernel is not None:
             raise ValueError("anomaly maps need the linear mode: kernel FRE is computed on whole-image vectors, whose "
                              "kernel features have no spatial layout; fit with kernel=None for maps")
-        n = self.config.n_score_subspaces
+        if head not in ("map", "score", "coarse", "detail"):
+            raise ValueError(f"head must be 'map', 'score', 'coarse' or 'detail', got {head!r}")
+        c = self.config
+        n, m = c.n_score_subspaces, c.n_map_subspaces
         if head == "score" or not self.map_subspaces:
-            geometry, models, rows_, scales = self.config.score_head, self.subspaces, features[:n], self.scales
-        elif head == "map":
-            geometry, models, rows_, scales = self.config.map_head, self.map_subspaces, features[n:], self.map_scales
+            geometry, models, rows_, scales = c.score_head, self.subspaces, features[:n], self.scales
+        elif head == "detail" or (head == "map" and c.detail_head is not None):
+            if c.detail_head is None:
+                raise ValueError("this detector has no detail head (detail_layers=None)")
+            fine = self._cell_maps(features[n + m:], self.map_subspaces[m:], self.map_scales[m:], c.detail_head)
+            if head == "detail":
+                return stitch(fine, c.detail_head) if stitched else fine
+            coarse = self.head_maps(features, "coarse")
+            coarse = F.interpolate(coarse[:, None], size=fine.shape[-2:], mode="bilinear", align_corners=False)
+            # Geometric mean: high only where both agree (the coarse map's context, the fine map's outline). Both are
+            # sums of squared residuals (>= 0); the clamp only guards rounding of the bilinear weights.
+            both = (coarse[:, 0].clamp_min(0) * fine[:, 0].clamp_min(0)).sqrt()
+            return both if stitched else both[:, None]
         else:
-            raise ValueError(f"head must be 'map' or 'score', got {head!r}")
+            geometry, models, rows_, scales = c.map_head, self.map_subspaces[:m], features[n:n + m], self.map_scales[:m]
         total = self._cell_maps(rows_, models, scales, geometry)
         return stitch(total, geometry) if stitched else total
 
@@ -1026,10 +1091,12 @@ class FREDetector(nn.Module):
         if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
             raise ModelFileError(f"{path} is not a fre_torch detector file")
         version = payload.get("version")
-        if version not in (1, _VERSION):
-            raise ModelFileError(f"{path} has model-file version {version}; this fre_torch reads versions 1 and "
+        if version not in (1, 2, _VERSION):
+            raise ModelFileError(f"{path} has model-file version {version}; this fre_torch reads versions 1 to "
                                  f"{_VERSION}")
         config_dict = dict(payload["config"])
+        if version < 3:
+            config_dict["detail_layers"] = None  # written before the detail head: maps from the map head alone
         if version == 1:
             # Written before the two heads: its maps came from the score layers. Converted as such, so it loads and
             # scores exactly as it did (DetectorConfig's map head default would ask for subspaces it does not have).
@@ -1078,6 +1145,34 @@ class FREDetector(nn.Module):
         if "map_floor" in payload:
             det.map_floor = payload["map_floor"].to(det.device, torch.float64)
         return det
+
+
+DETAIL_MIN_SCALE = 1.5
+"""``with_detail_for`` keeps the detail head when the training images' median short side is at least this many times
+the map head's input short side: the finer grid then shows detail the images carry (a 28 x 28 cell at 224 px spans
+12 or more of their own pixels), rather than resampled pixels. Measured: bottle (384 px, 1.7x) and screw (512 px,
+2.3x) gain PRO +0.010 / +0.021 with it; magnetic_tile (median short side 257 px, 1.15x; a third of its images are
+narrower than 224 px) loses pixel AUROC 0.016."""
+
+
+def with_detail_for(config: DetectorConfig, sizes: Sequence[tuple[int, int]]) -> DetectorConfig:
+    """``config`` with its detail head kept only if the training images are large enough (``DETAIL_MIN_SCALE``).
+
+    Args:
+        config: a configuration; returned unchanged without a detail head or without ``sizes``.
+        sizes: ``(H, W)`` of the training images as stored (before any resizing).
+
+    Returns:
+        ``config``, or a copy with ``detail_layers=None`` when the median short side of ``sizes`` is below
+        ``DETAIL_MIN_SCALE`` times the short side of the map head's input.
+    """
+    head = config.detail_head
+    if head is None or not sizes:
+        return config
+    short = torch.tensor([min(h, w) for h, w in sizes], dtype=torch.float64)
+    if float(short.median()) >= DETAIL_MIN_SCALE * min(head.image_size):
+        return config
+    return dataclasses.replace(config, detail_layers=None)
 
 
 MAP_SCALE_QUANTILE = 0.999

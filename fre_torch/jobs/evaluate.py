@@ -248,9 +248,10 @@ def _pixel_metrics(cat: MVTecCategory, grid_maps: torch.Tensor) -> dict[str, flo
 
 
 def summarize(results: dict[str, dict[str, Any]], config: DetectorConfig, extra: dict[str, Any]) -> dict[str, Any]:
-    """The JSON document: per-category metrics (without raw scores), their mean, and the configuration."""
+    """The JSON document: per-category metrics (without raw scores) and map grid, their mean, and the
+    configuration (``detail_layers`` as asked; a category's ``map_grid`` says whether its detail head was kept)."""
     keep = METRICS + PIXEL_METRICS + ("n_train", "n_test", "n_unreadable_skipped", "fit_seconds",
-                                      "test_images_per_second", "threshold")
+                                      "test_images_per_second", "threshold", "map_grid")
     categories = {name: {k: r[k] for k in keep if k in r} for name, r in results.items()}
     for name, r in results.items():
         if r.get("defective_without_mask"):

@@ -73,7 +73,8 @@ class FitResult:
         out = []
         if self.path is not None:
             size_mb = self.path.stat().st_size / 2**20
-            heads = f"score {list(c.layers)}" + (f", map {list(c.map_layers)}" if c.map_layers is not None else "")
+            heads = f"score {list(c.layers)}" + (f", map {list(c.map_layers)}" if c.map_layers is not None else "") \
+                + (f", detail {list(c.detail_layers)}" if c.detail_layers is not None else "")
             out.append(f"wrote {self.path} ({size_mb:.1f} MB): {c.backbone} {heads}, fitted on {self.n_fit} images")
         out.append(f"threshold {float(det.threshold):.4g} = the {det.threshold_quantile:g} quantile of the held-out "
                    f"normal images' scores: {stats.summary()}")

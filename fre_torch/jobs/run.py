@@ -28,10 +28,11 @@ from typing import Any, Protocol
 import torch
 
 from ..core.distributed import ProcessContext, process_context, shard
-from ..detection.detector import DetectorConfig, FREDetector
+from ..detection.detector import DetectorConfig, FREDetector, with_detail_for
 from ..features.backbones import get_backbone_spec, list_backbones
 from ..features.files import check_output_dir, check_output_file
-from ..features.images import FeatureCache, MVTecCategory, TestSample, list_categories, load_image
+from ..features.images import (FeatureCache, ImageReadError, MVTecCategory, TestSample, image_size, list_categories,
+                               list_images, load_image)
 from ..features.verify import unreadable
 from .evaluate import evaluate_category, format_table, summarize, write_json, write_scores_csv
 from .export import MAP_TOLERANCE, SCORE_TOLERANCE, ExportResult, export_detector
@@ -97,7 +98,7 @@ def list_models() -> list[str]:
 
 def detector_config(model: str | None = None, *, reference: bool = False, layers: Sequence[str] | None = None,
                     input_size: int | Sequence[int] = 0, pca: float = 0.97, solver: str = "auto",
-                    map_layers: Sequence[str] | None = None, **fields: Any) -> DetectorConfig:
+                    map_layers: Sequence[str] | None = None, map_detail: str = "auto", **fields: Any) -> DetectorConfig:
     """A ``DetectorConfig`` from the command line's values.
 
     Args:
@@ -110,6 +111,8 @@ def detector_config(model: str | None = None, *, reference: bool = False, layers
         pca: explained-variance fraction in (0, 1), or a whole number >= 1 of components.
         solver: 'auto', 'gram' or 'covariance'.
         map_layers: the map head's layers; None / empty = the defaults; ``["none"]`` = no map head.
+        map_detail: 'auto' or 'on' (the default detail head, where the backbone has one; ``map_detail`` of
+            ``EvaluateSettings`` / ``FitSettings`` decides 'auto' per training set) or 'off' (none).
         **fields: further ``DetectorConfig`` fields (``pool``, ``fusion``, ``kernel``, ``map_pool``,
             ``map_input_size``, ``tile_size``, ``tile_stride``, ...); sizes may be one- or two-element lists.
 
@@ -120,14 +123,38 @@ def detector_config(model: str | None = None, *, reference: bool = False, layers
         model = REFERENCE_MODEL if reference else DEFAULT_MODEL
     if model not in list_backbones():
         raise ValueError(f"unknown model {model!r}; available: {', '.join(list_backbones())}")
+    if map_detail not in DETAIL_MODES:
+        raise ValueError(f"map_detail must be one of {', '.join(DETAIL_MODES)}, got {map_detail!r}")
     if reference:
         config = DetectorConfig.reference(model)
     else:
+        if map_detail == "off":
+            fields = {**fields, "detail_layers": None}
         sizes = {k: _size(v, k) for k, v in fields.items() if k in ("map_input_size", "tile_size", "tile_stride")}
         heads = None if list(map_layers or []) == ["none"] else tuple(map_layers or ())
         config = DetectorConfig(backbone=model, layers=tuple(layers or ()), input_size=_size(input_size, "input_size"),
                                 n_components=_n_components(pca), map_layers=heads, **{**fields, **sizes})
     return config if solver == config.solver else dataclasses.replace(config, solver=solver)
+
+
+DETAIL_MODES = ("auto", "on", "off")
+
+
+def detail_for_images(config: DetectorConfig, paths: Sequence[Path], map_detail: str) -> DetectorConfig:
+    """``config`` for training images ``paths``: with ``map_detail='auto'`` the detail head is kept only where the
+    images are large enough (``fre_torch.detection.detector.with_detail_for``, from their file headers; unreadable
+    files are left out of the count); 'on' / 'off' leave ``config`` as it is."""
+    if map_detail not in DETAIL_MODES:
+        raise ValueError(f"map_detail must be one of {', '.join(DETAIL_MODES)}, got {map_detail!r}")
+    if map_detail != "auto" or config.detail_head is None:
+        return config
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(image_size(path))
+        except ImageReadError:
+            continue
+    return with_detail_for(config, sizes)
 
 
 def _size(value: int | Sequence[int], flag: str) -> int | tuple[int, int]:
@@ -203,6 +230,9 @@ class EvaluateSettings:
             False never.
         dist_timeout: seconds a rank waits for the others (default 600).
         tags: extra key/values recorded in the JSON ``config`` and the report (``cli.py`` records ``reference``).
+        map_detail: 'auto' (default): per category, the detail head is kept only when its training images are
+            large enough (``detail_for_images``); 'on' / 'off': ``config`` as it is. The JSON records each
+            category's ``map_grid``.
         skip_unreadable: every image of the run (training and test images, masks) is checked before any work; an
             undecodable one is an error naming them all (False), or is left out and counted (True): the result's
             ``n_unreadable_skipped`` per category, a ``skipped`` column in the table; an unreadable mask leaves its
@@ -236,6 +266,7 @@ class EvaluateSettings:
     dist_timeout: float | None = None
     tags: Mapping[str, Any] = field(default_factory=dict)
     skip_unreadable: bool = False
+    map_detail: str = "auto"
 
 
 @dataclass
@@ -498,10 +529,17 @@ def _evaluate_categories(s: EvaluateSettings, config: DetectorConfig, categories
                          ctx: ProcessContext, progress: ProgressFactory | None,
                          feature_cache: FeatureCache | None) -> dict[str, dict[str, Any]]:
     """Fit and evaluate one configuration on every category."""
-    detector = FREDetector(config, device=ctx.device, weights=s.weights, compile=s.compile, precision=s.precision,
-                           feature_cache=feature_cache)
-    if detector.compiled:
-        detector.warmup(s.batch_size)  # compile once, before the timed fit and test passes
+    detectors: dict[DetectorConfig, FREDetector] = {}
+
+    def detector_for(cfg: DetectorConfig) -> FREDetector:
+        if cfg not in detectors:  # one per configuration: categories whose images differ in size may differ
+            det = FREDetector(cfg, device=ctx.device, weights=s.weights, compile=s.compile, precision=s.precision,
+                              feature_cache=feature_cache)
+            if det.compiled:
+                det.warmup(s.batch_size)  # compile once, before the timed fit and test passes
+            detectors[cfg] = det
+        return detectors[cfg]
+
     keep_maps = bool(s.keep_maps or s.heatmaps or s.report)
     passes = 2 if keep_maps else 1  # the cross-fitting pass reads the training images once more
     results = {}
@@ -513,10 +551,12 @@ def _evaluate_categories(s: EvaluateSettings, config: DetectorConfig, categories
             len(shard(cat.test, unit=s.batch_size, what=f"{name} test images"))
         bar = progress(n, name) if progress is not None and ctx.is_main else None
         try:
+            detector = detector_for(detail_for_images(config, cat.train, s.map_detail))
             results[name] = evaluate_category(detector, cat.root.parent, cat, batch_size=s.batch_size,
                                               num_workers=s.workers, progress=bar, pixel_metrics=s.pixel_metrics,
                                               keep_maps=keep_maps, cache=s.cache,
                                               cache_features=not s.cache_images_only, resize=s.resize)
+            results[name]["map_grid"] = list(detector.config.map_grid)
         finally:
             if bar is not None:
                 bar.close()
@@ -568,8 +608,8 @@ class FitSettings:
         quantile: the threshold is this quantile of the held-out scores.
         strict: stop at the first unreadable image instead of skipping it.
         seed: seeds the hold-out split.
-        device, batch_size, workers, weights, cache, compile, precision, distributed, dist_timeout: as for
-            ``EvaluateSettings``.
+        device, batch_size, workers, weights, cache, compile, precision, distributed, dist_timeout, map_detail: as
+            for ``EvaluateSettings`` (``map_detail`` decided on all images of ``train_dir``).
     """
 
     train_dir: str | os.PathLike
@@ -588,6 +628,7 @@ class FitSettings:
     precision: str = "auto"
     distributed: bool | None = None
     dist_timeout: float | None = None
+    map_detail: str = "auto"
 
 
 def fit(settings: FitSettings) -> FitResult:
@@ -602,7 +643,8 @@ def fit(settings: FitSettings) -> FitResult:
         raise FileNotFoundError(f"training folder not found: {s.train_dir}")
     _check_batch_size(s.batch_size)
     with process_context(s.device, distributed=s.distributed, timeout=s.dist_timeout) as ctx:
-        result = fit_folder(s.train_dir, s.config, device=str(ctx.device), holdout=s.holdout, quantile=s.quantile,
+        config = detail_for_images(s.config, list_images(s.train_dir, recursive=True), s.map_detail)
+        result = fit_folder(s.train_dir, config, device=str(ctx.device), holdout=s.holdout, quantile=s.quantile,
                             batch_size=s.batch_size, num_workers=s.workers,
                             weights=None if s.weights is None else str(s.weights), seed=s.seed, cache=s.cache,
                             compile=s.compile, precision=s.precision, strict=s.strict)
