@@ -17,12 +17,13 @@ neighbourhood alone. Candidates, all on the same cached Lite0 224 px features (`
 - ``cluster_gG_aA``: k-means (16 clusters) on each layer's cell vectors, shared by all positions, a PCA(0.97) per
   cluster; a cell's error is its smallest over clusters, in units of that cluster's residual variance.
 - ``global_gG_aA``: the default head's whole-map subspaces on the finer grid G (pool 1): A = 0 all three map
-  layers, A = 1 only the stride-8 ``blocks.3`` + ``blocks.4``. Not local: a finer global model.
+  layers, A = 1 only the stride-8 ``blocks.3`` + ``blocks.4``, A = 2 those and ``blocks.2`` pooled by 2. Not
+  local: a finer global model.
 - ``<model>+sum|geo|max``: the default map and the model's map combined cell by cell after dividing each by its
   normal level (the mean of its out-of-fold maps on the training images, 5 folds, so neither is judged on the images
   it was fitted on): ``sum`` (the mean of the two), ``geo`` (their geometric mean, which needs no level: a cell is
   high only where both models agree, so one model's false alarms are damped by the other), ``max``.
-  ``global_g28_a1+geo`` became the detail head (``DetectorConfig.detail_layers``).
+  ``global_g28_a2+geo`` became the detail head (``DetectorConfig.detail_layers``).
 
 Candidates are given as ``KIND:GRIDxAGG`` (``--locals shared:28x3 position:28x1 global:28x1 ...``). Maps are scored
 as ``localisation_study`` scores them (pixel AUROC and PRO at the images' own size, image AUROC of
@@ -206,17 +207,17 @@ class ClusterLocal:
 
 class GlobalGrid:
     """The default head's whole-map subspaces on a finer grid: ``a`` = 0 takes all three map layers, 1 only the
-    stride-8 ``blocks.3`` + ``blocks.4`` (pool 1 at g = 28)."""
+    stride-8 ``blocks.3`` + ``blocks.4`` (pool 1 at g = 28), 2 the stride-4 ``blocks.2`` (pooled by 2) with them."""
 
     def __init__(self, g: int, a: int) -> None:
         self.g, self.a = g, a
 
     def _sel(self, maps: Sequence[Tensor]) -> list[Tensor]:
-        return list(maps) if self.a == 0 else list(maps[:2])
+        return list(maps[:3]) if self.a == 0 else list(maps[:2]) if self.a == 1 else [maps[3], *maps[:2]]
 
     def fit(self, maps: Sequence[Tensor]) -> GlobalGrid:
-        layers = MAP_LAYERS if self.a == 0 else MAP_LAYERS[:2]
-        pool = 28 // self.g
+        layers = MAP_LAYERS if self.a == 0 else MAP_LAYERS[:2] if self.a == 1 else ("blocks.2", *MAP_LAYERS[:2])
+        pool = 28 // self.g * (2 if self.a == 2 else 1)
         self.config = DetectorConfig(L0, layers=layers, input_size=224, pool=pool, map_layers=None, image_score="fre")
         self.det = RowsDetector(self.config, embed(self._sel(maps), self.config.map_grid))
         self.det.fit(_all(maps[0].shape[0]), batch_size=4096, cell_statistics=False)
@@ -271,8 +272,9 @@ def run_set(name: str, root: Path, store: Store, threads: int, locals_: Sequence
     folder, category = SETS[name]
     cat = MVTecCategory.load(root / folder, category)
     feats, _ = features(PASS, cat, store, _files_digest(cat), threads)
-    train = [feats["train"][layer] for layer in MAP_LAYERS]
-    test = [feats["test"][layer] for layer in MAP_LAYERS]
+    # The map layers, then blocks.2 (read only by the global:G x 2 candidate; the others take the first three).
+    train = [feats["train"][layer] for layer in (*MAP_LAYERS, "blocks.2")]
+    test = [feats["test"][layer] for layer in (*MAP_LAYERS, "blocks.2")]
     out: dict[str, dict[str, Any]] = {}
 
     def record(cand: str, maps: Tensor, seconds: float) -> None:
@@ -282,17 +284,18 @@ def run_set(name: str, root: Path, store: Store, threads: int, locals_: Sequence
               f"  {seconds:.1f}s", flush=True)
 
     t0 = time.perf_counter()
-    g_maps = global_maps(train, test)
+    g_maps = global_maps(train[:3], test[:3])
     record("global", g_maps, time.perf_counter() - t0)
-    g_level = out_of_fold_level(global_maps, train)
+    g_level = out_of_fold_level(global_maps, train[:3])
     for kind, grid, agg in locals_:
         cls = LOCALS[kind]
+        n = 4 if kind == "global" else 3
         t0 = time.perf_counter()
-        model = cls(grid, agg).fit(train)
-        l_maps = model.maps(test)
+        model = cls(grid, agg).fit(train[:n])
+        l_maps = model.maps(test[:n])
         tag = f"{kind}_g{grid}_a{agg}"
         record(tag, l_maps, time.perf_counter() - t0)
-        l_level = out_of_fold_level(lambda tr, te: cls(grid, agg).fit(tr).maps(te), train)
+        l_level = out_of_fold_level(lambda tr, te: cls(grid, agg).fit(tr).maps(te), train[:n])
         g = _up(g_maps, grid) / g_level
         loc = l_maps / l_level
         record(f"{tag}+sum", (g + loc) / 2, 0.0)

@@ -277,7 +277,7 @@ def test_detector_mode_fits_scores_maps_and_round_trips(mode: str, synth_images,
     det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=64, mode=mode, image_score="fre"), device="cpu")
     det.fit(synth_images["train"])
     models = [*det.subspaces, *det.map_subspaces]  # all three heads train the same kind of model
-    assert len(models) == len(det.config.layer_features) == 7
+    assert len(models) == len(det.config.layer_features) == 8
     assert all(isinstance(m, LinearAutoencoder) and m.tied == (mode == "tae") for m in models)
     # Same k as PCA on the same rows; the score scale is the AE's training residual variance.
     assert [m.n_components_ for m in det.subspaces] == [s.n_components for s in pca_detector.subspaces]

@@ -65,9 +65,11 @@ def test_default_config_shape() -> None:
     assert cfg.layers == ("blocks.8", "blocks.14") and cfg.map_layers == ("blocks.3", "blocks.4", "blocks.8")
     assert cfg.input_size == 224 and cfg.load_size == 224 and cfg.map_input_size == 0  # one backbone pass
     assert cfg.score_head.grid == (7, 7) and cfg.map_head.grid == (14, 14)
-    assert cfg.detail_layers == ("blocks.3", "blocks.4") and cfg.detail_head.grid == (28, 28) == cfg.map_grid
-    # score head: 112 x 7 x 7, 192 x 7 x 7; map head: 40 x 14 x 14 (twice), 112 x 14 x 14; detail: 40 x 28 x 28 twice
-    assert cfg.layer_features == (5488, 9408, 7840, 7840, 21952, 31360, 31360)
+    assert cfg.detail_layers == ("blocks.2", "blocks.3", "blocks.4") and cfg.detail_pool == 2  # stride 4 pooled by 2
+    assert cfg.detail_head.grid == (28, 28) == cfg.map_grid
+    # score head: 112 x 7 x 7, 192 x 7 x 7; map head: 40 x 14 x 14 (twice), 112 x 14 x 14; detail: 24 x 28 x 28,
+    # 40 x 28 x 28 (twice)
+    assert cfg.layer_features == (5488, 9408, 7840, 7840, 21952, 18816, 31360, 31360)
     assert cfg.n_score_subspaces == 2 and cfg.n_map_subspaces == 3
 
 

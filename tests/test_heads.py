@@ -89,7 +89,13 @@ def test_detail_head_settings() -> None:
         DetectorConfig(LITE, map_layers=None, detail_layers=("blocks.4",))
     with pytest.raises(ValueError, match="no layer"):
         DetectorConfig(LITE, detail_layers=("blocks.99",))
+    # detail_pool 0 (default): the first detail layer pooled to stride 8, whatever its own stride
     assert DetectorConfig("efficientnet_lite1", detail_layers=("blocks.4", "blocks.6")).detail_head.grid == (30, 30)
+    assert DetectorConfig(LITE, detail_layers=("blocks.3", "blocks.4")).detail_pool == 1
+    assert DetectorConfig(LITE, detail_layers=("blocks.1", "blocks.4")).detail_pool == 2  # blocks.1: stride 4
+    assert DetectorConfig(LITE, detail_pool=4).detail_head.grid == (14, 14)
+    with pytest.raises(ValueError, match="detail_pool must be an int >= 0"):
+        DetectorConfig(LITE, detail_pool=-1)
 
 
 def test_detail_kept_only_for_images_larger_than_the_input() -> None:
@@ -216,7 +222,7 @@ def test_two_head_model_file_round_trip(data, tmp_path: Path) -> None:
     loaded = FREDetector.load(det.save(tmp_path / "m.pt"))
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     assert payload["version"] == 3  # map head, then detail head
-    assert len(payload["map_subspaces"]) == len(DEFAULT_MAP_LAYERS[LITE]) + len(DEFAULT_DETAIL_LAYERS[LITE]) == 5
+    assert len(payload["map_subspaces"]) == len(DEFAULT_MAP_LAYERS[LITE]) + len(DEFAULT_DETAIL_LAYERS[LITE]) == 6
     for a, b in zip(det.anomaly_maps(test), loaded.anomaly_maps(test)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert float(loaded.map_scale) == float(det.map_scale)

@@ -108,12 +108,12 @@ DEFAULT_MAP_LAYERS: dict[str, tuple[str, ...]] = {
     "resnet50": ("layer2", "layer3"),
     "wide_resnet50_2": ("layer2", "layer3"),
 }
-# Default layers of the detail head: the map head's stride-8 layers unpooled, a grid twice as fine again (28 x 28 at
-# 224 px). The map is the geometric mean of the two heads' maps (``FREDetector.head_maps``): a cell is high only where
+# Default layers of the detail head: the map head's stride-8 layers unpooled and the last stride-4 block (receptive
+# field 19 px) pooled by 2, on a grid twice as fine again (28 x 28 at 224 px; ``detail_pool`` 0 = to stride 8). The map is the geometric mean of the two heads' maps (``FREDetector.head_maps``): a cell is high only where
 # the coarse map (whole-part context) and the fine one (the defect's outline) agree. Measured on Lite0 only
 # (benchmarks/local_model_study.py, BENCHMARKS.md); other backbones have no detail head unless asked for.
 DEFAULT_DETAIL_LAYERS: dict[str, tuple[str, ...]] = {
-    "efficientnet_lite0": ("blocks.3", "blocks.4"),
+    "efficientnet_lite0": ("blocks.2", "blocks.3", "blocks.4"),
 }
 
 
@@ -163,7 +163,8 @@ class DetectorConfig:
             anomaly map is then the geometric mean of the map head's map (upsampled bilinear to the finer grid) and
             the detail head's. Empty = ``DEFAULT_DETAIL_LAYERS`` (none for backbones without an entry, and none
             with tiling or ``map_input_size``); None = no detail head (the map head's map alone).
-        detail_pool: average-pooling kernel of the first detail layer's map: the detail grid (1 = the layer's own).
+        detail_pool: average-pooling kernel of the first detail layer's map: the detail grid; 0 = the kernel that
+            brings it to stride 8 (``8 // stride``, at least 1: 28 x 28 at 224 px).
         tile_size: 0 (no tiling) or the side (int or ``(height, width)``) of square-ish tiles cut from the
             ``input_size`` image, each run through the backbone at that size; both heads read the tiles, and one
             subspace per layer is shared by all tile positions (the tiles are its samples).
@@ -195,7 +196,7 @@ class DetectorConfig:
     map_pool: int = 2
     map_input_size: int | tuple[int, int] = 0
     detail_layers: tuple[str, ...] | None = ()
-    detail_pool: int = 1
+    detail_pool: int = 0
     tile_size: int | tuple[int, int] = 0
     tile_stride: int | tuple[int, int] = 0
     image_score: str = "top"
@@ -207,7 +208,7 @@ class DetectorConfig:
                                     DEFAULT_LAYERS.get(self.backbone, spec.default_layers), "layers")
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "input_size", _size_field(self.input_size or spec.input_size, "input_size", 32))
-        for name in ("pool", "map_pool", "detail_pool"):
+        for name in ("pool", "map_pool"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -272,11 +273,16 @@ class DetectorConfig:
                 object.__setattr__(self, "map_input_size", 0)  # the same size: one pass, not two
 
     def _resolve_detail_head(self) -> None:
+        pool = self.detail_pool
+        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0:
+            raise ValueError(f"detail_pool must be an int >= 0 (0 = to stride 8), got {pool!r}")
         asked = bool(self.detail_layers)
         if self.detail_layers is not None and not asked:  # the default: only where it was measured, one plain pass
             default = DEFAULT_DETAIL_LAYERS.get(self.backbone, ())
             plain = self.map_layers is not None and not self.map_input_size and not self.tile_size
             object.__setattr__(self, "detail_layers", default if default and plain else None)
+            if self.detail_layers is not None:
+                self._resolve_detail_pool()
             return
         if self.detail_layers is None:
             return
@@ -287,6 +293,12 @@ class DetectorConfig:
                              "the map head's single pass at input_size; drop one of them")
         layers = self._check_layers(tuple(self.detail_layers), "detail_layers")
         object.__setattr__(self, "detail_layers", layers)
+        self._resolve_detail_pool()
+
+    def _resolve_detail_pool(self) -> None:
+        if self.detail_pool == 0:
+            stride = get_backbone_spec(self.backbone).layers[self.detail_layers[0]].stride
+            object.__setattr__(self, "detail_pool", max(1, 8 // stride))
 
     def _resolve_tiling(self) -> None:
         if not self.tile_size:
