@@ -248,6 +248,9 @@ def test_fit_keeping_rows_is_the_fit_and_feeds_cross_fit(dataset: Path) -> None:
     assert [tuple(r.shape) for r in rows] == [(len(train), d) for d in config.layer_features]
     torch.testing.assert_close(kept.score(train), plain.score(train), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(kept.cell_std, plain.cell_std, rtol=1e-6, atol=0)
+    # The fit's Gram matrices come along (every subspace here is Gram-solved) and seed the fold fits: the same bits
+    # as the Gram matrices the cross-fit forms itself from images.
+    assert len(rows.grams) == len(rows) and all(g.shape == (len(train), len(train)) for g in rows.grams)
     a, b = cross_fit(kept, rows=rows), cross_fit(plain, train)
     assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps) and a.threshold == b.threshold
     with pytest.raises(ValueError, match="one of the two"):

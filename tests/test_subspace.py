@@ -351,6 +351,11 @@ def test_row_span_subspace_scores_as_fit_gram_on_the_kept_rows() -> None:
     assert rel(err.double(), ref) < 1e-6
     assert rel(dual.fre(x[held]).double(), ref.sum(dim=1)) < 1e-6
     assert rel(primal.error_map(x[held]).double(), ref) < 1e-5  # the float32 primal form is the less exact one
+    # The held-out rows' residuals from the Gram matrix (cross-fitting's path): the same float64 reference.
+    index = torch.nonzero(held).flatten()
+    from_gram = dual.residual_of_rows(index)
+    assert from_gram.dtype == torch.float64 and rel(from_gram.square(), ref) < 1e-9
+    assert rel(from_gram, dual.residual(x[held].double())) < 1e-9
 
 
 def test_row_span_falls_back_to_components_where_directions_are_undetermined() -> None:

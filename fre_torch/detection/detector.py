@@ -636,7 +636,8 @@ class FREDetector(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------------ fitting
-    def fit(self, data: Any, *, batch_size: int = 32, cell_statistics: bool = True) -> FREDetector:
+    def fit(self, data: Any, *, batch_size: int = 32, cell_statistics: bool = True,
+            grams: list[Tensor | None] | None = None) -> FREDetector:
         """Fit the subspaces of both heads on normal images, in one streaming pass.
 
         Args:
@@ -647,6 +648,10 @@ class FREDetector(nn.Module):
                 standard deviation by ``CELL_FOLDS``-fold cross-fitting of the score head on the same features
                 (closed-form PCA fits, no second backbone pass). False keeps the current ones (cross-fitting's own
                 fold models take their parent's).
+            grams: a list that receives, in subspace order, each subspace's ``(N, N)`` float64 Gram matrix of the
+                training rows in ``data``'s order (None where the covariance solver ran), for fold fits of the same
+                rows (``FREDetector.fit_subset``'s ``shared``). Left empty in data-parallel runs and modes other
+                than 'pca'.
 
         Each subspace is fitted on its vectors (with tiling: every tile of every image). In data-parallel mode
         (``fre_torch.core.distributed.init_from_env``) ``data`` is this rank's shard: the statistics of all ranks are
@@ -677,6 +682,8 @@ class FREDetector(nn.Module):
         # exactly. The identity otherwise.
         accs = [reduce_accumulator(acc, self.config.solver) for acc in accs]
         self._set_models([self._solve(acc) for acc in accs])
+        if grams is not None and not is_distributed():
+            grams[:] = [acc.gram if isinstance(acc, GramAccumulator) else None for acc in accs]
         if keep:
             # One process: the score head's Gram accumulators hold these very rows, in this order, and their Gram
             # matrices are formed already; the fold fits take blocks of them.

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..detection.detector import FREDetector, _batches, _map_levels
 from ..core.distributed import gather_rows, is_distributed, rank
+from ..core.subspace import RowSpanSubspace
 
-__all__ = ["CROSS_FIT_FOLDS", "CrossFit", "cross_fit", "fit_keeping_rows", "fit_on_rows"]
+__all__ = ["CROSS_FIT_FOLDS", "CrossFit", "TrainingRows", "cross_fit", "fit_keeping_rows", "fit_on_rows"]
 
 CROSS_FIT_FOLDS = 5
 """Folds of ``cross_fit``: each fold model sees 80 % of the training images."""
@@ -96,6 +97,46 @@ def _fold_detector(detector: FREDetector, cache: Sequence[Tensor]) -> FREDetecto
     return fold
 
 
+class _HeldOut(nn.Module):
+    """A fold's dual-form model (``RowSpanSubspace``) scoring the fold's own held-out rows: the "features" it is given
+    are their row numbers (``(B * T, 1)``, see ``_held_out_lookup``), and their residuals come from the Gram matrix
+    (``residual_of_rows``: half the products of ``residual`` on the rows themselves)."""
+
+    def __init__(self, model: RowSpanSubspace) -> None:
+        super().__init__()
+        self.model = model
+
+    def error_map(self, index: Tensor) -> Tensor:
+        return self.model.residual_of_rows(index.reshape(-1).long()).square_().float()
+
+    def fre(self, index: Tensor) -> Tensor:
+        return self.error_map(index).sum(dim=1)
+
+
+def _held_out_lookup(fold: FREDetector, cache: Sequence[Tensor]) -> Callable[[Tensor], list[Tensor]]:
+    """``fold``'s dual-form models wrapped in ``_HeldOut`` (the others kept), and a stand-in for its ``features``
+    that gives those models row numbers ``(B, T)`` (image ``i``'s tiles are rows ``i * T .. i * T + T - 1``) and the
+    others the cached rows."""
+    n = fold.config.n_score_subspaces
+    models = [*fold.subspaces, *fold.map_subspaces]
+    held = [isinstance(m, RowSpanSubspace) for m in models]
+    wrapped = [_HeldOut(m) if h else m for m, h in zip(models, held)]
+    fold.subspaces, fold.map_subspaces = nn.ModuleList(wrapped[:n]), nn.ModuleList(wrapped[n:])
+
+    def features(index: Tensor) -> list[Tensor]:
+        rows = index.reshape(-1).to(cache[0].device)
+        out = []
+        for layer, h in zip(cache, held):
+            if h:
+                tiles = layer.shape[1] // models[len(out)].n_features
+                out.append(rows[:, None] * tiles + torch.arange(tiles, device=rows.device))
+            else:
+                out.append(layer[rows])
+        return out
+
+    return features
+
+
 def _row_lookup(cache: Sequence[Tensor]) -> Callable[[Tensor], list[Tensor]]:
     """A stand-in for ``FREDetector.features`` that returns the cached rows of an ``_IndexBatches`` batch."""
     def cached_features(index: Tensor) -> list[Tensor]:
@@ -105,22 +146,33 @@ def _row_lookup(cache: Sequence[Tensor]) -> Callable[[Tensor], list[Tensor]]:
     return cached_features
 
 
-def fit_keeping_rows(detector: FREDetector, data: Any, *, batch_size: int = 32) -> list[Tensor]:
+class TrainingRows(list):
+    """The training feature rows ``[(N, D_s)]`` a detector was fitted on (a list), with ``grams``: the fit's Gram
+    matrix of each subspace's rows (None where there is none), which ``cross_fit`` takes its fold fits from instead
+    of forming them again."""
+
+    grams: list[Tensor | None]
+
+
+def fit_keeping_rows(detector: FREDetector, data: Any, *, batch_size: int = 32) -> TrainingRows:
     """``detector.fit(data)``, returning the training feature rows it was fitted on (``[(N, D_s)]``, as
-    ``detector.features`` gives them), so that ``cross_fit(..., rows=...)`` needs neither the images again (decoding,
-    hashing) nor the backbone. The rows are extracted once and the fit reads them: the same fit as
-    ``detector.fit(data)``, with every mode and solver."""
-    rows = _extract(detector, data, batch_size)
-    fit_on_rows(detector, rows, batch_size=batch_size)
+    ``detector.features`` gives them) and the fit's Gram matrices, so that ``cross_fit(..., rows=...)`` needs neither
+    the images again (decoding, hashing) nor the backbone, nor a second Gram matrix. The rows are extracted once and
+    the fit reads them: the same fit as ``detector.fit(data)``, with every mode and solver."""
+    rows = TrainingRows(_extract(detector, data, batch_size))
+    rows.grams = []
+    fit_on_rows(detector, rows, batch_size=batch_size, grams=rows.grams)
     return rows
 
 
-def fit_on_rows(detector: FREDetector, rows: Sequence[Tensor], *, batch_size: int = 32) -> FREDetector:
+def fit_on_rows(detector: FREDetector, rows: Sequence[Tensor], *, batch_size: int = 32,
+                grams: list[Tensor | None] | None = None) -> FREDetector:
     """``detector.fit`` on feature rows already extracted (``[(N, D_s)]`` as ``detector.features`` gives them), with
-    its own unchanged fitting code: every mode and solver, the cell statistics, data-parallel reductions."""
+    its own unchanged fitting code: every mode and solver, the cell statistics, data-parallel reductions. ``grams``:
+    as ``FREDetector.fit``'s."""
     detector.features = _row_lookup(rows)  # type: ignore[method-assign]  # this call only: removed below
     try:
-        return detector.fit(_IndexBatches(torch.arange(rows[0].shape[0]), batch_size))
+        return detector.fit(_IndexBatches(torch.arange(rows[0].shape[0]), batch_size), grams=grams)
     finally:
         del detector.features
 
@@ -174,13 +226,16 @@ def cross_fit(detector: FREDetector, data: Any = None, *, rows: Sequence[Tensor]
     # (``FREDetector.fit_subset``); otherwise (autoencoders, data-parallel shards, own cell statistics) each fold
     # runs the detector's own fit.
     subset = detector.config.mode == "pca" and linear and not is_distributed() and not own_cells
-    shared: list[tuple[Tensor, Tensor | None] | None] = [None] * len(cache)
+    # The fit's own Gram matrices of these rows where ``fit_keeping_rows`` kept them; formed on first use otherwise.
+    kept = getattr(rows, "grams", None) or [None] * len(cache)
+    shared: list[tuple[Tensor, Tensor | None] | None] = [None if g is None else (g, None) for g in kept]
     for f in range(k):
         held = torch.nonzero(fold_of == f).flatten()
         keep = torch.ones(n, dtype=torch.bool)
         keep[held] = False
         if subset:
             fold = _fold_detector(detector, cache).fit_subset(cache, keep, shared=shared)
+            fold.features = _held_out_lookup(fold, cache)  # type: ignore[method-assign]  # this copy only
         else:
             fold = _fold_detector(detector, cache).fit(_IndexBatches(torch.arange(n)[keep], batch_size),
                                                        cell_statistics=own_cells)
