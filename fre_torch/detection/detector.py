@@ -109,8 +109,9 @@ DEFAULT_MAP_LAYERS: dict[str, tuple[str, ...]] = {
     "wide_resnet50_2": ("layer2", "layer3"),
 }
 # Default layers of the detail head: the map head's stride-8 layers unpooled and the last stride-4 block (receptive
-# field 19 px) pooled by 2, on a grid twice as fine again (28 x 28 at 224 px; ``detail_pool`` 0 = to stride 8). The map is the geometric mean of the two heads' maps (``FREDetector.head_maps``): a cell is high only where
-# the coarse map (whole-part context) and the fine one (the defect's outline) agree. Measured on Lite0 only
+# field 19 px) pooled by 2, on a grid twice as fine again (28 x 28 at 224 px; ``detail_pool`` 0 = to stride 8). The
+# map is the geometric mean of the two heads' maps (``FREDetector.head_maps``): a cell is high only where the coarse
+# map (whole-part context) and the fine one (the defect's outline) agree. Measured on Lite0 only
 # (benchmarks/local_model_study.py, BENCHMARKS.md); other backbones have no detail head unless asked for.
 DEFAULT_DETAIL_LAYERS: dict[str, tuple[str, ...]] = {
     "efficientnet_lite0": ("blocks.2", "blocks.3", "blocks.4"),
@@ -726,7 +727,7 @@ class FREDetector(nn.Module):
             held = fold_of == f
             models = self._subset_models(rows, ~held, shared)
             scales = self._scales(models)
-            maps = self._cell_maps([r[held] for r in rows], models, scales, head)
+            maps = self._cell_maps([r[held] for r in rows], models, scales, head, index=torch.nonzero(held).flatten())
             oof[held] = maps.flatten(1)
         self.cell_mean = oof.mean(dim=0)
         std = oof.std(dim=0)
@@ -906,14 +907,21 @@ class FREDetector(nn.Module):
         return z.topk(k, dim=1).values.mean(dim=1)
 
     def _cell_maps(self, rows: Sequence[Tensor], models: Sequence[nn.Module], scales: Tensor,
-                   geometry: HeadGeometry) -> Tensor:
+                   geometry: HeadGeometry, index: Tensor | None = None) -> Tensor:
         """One head's unstitched maps ``(B, T, gh, gw)``: each subspace's squared residual summed over channels,
-        divided by its scale, summed over the head's subspaces."""
+        divided by its scale, summed over the head's subspaces. ``index``: where ``rows`` are the models' own
+        training rows (images held out of a fold fit, ``(B,)`` positions), a dual-form model scores them from its
+        Gram matrix (``RowSpanSubspace.residual_of_rows``: half the products)."""
         gh, gw = geometry.grid
+        t = geometry.n_tiles
         total = None
         for model, r, scale in zip(models, rows, scales):
             b = r.shape[0]
-            err = model.error_map(r.reshape(b * geometry.n_tiles, -1)).view(b, geometry.n_tiles, -1, gh, gw)
+            if index is not None and isinstance(model, RowSpanSubspace):
+                own = (index[:, None] * t + torch.arange(t, device=index.device)).flatten()  # image i: rows i*T..
+                err = model.residual_of_rows(own).square_().to(r.dtype).view(b, t, -1, gh, gw)
+            else:
+                err = model.error_map(r.reshape(b * t, -1)).view(b, t, -1, gh, gw)
             err = err.sum(dim=2) / scale.to(err.dtype)
             total = err if total is None else total + err
         return total
