@@ -548,11 +548,9 @@ class RowSpanSubspace(nn.Module):
         if x.ndim != 2 or x.shape[1] != self.n_features:
             raise ValueError(f"expected features of shape (N, {self.n_features}), got {tuple(x.shape)}")
         xc = x.to(FIT_DTYPE) - self.mean
-        # Centred rows without a centred copy: Xc xc = X xc - 1 (mean . xc), and Xc^T w = X^T w - mean (1^T w).
+        # Centred rows without a centred copy: Xc xc = X xc - 1 (mean . xc).
         inner = (self.rows @ xc.T).sub_(self.mean @ xc.T)  # (N, B)
-        weights = self.coef @ inner  # (N, B): the projection, as weights of the training rows
-        xc.addmm_(weights.T, self.rows, alpha=-1)
-        return xc.addr_(weights.sum(dim=0), self.mean).type_as(x)
+        return self._subtract_projection(xc, inner).type_as(x)
 
     def residual_of_rows(self, index: Tensor) -> Tensor:
         """``residual(rows[index])`` for rows of its own ``rows`` (those a fold held out), ``(B,)`` int -> (B, D)
@@ -563,10 +561,14 @@ class RowSpanSubspace(nn.Module):
         index = index.to(self.rows.device)
         gw = self.gram @ self.weights  # rows . mean, (N,)
         inner = self.gram[:, index] - gw[:, None] - gw[index][None, :] + self.weights @ gw  # (N, B)
-        weights = self.coef @ inner
-        xc = self.rows[index] - self.mean
-        xc.addmm_(weights.T, self.rows, alpha=-1)
-        return xc.addr_(weights.sum(dim=0), self.mean)
+        return self._subtract_projection(self.rows[index] - self.mean, inner)
+
+    def _subtract_projection(self, xc: Tensor, inner: Tensor) -> Tensor:
+        """``xc - P xc`` in place, float64, from ``inner = Xc xc^T`` (N, B): the projection is ``Xc^T c`` with
+        ``c = coef @ inner``, formed as ``X^T c - mean (1^T c)`` without a centred copy of the rows."""
+        c = self.coef @ inner  # (N, B): the projection, as weights of the training rows
+        xc.addmm_(c.T, self.rows, alpha=-1)
+        return xc.addr_(c.sum(dim=0), self.mean)
 
     def error_map(self, x: Tensor) -> Tensor:
         """Per-element squared reconstruction error, (B, D) -> (B, D) in x's dtype."""

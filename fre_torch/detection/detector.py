@@ -873,19 +873,23 @@ class FREDetector(nn.Module):
         return fit_accumulator(acc, self.config.n_components, what="training images")
 
     # ------------------------------------------------------------------------------------------------ scoring
-    def score_features(self, features: Sequence[Tensor]) -> Tensor:
+    def score_features(self, features: Sequence[Tensor], *, index: Tensor | None = None) -> Tensor:
         """The image score from ``features``' rows -> (B,) float32: with ``image_score='top'`` the mean of the
         largest standardised score-head cells (``score_from_cells``), with 'fre' the score head's
-        ``sum_l sum_tiles FRE_l / scale_l``."""
+        ``sum_l sum_tiles FRE_l / scale_l``. ``index``: as ``head_maps``'."""
         self._fitted()
         if self.config.image_score == "top":
-            return self.score_from_cells(self.head_maps(features, "score", stitched=False))
+            return self.score_from_cells(self.head_maps(features, "score", stitched=False, index=index))
         total = None
         kernel = self.config.kernel is not None
         head = self.config.score_head
         for model, rows, scale in zip(self.subspaces, features, self.scales):
             flat = rows.view(rows.shape[0] * head.n_tiles, -1)
-            fre = (model.score(flat) if kernel else model.fre(flat)).view(rows.shape[0], -1).sum(dim=1)
+            if index is not None and isinstance(model, RowSpanSubspace):
+                fre = model.residual_of_rows(_own_rows(index, head.n_tiles)).square_().sum(dim=1).to(flat.dtype)
+            else:
+                fre = model.score(flat) if kernel else model.fre(flat)
+            fre = fre.view(rows.shape[0], -1).sum(dim=1)
             fre = fre / scale.to(fre.dtype)
             total = fre if total is None else total + fre
         return total
@@ -918,15 +922,15 @@ class FREDetector(nn.Module):
         for model, r, scale in zip(models, rows, scales):
             b = r.shape[0]
             if index is not None and isinstance(model, RowSpanSubspace):
-                own = (index[:, None] * t + torch.arange(t, device=index.device)).flatten()  # image i: rows i*T..
-                err = model.residual_of_rows(own).square_().to(r.dtype).view(b, t, -1, gh, gw)
+                err = model.residual_of_rows(_own_rows(index, t)).square_().to(r.dtype).view(b, t, -1, gh, gw)
             else:
                 err = model.error_map(r.reshape(b * t, -1)).view(b, t, -1, gh, gw)
             err = err.sum(dim=2) / scale.to(err.dtype)
             total = err if total is None else total + err
         return total
 
-    def head_maps(self, features: Sequence[Tensor], head: str = "map", *, stitched: bool = True) -> Tensor:
+    def head_maps(self, features: Sequence[Tensor], head: str = "map", *, stitched: bool = True,
+                  index: Tensor | None = None) -> Tensor:
         """One head's anomaly maps from ``features``' rows.
 
         Each subspace's squared reconstruction error is reshaped to ``(B, T, C, gh, gw)``, summed over channels and
@@ -945,6 +949,8 @@ class FREDetector(nn.Module):
                 ``(B, T, gh, gw)``. The score head's unstitched maps are the cells of the image score
                 (``score_from_cells``); with ``image_score='fre'`` the score is their sum (up to rounding: that
                 score uses the one-product FRE, maps the explicit residual).
+            index: ``(B,)`` positions of these images among the training rows of the models (images held out of
+                a fold fit, ``fit_subset``): dual-form models then score them from their Gram matrix.
         """
         self._fitted()
         if self.config.kernel is not None:
@@ -959,10 +965,11 @@ class FREDetector(nn.Module):
         elif head == "detail" or (head == "map" and c.detail_head is not None):
             if c.detail_head is None:
                 raise ValueError("this detector has no detail head (detail_layers=None)")
-            fine = self._cell_maps(features[n + m:], self.map_subspaces[m:], self.map_scales[m:], c.detail_head)
+            fine = self._cell_maps(features[n + m:], self.map_subspaces[m:], self.map_scales[m:], c.detail_head,
+                                   index)
             if head == "detail":
                 return stitch(fine, c.detail_head) if stitched else fine
-            coarse = self.head_maps(features, "coarse")
+            coarse = self.head_maps(features, "coarse", index=index)
             coarse = F.interpolate(coarse[:, None], size=fine.shape[-2:], mode="bilinear", align_corners=False)
             # Geometric mean: high only where both agree (the coarse map's context, the fine map's outline). Both are
             # sums of squared residuals (>= 0); the clamp only guards rounding of the bilinear weights.
@@ -970,7 +977,7 @@ class FREDetector(nn.Module):
             return both if stitched else both[:, None]
         else:
             geometry, models, rows_, scales = c.map_head, self.map_subspaces[:m], features[n:n + m], self.map_scales[:m]
-        total = self._cell_maps(rows_, models, scales, geometry)
+        total = self._cell_maps(rows_, models, scales, geometry, index)
         return stitch(total, geometry) if stitched else total
 
     def maps_from_features(self, features: Sequence[Tensor]) -> Tensor:
@@ -1239,6 +1246,11 @@ def _map_levels(maps: Tensor) -> tuple[Tensor, Tensor]:
     """The heatmap colour scale of normal grid maps ``(N, g, g)``: ``(map_scale, map_floor)``, their
     ``MAP_SCALE_QUANTILE`` (float32) and ``MAP_FLOOR_QUANTILE`` (float64)."""
     return _map_quantile(maps), _map_level(maps, MAP_FLOOR_QUANTILE)
+
+
+def _own_rows(index: Tensor, tiles: int) -> Tensor:
+    """Image positions ``(B,)`` -> their rows in a subspace's ``(N * T, D)`` training rows (image i: i*T .. i*T+T-1)."""
+    return (index[:, None] * tiles + torch.arange(tiles, device=index.device)).flatten()
 
 
 def _residual_variance(model: Subspace | LinearAutoencoder) -> Tensor:

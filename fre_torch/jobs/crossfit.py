@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..detection.detector import FREDetector, _batches, _map_levels
 from ..core.distributed import gather_rows, is_distributed, rank
-from ..core.subspace import RowSpanSubspace
 
 __all__ = ["CROSS_FIT_FOLDS", "CrossFit", "TrainingRows", "cross_fit", "fit_keeping_rows", "fit_on_rows"]
 
@@ -95,46 +94,6 @@ def _fold_detector(detector: FREDetector, cache: Sequence[Tensor]) -> FREDetecto
     fold = copy.deepcopy(detector, memo)
     fold.features = _row_lookup(cache)  # type: ignore[method-assign]  # instance attribute: this copy only
     return fold
-
-
-class _HeldOut(nn.Module):
-    """A fold's dual-form model (``RowSpanSubspace``) scoring the fold's own held-out rows: the "features" it is given
-    are their row numbers (``(B * T, 1)``, see ``_held_out_lookup``), and their residuals come from the Gram matrix
-    (``residual_of_rows``: half the products of ``residual`` on the rows themselves)."""
-
-    def __init__(self, model: RowSpanSubspace) -> None:
-        super().__init__()
-        self.model = model
-
-    def error_map(self, index: Tensor) -> Tensor:
-        return self.model.residual_of_rows(index.reshape(-1).long()).square_().float()
-
-    def fre(self, index: Tensor) -> Tensor:
-        return self.error_map(index).sum(dim=1)
-
-
-def _held_out_lookup(fold: FREDetector, cache: Sequence[Tensor]) -> Callable[[Tensor], list[Tensor]]:
-    """``fold``'s dual-form models wrapped in ``_HeldOut`` (the others kept), and a stand-in for its ``features``
-    that gives those models row numbers ``(B, T)`` (image ``i``'s tiles are rows ``i * T .. i * T + T - 1``) and the
-    others the cached rows."""
-    n = fold.config.n_score_subspaces
-    models = [*fold.subspaces, *fold.map_subspaces]
-    held = [isinstance(m, RowSpanSubspace) for m in models]
-    wrapped = [_HeldOut(m) if h else m for m, h in zip(models, held)]
-    fold.subspaces, fold.map_subspaces = nn.ModuleList(wrapped[:n]), nn.ModuleList(wrapped[n:])
-
-    def features(index: Tensor) -> list[Tensor]:
-        rows = index.reshape(-1).to(cache[0].device)
-        out = []
-        for layer, h in zip(cache, held):
-            if h:
-                tiles = layer.shape[1] // models[len(out)].n_features
-                out.append(rows[:, None] * tiles + torch.arange(tiles, device=rows.device))
-            else:
-                out.append(layer[rows])
-        return out
-
-    return features
 
 
 def _row_lookup(cache: Sequence[Tensor]) -> Callable[[Tensor], list[Tensor]]:
@@ -235,13 +194,19 @@ def cross_fit(detector: FREDetector, data: Any = None, *, rows: Sequence[Tensor]
         keep[held] = False
         if subset:
             fold = _fold_detector(detector, cache).fit_subset(cache, keep, shared=shared)
-            fold.features = _held_out_lookup(fold, cache)  # type: ignore[method-assign]  # this copy only
         else:
             fold = _fold_detector(detector, cache).fit(_IndexBatches(torch.arange(n)[keep], batch_size),
                                                        cell_statistics=own_cells)
         if held.numel() == 0:  # a data-parallel shard smaller than k: nothing of it held out in this fold
             continue
         # Held-out rows in batches of up to _HELD_BATCH: each batch reads all of the fold models' rows or components.
+        if subset:  # the fold's dual-form models score the held-out rows from their Gram matrix (``index``)
+            with torch.inference_mode():
+                for batch in held.split(max(batch_size, _HELD_BATCH)):
+                    feats = [layer[batch] for layer in cache]
+                    scores[batch.to(scores.device)] = fold.score_features(feats, index=batch).float()
+                    maps[batch.to(maps.device)] = fold.head_maps(feats, "map", index=batch).float()
+            continue
         rows = _IndexBatches(held, max(batch_size, _HELD_BATCH))
         if linear:
             fold_scores, fold_maps = fold.score_and_maps(rows)

@@ -123,8 +123,7 @@ def detector_config(model: str | None = None, *, reference: bool = False, layers
         model = REFERENCE_MODEL if reference else DEFAULT_MODEL
     if model not in list_backbones():
         raise ValueError(f"unknown model {model!r}; available: {', '.join(list_backbones())}")
-    if map_detail not in DETAIL_MODES:
-        raise ValueError(f"map_detail must be one of {', '.join(DETAIL_MODES)}, got {map_detail!r}")
+    _check_map_detail(map_detail)
     if reference:
         config = DetectorConfig.reference(model)
     else:
@@ -144,8 +143,7 @@ def detail_for_images(config: DetectorConfig, paths: Sequence[Path], map_detail:
     """``config`` for training images ``paths``: with ``map_detail='auto'`` the detail head is kept only where the
     images are large enough (``fre_torch.detection.detector.with_detail_for``, from their file headers; unreadable
     files are left out of the count); 'on' / 'off' leave ``config`` as it is."""
-    if map_detail not in DETAIL_MODES:
-        raise ValueError(f"map_detail must be one of {', '.join(DETAIL_MODES)}, got {map_detail!r}")
+    _check_map_detail(map_detail)
     if map_detail != "auto" or config.detail_head is None:
         return config
     sizes = []
@@ -155,6 +153,11 @@ def detail_for_images(config: DetectorConfig, paths: Sequence[Path], map_detail:
         except ImageReadError:
             continue
     return with_detail_for(config, sizes)
+
+
+def _check_map_detail(value: str) -> None:
+    if value not in DETAIL_MODES:
+        raise ValueError(f"map_detail must be one of {', '.join(DETAIL_MODES)}, got {value!r}")
 
 
 def _size(value: int | Sequence[int], flag: str) -> int | tuple[int, int]:
