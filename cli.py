@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--json", default=None, help="write the results as JSON to this path")
     add("--save_heatmaps", default=None, metavar="DIR", help="one PNG per test image, "
         "DIR/<category>/<defect>_<stem>.png: image | map overlay | mask outline")
-    add("--report", default=None, metavar="DIR", help="a static HTML report, DIR/index.html (needs matplotlib)")
+    add("--report", default=None, metavar="DIR", help="a static HTML report, DIR/index.html")
     add("--list_models", action="store_true", help="print the backbones (offline or downloaded weights) and exit")
     add("--skip_unreadable", action="store_true", help="leave out images that cannot be decoded (default: stop)")
     add("--scores_csv", default=None, metavar="PATH", help="every test image's score (category,path,label,score)")

