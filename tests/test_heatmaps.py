@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from PIL import Image
 import cli
 from fre_torch.features.images import MVTecCategory, image_size, load_image, load_mask
 from fre_torch.detection.detector import MAP_FLOOR_QUANTILE, DetectorConfig, FREDetector, _map_level
-from fre_torch.jobs.heatmaps import (COLORMAP, OUTLINE_COLOUR, OVERLAY_ALPHA, colorize, heatmap_floor, heatmap_names,
-                                     heatmap_scale, mask_outline, render_panel, save_heatmaps)
+from fre_torch.jobs.heatmaps import (COLORMAP, OUTLINE_COLOUR, OVERLAY_ALPHA, colorize, encode_png, heatmap_floor,
+                                     heatmap_names, heatmap_scale, mask_outline, render_panel, save_heatmaps,
+                                     write_png)
 from fre_torch.features.synthetic import write_synthetic_mvtec
 
 LITE = ["--model", "efficientnet_lite0", "--input_size", "64", "--device", "cpu", "--batch_size", "32"]
@@ -174,6 +176,52 @@ def test_outline_on_the_mask_boundary() -> None:
     edge = torch.zeros(6, 6, dtype=torch.bool)
     edge[:, :3] = True
     assert mask_outline(edge)[:, 0].all() and not mask_outline(edge)[2:4, 1].any()
+
+
+def _outline_reference(mask: torch.Tensor, thickness: int) -> torch.Tensor:
+    """Mask pixels within ``thickness`` (chessboard) of a non-mask pixel or the border, by brute force."""
+    h, w = mask.shape
+    out = torch.zeros_like(mask)
+    for y, x in mask.nonzero().tolist():
+        y0, y1, x0, x1 = y - thickness, y + thickness + 1, x - thickness, x + thickness + 1
+        out[y, x] = y0 < 0 or x0 < 0 or y1 > h or x1 > w or not bool(mask[y0:y1, x0:x1].all())
+    return out
+
+
+@pytest.mark.parametrize("thickness", [1, 2, 3])
+def test_outline_equals_brute_force(thickness: int) -> None:
+    g = torch.Generator().manual_seed(thickness)
+    for _ in range(4):
+        mask = torch.zeros(23, 31, dtype=torch.bool)
+        for _ in range(3):  # blobs, some touching the border
+            y, x = torch.randint(-3, 23, (1,), generator=g).item(), torch.randint(-3, 31, (1,), generator=g).item()
+            mask[max(0, y):y + 9, max(0, x):x + 7] = True
+        mask[torch.rand(23, 31, generator=g) < 0.03] = True  # single pixels: all outline
+        assert torch.equal(mask_outline(mask, thickness), _outline_reference(mask, thickness))
+    assert not mask_outline(torch.zeros(5, 5, dtype=torch.bool)).any()
+    assert torch.equal(mask_outline(torch.ones(5, 5, dtype=torch.bool), 1), _outline_reference(
+        torch.ones(5, 5, dtype=torch.bool), 1))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (64, 3), (50, 96)])
+def test_encode_png_is_lossless(shape: tuple[int, int], tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(shape[0] * 100 + shape[1])
+    pixels = torch.randint(0, 256, (*shape, 3), generator=g, dtype=torch.uint8).numpy()
+    pixels[: shape[0] // 2] = pixels[0]  # flat rows too (the "up" filter's zeros)
+    data = encode_png(pixels)
+    with Image.open(io.BytesIO(data)) as img:
+        img.verify()  # chunk CRCs and structure
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.mode == "RGB" and img.size == (shape[1], shape[0])
+        assert np.array_equal(np.asarray(img), pixels)
+    grey = Image.fromarray(pixels[..., 0])  # other modes are converted to RGB
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(grey)))), np.asarray(grey.convert("RGB")))
+    path = write_png(Image.fromarray(pixels), tmp_path / "a.png")
+    assert path.read_bytes() == data and not list(tmp_path.glob("*.partial"))
+    with pytest.raises(ValueError, match=r"uint8 \(H, W, 3\)"):
+        encode_png(pixels.astype(np.float32))
+    with pytest.raises(ValueError, match=r"uint8 \(H, W, 3\)"):
+        encode_png(pixels[..., :2])
 
 
 def test_no_mask_label_and_bad_input() -> None:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import struct
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,8 +44,9 @@ from ..features.images import _decode, _to_rgb, cpu_count, load_mask
 from ..detection.detector import FREDetector, upsample_maps
 from ..features.files import atomic_write
 
-__all__ = ["COLORMAP", "OUTLINE_COLOUR", "OVERLAY_ALPHA", "PNG_COMPRESS_LEVEL", "colorize", "heatmap_floor",
-           "heatmap_names", "heatmap_scale", "mask_outline", "render_file", "render_panel", "save_heatmaps"]
+__all__ = ["COLORMAP", "OUTLINE_COLOUR", "OVERLAY_ALPHA", "PNG_COMPRESS_LEVEL", "colorize", "encode_png",
+           "heatmap_floor", "heatmap_names", "heatmap_scale", "mask_outline", "render_file", "render_panel",
+           "save_heatmaps", "write_png"]
 
 # Stops of the colour map (position, RGB): lightness rises monotonically, so a brighter colour always means a
 # larger value, also in greyscale print; no stop is green, which stays free for the ground-truth outline.
@@ -56,8 +59,9 @@ _STOPS = (
 )
 _LUT_SIZE = 256
 PNG_COMPRESS_LEVEL = 1
-"""zlib level of every PNG written (heatmaps, the report): lossless at any level; 1 writes a 1152 x 384 panel in 26 ms
-against 99 ms at PIL's default 6, for files about a fifth larger."""
+"""zlib level of every PNG written (heatmaps, the report's panels): lossless at any level; with PIL, level 1 wrote a
+1152 x 384 panel in 26 ms against 99 ms at its default 6, for files about a fifth larger; ``encode_png`` at level 1
+takes 12-13 ms."""
 
 
 def _build_lut() -> Tensor:
@@ -165,11 +169,19 @@ def mask_outline(mask: Tensor, thickness: int = 1) -> Tensor:
     mask = torch.as_tensor(mask).to("cpu", torch.bool)
     if mask.ndim != 2:
         raise ValueError(f"mask must be (H, W), got {tuple(mask.shape)}")
-    outside = (~mask).float()[None, None]
-    # Pad with "outside" so a region touching the image border is closed by an outline along the border.
-    outside = F.pad(outside, (thickness,) * 4, value=1.0)
+    outline = torch.zeros_like(mask)
+    rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+    if not len(rows):
+        return outline
+    # Only the mask's bounding box can hold outline pixels. Around the box lie non-mask pixels or the image border,
+    # both "outside", so padding the box with "outside" gives the whole image's result at the box's cost (defects
+    # are small; the max-pool over a whole 384 x 384 image cost 5 ms).
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    box = mask[r0:r1, c0:c1]
+    outside = F.pad((~box).float()[None, None], (thickness,) * 4, value=1.0)
     near_outside = F.max_pool2d(outside, 2 * thickness + 1, stride=1)[0, 0] > 0
-    return mask & near_outside
+    outline[r0:r1, c0:c1] = box & near_outside
+    return outline
 
 
 def _as_image(image: Any) -> Tensor:
@@ -322,10 +334,46 @@ def heatmap_names(paths: Sequence[str | os.PathLike]) -> list[str]:
     raise ValueError("could not derive unique heatmap file names")  # unreachable: indices are unique
 
 
-def _write_png(picture: Image.Image, path: Path) -> None:
-    """Atomically: a temporary name, then rename, so an interrupted run leaves no half-written PNG."""
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def encode_png(picture: Image.Image | np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> bytes:
+    """An 8-bit RGB PNG file's bytes, lossless, about twice as fast as PIL's encoder at the same zlib level.
+
+    PIL tries all five PNG row filters on every row and keeps the best; photos and heatmaps compress almost as well
+    with the "up" filter alone (row minus the row above, 3 % larger files), which is one vectorised subtraction. The
+    rest is zlib, which releases the GIL, so ``save_heatmaps``' threads encode in parallel.
+
+    Args:
+        picture: an RGB ``PIL.Image`` or a uint8 ``(H, W, 3)`` array.
+        level: zlib level, 0-9.
+
+    Returns:
+        The PNG file's bytes (signature, IHDR, one IDAT, IEND).
+    """
+    rgb = np.asarray(picture.convert("RGB") if isinstance(picture, Image.Image) and picture.mode != "RGB"
+                     else picture)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
+        raise ValueError(f"encode_png needs uint8 (H, W, 3) pixels, got {rgb.dtype} {rgb.shape}")
+    h, w, _ = rgb.shape
+    rows = rgb.reshape(h, 3 * w)
+    scanlines = np.empty((h, 3 * w + 1), dtype=np.uint8)
+    scanlines[:, 0] = 2  # filter type "up" on every row (the first row's "above" is zeros: the row itself)
+    scanlines[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=scanlines[1:, 1:])  # uint8 arithmetic wraps modulo 256, as PNG's does
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8 bits, colour type 2 (RGB), deflate, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), level)) + _png_chunk(b"IEND", b""))
+
+
+def write_png(picture: Image.Image | np.ndarray, path: str | os.PathLike) -> Path:
+    """``encode_png(picture)`` written atomically (a temporary name, then a rename, so an interrupted run leaves no
+    half-written PNG); returns the path."""
+    data = encode_png(picture)
     with atomic_write(path) as tmp:
-        picture.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def save_heatmaps(out_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], grid_maps: Tensor,
@@ -365,9 +413,7 @@ def save_heatmaps(out_dir: str | os.PathLike, paths: Sequence[str | os.PathLike]
         picture = render_file(paths[i], maps[i], scale, mask=None if masks is None else masks[i],
                               normal=label_list is not None and label_list[i] == 0,
                               panels=2 if masks is None else 3, floor=floor)
-        target = out / names[i]
-        _write_png(picture, target)
-        return target
+        return write_png(picture, out / names[i])
 
     # Decoding, blending (torch) and PNG encoding (zlib) release the GIL: one thread per core.
     with ThreadPoolExecutor(max_workers=max(1, min(n, cpu_count()))) as pool:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..detection.detector import MAP_FLOOR_QUANTILE, MAP_SCALE_QUANTILE
 from .evaluate import THRESHOLD_QUANTILE
-from .heatmaps import COLORMAP, OVERLAY_ALPHA, PNG_COMPRESS_LEVEL, heatmap_names, render_file
+from .heatmaps import COLORMAP, OVERLAY_ALPHA, heatmap_names, render_file, write_png
 from .svg import Canvas, nice_ticks
 from ..detection.metrics import precision_recall_curve, roc_curve
 from ..features.files import atomic_write
@@ -276,8 +276,7 @@ def _category_section(out: Path, folder: str, name: str, r: Mapping[str, Any], n
                 src = f"{folder}/{'normal' if kind == 0 else 'defective'}_{file_name}"
                 picture = render_file(paths[i], grid_maps[i], float(scale), mask=masks[i], normal=kind == 0,
                                       max_side=_PANEL_SIDE, floor=floor)
-                with atomic_write(out / src) as tmp:
-                    picture.save(tmp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+                write_png(picture, out / src)
                 parts.append(f"<figure>{_img(src, label)}{caption}</figure>")
             else:
                 parts.append(f"<figure>{caption}</figure>")
