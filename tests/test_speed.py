@@ -137,6 +137,79 @@ def test_device_resize_refuses_mixed_sizes(tmp_path):
                           resize="device", num_workers=0)
 
 
+# ------------------------------------------------------------------------------------------------ device decode
+def _as_jpegs(png_root: Path, out: Path, mixed: bool) -> Path:
+    """The synthetic set with its images as JPEGs (every third image grey; with ``mixed``, every fourth 112 x 80),
+    masks kept as they are."""
+    for png in sorted(png_root.rglob("*.png")):
+        target = out / png.relative_to(png_root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if "ground_truth" in png.parts:
+            target.write_bytes(png.read_bytes())
+            continue
+        i = len(list(target.parent.glob("*.jpg")))
+        with Image.open(png) as img:
+            img = img.convert("L") if i % 3 == 0 else img.convert("RGB")
+            if mixed and i % 4 == 1:
+                img = img.resize((112, 80))
+            img.save(target.with_suffix(".jpg"), quality=92)
+    return out
+
+
+def test_device_decode_equals_the_workers_decode(synthetic_root, tmp_path, monkeypatch):
+    import fre_torch.jobs.evaluate as evaluate_module
+    from fre_torch.features.images import _decode, _to_rgb, decode_images, device_decodable, make_loader
+
+    root = _as_jpegs(synthetic_root, tmp_path / "jpg", mixed=False)
+    paths = sorted((root / "object" / "train" / "good").glob("*.jpg"))
+    assert device_decodable(paths) and not device_decodable([*paths, next(synthetic_root.rglob("*.png"))])
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (8, 8)).save(cmyk)
+    assert not device_decodable([cmyk]) and not device_decodable([])
+    ds = ImageDataset(paths, 64, resize=False, encoded=True)
+    item = ds[0]
+    assert torch.equal(item["image"], torch.tensor(list(paths[0].read_bytes()), dtype=torch.uint8))
+    assert item["orig_size"].tolist() == [96, 96]
+    batch = next(iter(make_loader(ds, 4, "cpu", num_workers=2)))  # the list collate works in worker processes
+    assert isinstance(batch["image"], list) and len(batch["image"]) == 4 and batch["index"].tolist() == [0, 1, 2, 3]
+    # the batched decode (libjpeg-turbo on the CPU, nvJPEG on CUDA) gives PIL's pixels, grey repeated into RGB
+    decoded = decode_images(batch["image"], "cpu")
+    assert torch.equal(decoded, torch.stack([_decode(p, _to_rgb)[0] for p in paths[:4]]))
+    # a detector scores a loader of encoded files as it scores one of decoded images
+    det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=64))
+    det.fit(make_loader(ImageDataset(paths, 64, resize=False), 8, "cpu", num_workers=0))
+    plain = det.score(make_loader(ImageDataset(paths, 64, resize=False), 8, "cpu", num_workers=0))
+    assert torch.equal(det.score(make_loader(ds, 8, "cpu", num_workers=0)), plain)
+    # evaluate's device-decode path (CUDA only by default; forced here) gives the figures of the device-resize path
+    worker = evaluate_category(FREDetector(DetectorConfig("efficientnet_lite0", input_size=64)), root, "object",
+                               batch_size=8, num_workers=0, resize="device")
+    monkeypatch.setattr(evaluate_module, "_decode_on_device", lambda resize, device, paths: True)
+    device = evaluate_category(FREDetector(DetectorConfig("efficientnet_lite0", input_size=64)), root, "object",
+                               batch_size=8, num_workers=0, resize="device")
+    assert device["scores"] == worker["scores"]
+    assert (device["image_auroc"], device["pixel_auroc"]) == (worker["image_auroc"], worker["pixel_auroc"])
+
+
+def test_device_decode_of_mixed_sizes_and_bad_input(synthetic_root, tmp_path):
+    from fre_torch.features.images import ImageReadError, decode_images
+
+    root = _as_jpegs(synthetic_root, tmp_path / "jpg", mixed=True)
+    paths = sorted((root / "object" / "train" / "good").glob("*.jpg"))[:8]
+    data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
+    with pytest.raises(ValueError, match="common size"):
+        decode_images(data, "cpu")
+    images = decode_images(data, "cpu", size=64)
+    assert images.shape == (8, 3, 64, 64) and images.dtype == torch.uint8
+    # each image resized alone, as the detector resizes a batch on the device (bilinear, antialiased), to uint8
+    one = decode_images(data[1:2], "cpu")
+    want = torch.nn.functional.interpolate(one.float(), size=(64, 64), mode="bilinear", antialias=True)
+    assert float((images[1].float() - want[0]).abs().max()) <= 0.5 + 1e-4
+    with pytest.raises(ImageReadError, match="cannot decode a JPEG"):
+        decode_images([data[0][:200]], "cpu")  # truncated
+    with pytest.raises(ValueError, match="encoded=True needs resize=False"):
+        ImageDataset(paths, 64, encoded=True)
+
+
 # ------------------------------------------------------------------------------------------------ precision
 def test_precision_policy():
     assert backbone_dtype("cpu") == torch.float32
@@ -224,6 +297,8 @@ def test_gpu_check_real_data_sections_run_on_the_cpu(tmp_path):
         assert doc["decode"][key]["images"] >= 15  # 10 training and 5 or more test images
         assert doc["decode"][key]["decode_resize_224_images_per_core_s"] > 0
         assert doc["real_e2e"][key]["finite"] and doc["real_e2e"][key]["cpu_resize_images_per_s"] > 0
+    assert doc["real_e2e"]["magnetic_tile_jpg"]["device_decode_images_per_s"] > 0  # the JPEGs only
+    assert "device_decode_images_per_s" not in doc["real_e2e"]["bottle_png"]
     assert doc["ratio"]["gpu_over_cpu"] == 1.0 and doc["ratio"]["real"]
     for name in ("bottle", "magnetic_tile"):
         assert 0.0 <= doc["evaluate"][name]["cpu"]["image_auroc"] <= 1.0
@@ -231,3 +306,4 @@ def test_gpu_check_real_data_sections_run_on_the_cpu(tmp_path):
     assert doc["evaluate"]["screw"] == {"error": f"not found under {data}"}
     table = proc.stdout
     assert "| decode magnetic_tile_jpg per core |" in table and "| e2e real bottle_png cpu_resize |" in table
+    assert "| e2e real magnetic_tile_jpg device_decode |" in table

@@ -37,6 +37,7 @@ from ..features.backbones import (IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, Fea
                         build_feature_extractor, get_backbone_spec)
 from ..core.distributed import gather_rows, is_distributed, reduce_accumulator
 from ..features.files import atomic_write
+from ..features.images import decode_images
 from .geometry import HeadGeometry, as_hw, cut_tiles, embed, stitch, tile_offsets
 from .threshold import ThresholdStats, threshold_stats
 from ..core.precision import FIT_DTYPE, autocast, backbone_dtype, check_device, check_precision
@@ -426,8 +427,11 @@ class DetectorConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def _batches(data: Any, batch_size: int) -> Iterator[Tensor]:
-    """uint8 image batches ``(B, 3, H, W)`` from a tensor, a sequence of tensors, or a loader of dicts/tensors."""
+def _batches(data: Any, batch_size: int, device: torch.device | str = "cpu",
+             size: int | tuple[int, int] | None = None) -> Iterator[Tensor]:
+    """uint8 image batches ``(B, 3, H, W)`` from a tensor, a sequence of tensors, or a loader of dicts/tensors; a
+    loader of encoded JPEGs (``ImageDataset(encoded=True)``) is decoded on ``device`` (``decode_images``: images
+    of mixed sizes resized to ``size``)."""
     if isinstance(data, Tensor):
         if data.ndim == 3:
             data = data.unsqueeze(0)
@@ -437,6 +441,8 @@ def _batches(data: Any, batch_size: int) -> Iterator[Tensor]:
     for item in data:
         if isinstance(item, dict):
             item = item["image"]
+            if isinstance(item, list):  # encoded files
+                item = decode_images(item, device, size)
         elif isinstance(item, (tuple, list)):
             item = item[0]
         yield item if item.ndim == 4 else item.unsqueeze(0)
@@ -540,6 +546,10 @@ class FREDetector(nn.Module):
         return len(self.subspaces) == n and len(self.map_subspaces) == len(self.config.layer_features) - n
 
     # ------------------------------------------------------------------------------------------------ features
+    def _image_batches(self, data: Any, batch_size: int) -> Iterator[Tensor]:
+        """``_batches`` of ``data`` for this detector: encoded JPEGs decoded on its device, at its load size."""
+        return _batches(data, batch_size, self.device, self.config.load_size)
+
     @torch.inference_mode()
     def features(self, images: Tensor) -> list[Tensor]:
         """uint8 images ``(B, 3, H, W)`` (any device) -> one float32 row per image and subspace, ``[(B, D_s)]`` on the
@@ -671,7 +681,7 @@ class FREDetector(nn.Module):
         keep = self.config.image_score == "top" and cell_statistics
         score_rows = self._row_buffers(n, self.config.layer_features[:self.config.n_score_subspaces]) if keep else []
         start = 0
-        for batch in _batches(data, batch_size):
+        for batch in self._image_batches(data, batch_size):
             feats = self.features(batch)
             # No per-batch host sync: finiteness is checked once, on the accumulated statistics.
             for acc, rows in zip(accs, feats):
@@ -842,7 +852,7 @@ class FREDetector(nn.Module):
             raise ValueError(f"{what} needs a sized training set (a tensor, a list or a DataLoader)")
         rows = [torch.empty(n, d, device=self.device) for d in self.config.layer_features]
         start = 0
-        for batch in _batches(data, batch_size):
+        for batch in self._image_batches(data, batch_size):
             if start + batch.shape[0] > n:
                 raise ValueError(f"the training loader yielded more than the {n} images it reports")
             for buf, r in zip(rows, self.features(batch)):
@@ -1058,7 +1068,7 @@ class FREDetector(nn.Module):
     def score_and_maps(self, data: Any, *, batch_size: int = 32) -> tuple[Tensor, Tensor]:
         """Scores ``(N,)`` and anomaly maps ``(N, GH, GW)`` for a tensor or loader of images, in one pass."""
         self._fitted()
-        scores, maps = zip(*(self.anomaly_maps(batch) for batch in _batches(data, batch_size)))
+        scores, maps = zip(*(self.anomaly_maps(batch) for batch in self._image_batches(data, batch_size)))
         return torch.cat(scores), torch.cat(maps)
 
     @torch.inference_mode()
@@ -1066,7 +1076,7 @@ class FREDetector(nn.Module):
         """Image anomaly scores ``(N,)`` float32 on ``self.device`` (higher = more anomalous)."""
         self._fitted()
         # One small (B,) tensor per batch, joined at the end: no host sync inside the loop.
-        return torch.cat([self.score_features(self.features(batch)) for batch in _batches(data, batch_size)])
+        return torch.cat([self.score_features(self.features(batch)) for batch in self._image_batches(data, batch_size)])
 
     def _fitted(self) -> None:
         if not self.is_fitted:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import PIL
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .files import atomic_write
 
@@ -43,6 +43,8 @@ __all__ = [
     "FeatureCache",
     "make_loader",
     "cpu_count",
+    "decode_images",
+    "device_decodable",
 ]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
@@ -351,6 +353,62 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         raise ImageReadError(f"cannot read image {os.fspath(path)}: {exc}", path) from exc
 
 
+def device_decodable(paths: Sequence[str | os.PathLike]) -> bool:
+    """Whether every file is a JPEG that ``decode_images`` decodes as the CPU path does: 8-bit grey or RGB (grey is
+    repeated into RGB by both), not CMYK. Reads headers only; an unreadable file makes it False (the CPU path then
+    reports it)."""
+    if not paths:
+        return False
+    try:
+        for path in paths:
+            with Image.open(path) as img:
+                if img.format != "JPEG" or img.mode not in ("L", "RGB"):
+                    return False
+    except _DECODE_ERRORS:
+        return False
+    return True
+
+
+def decode_images(data: Sequence[torch.Tensor], device: torch.device | str,
+                  size: int | tuple[int, int] | None = None) -> torch.Tensor:
+    """Encoded JPEG files (``ImageDataset(encoded=True)`` items: uint8 ``(n_bytes,)`` on the CPU) -> uint8
+    ``(B, 3, H, W)`` RGB on ``device``, in one batched call: nvJPEG on CUDA (the decode runs on the GPU, so the
+    loader's CPU workers only read files), libjpeg-turbo on the CPU (the same pixels as PIL's decode).
+
+    Images of one size are returned at that size (the detector resizes the batch on the device, as for
+    ``resize=False``); images of different sizes are each resized to ``size`` on the device first (bilinear,
+    antialiased, rounded to uint8), so that they form one batch.
+
+    Raises:
+        ValueError: the images differ in size and no ``size`` was given.
+        ImageReadError: a file of the batch is not a decodable JPEG.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    device = torch.device(device)
+    try:
+        images = decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as exc:
+        raise ImageReadError(f"cannot decode a JPEG of this batch on {device}: {exc}; decode on the CPU instead "
+                             "(cli.py: --resize cpu)") from exc
+    sizes = {tuple(image.shape[-2:]) for image in images}
+    if len(sizes) > 1:
+        if size is None:
+            raise ValueError(f"images of {len(sizes)} sizes need a common size to be resized to; pass size=")
+        hw = _check_hw(size)
+        images = [image if tuple(image.shape[-2:]) == hw else torch.nn.functional.interpolate(
+            image[None].float(), size=hw, mode="bilinear", antialias=True, align_corners=False)[0]
+            .round_().clamp_(0, 255).to(torch.uint8) for image in images]
+    return torch.stack(images)
+
+
+def _collate_encoded(items: list[dict[str, torch.Tensor | int]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """The default collate, except ``"image"``: encoded files differ in length, so they stay a list."""
+    batch = default_collate([{k: v for k, v in item.items() if k != "image"} for item in items])
+    batch["image"] = [item["image"] for item in items]
+    return batch
+
+
 def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
@@ -620,24 +678,38 @@ class ImageDataset(Dataset):
             need images of one size, and ``cache`` is not used (it stores resized images).
         skip_unreadable: an unreadable file gives an item with ``ok=False`` and its error instead of raising
             ``ImageReadError``, so one bad file does not stop a run (the consumer drops those rows).
+        encoded: with ``resize=False``, deliver each file's bytes undecoded (``"image"``: uint8 ``(n_bytes,)``;
+            batches keep them in a list, see ``collate_fn``), for ``decode_images`` on the device: JPEGs only
+            (``device_decodable``). The workers then only read files.
+
+    Attributes:
+        collate_fn: the DataLoader collate function its items need (``make_loader`` passes it): None (the default
+            collate) unless ``encoded``.
 
     Raises:
-        ValueError: ``size`` is not a positive int (or pair), ``labels`` has the wrong length, or ``skip_unreadable`` is
-            combined with ``resize=False`` (a stand-in for an unreadable image needs the common size).
+        ValueError: ``size`` is not a positive int (or pair), ``labels`` has the wrong length, ``skip_unreadable`` is
+            combined with ``resize=False`` (a stand-in for an unreadable image needs the common size), or
+            ``encoded`` without ``resize=False``.
     """
 
     def __init__(
         self, paths: Sequence[str | os.PathLike], size: int | tuple[int, int], labels: Sequence[int] | torch.Tensor | None = None,
         cache: PreprocessCache | str | os.PathLike | None = None, resize: bool = True, skip_unreadable: bool = False,
+        encoded: bool = False,
     ) -> None:
         self.paths = [Path(p) for p in paths]
         self.size = size if isinstance(size, int) else _check_hw(size)
         self.hw = _check_hw(size)
         self.resize = bool(resize)
         self.skip_unreadable = bool(skip_unreadable)
+        self.encoded = bool(encoded)
         if self.skip_unreadable and not self.resize:
             raise ValueError("skip_unreadable needs resize=True: an unreadable image is replaced by zeros of the "
                              "common size")
+        if self.encoded and self.resize:
+            raise ValueError("encoded=True needs resize=False: undecoded files are resized after decoding, on the "
+                             "device")
+        self.collate_fn = _collate_encoded if self.encoded else None
         self.cache = cache if cache is None or isinstance(cache, PreprocessCache) else PreprocessCache(cache)
         if labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
@@ -662,7 +734,13 @@ class ImageDataset(Dataset):
 
     def _item(self, index: int) -> dict[str, torch.Tensor | int]:
         path = self.paths[index]
-        if not self.resize:
+        if self.encoded:
+            height, width = image_size(path)
+            try:
+                image = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+            except OSError as exc:
+                raise ImageReadError(f"cannot read image {path}: {exc}", path) from exc
+        elif not self.resize:
             image, (height, width) = _decode(path, _to_rgb)
         elif self.cache is None:
             image, (height, width) = _read_image(path, self.size)
@@ -744,4 +822,5 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
+        collate_fn=getattr(dataset, "collate_fn", None),
     )

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..detection.detector import FREDetector, _batches, _map_levels
+from ..detection.detector import FREDetector, _map_levels
 from ..core.distributed import gather_rows, is_distributed, rank
 
 __all__ = ["CROSS_FIT_FOLDS", "CrossFit", "TrainingRows", "cross_fit", "fit_keeping_rows", "fit_on_rows"]
@@ -79,7 +79,7 @@ class _IndexBatches:
 def _extract(detector: FREDetector, data: Any, batch_size: int) -> list[Tensor]:
     """Per-layer feature rows ``[(N, D_l)]`` of every image in ``data`` (anything ``FREDetector.fit`` takes), on
     the detector's device. One small list of per-batch rows, joined once: ``data`` may be unsized."""
-    parts = [detector.features(images) for images in _batches(data, batch_size)]  # on the device: no host sync
+    parts = [detector.features(images) for images in detector._image_batches(data, batch_size)]  # no host sync
     if not parts:
         raise ValueError("no training images to cross-fit")
     return [torch.cat(layer) for layer in zip(*parts)]

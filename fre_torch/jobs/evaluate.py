@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..features.images import FeatureCache, ImageDataset, MVTecCategory, image_size, load_mask, make_loader
+from ..features.images import (FeatureCache, ImageDataset, MVTecCategory, device_decodable, image_size, load_mask,
+                               make_loader)
 from ..detection.detector import DetectorConfig, FREDetector, upsample_maps
 from ..core.distributed import config_hash_check, gather_rows, is_main_process, shard
 from .crossfit import cross_fit, fit_keeping_rows
@@ -81,7 +82,9 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
             The detector's own ``feature_cache`` is restored on return.
         resize: 'cpu' (LANCZOS in the DataLoader workers, the reference), 'device' (decode in the workers, resize
             on the device: bilinear, antialiased; needs images of one size) or 'auto' (device on CUDA when the
-            category's images share one size, else cpu).
+            category's images share one size, else cpu). On CUDA, 'auto' and 'device' decode on the device too when
+            every image is a grey or RGB JPEG, whatever their sizes (``decode_images``: nvJPEG, batched): the
+            workers only read files.
 
     With ``keep_maps``, the training images are cross-fitted after the fit (``fre_torch.jobs.crossfit``, 5 folds, on
     the feature rows the fit kept in memory: no second decoding or backbone pass): each
@@ -117,11 +120,12 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
                            "test": [str(p.relative_to(cat.root)) for p in cat.test_paths]})
         train_paths = shard(cat.train, unit=batch_size, what=f"{category} training images")
         test_paths = shard(cat.test_paths, unit=batch_size, what=f"{category} test images")
-        on_device = _resize_on_device(resize, device, list(cat.train) + cat.test_paths)
-        train = make_loader(ImageDataset(train_paths, size, cache=cache, resize=not on_device), batch_size,
-                            device, num_workers=num_workers)
-        test = make_loader(ImageDataset(test_paths, size, cache=cache, resize=not on_device), batch_size,
-                           device, num_workers=num_workers)
+        encoded = _decode_on_device(resize, device, list(cat.train) + cat.test_paths)
+        on_device = encoded or _resize_on_device(resize, device, list(cat.train) + cat.test_paths)
+        train = make_loader(ImageDataset(train_paths, size, cache=cache, resize=not on_device, encoded=encoded),
+                            batch_size, device, num_workers=num_workers)
+        test = make_loader(ImageDataset(test_paths, size, cache=cache, resize=not on_device, encoded=encoded),
+                           batch_size, device, num_workers=num_workers)
 
         t0 = time.perf_counter()
         if keep_maps:
@@ -206,6 +210,13 @@ def _resize_on_device(resize: str, device: torch.device, paths: Sequence[Path]) 
             raise ValueError(f"resize='device' needs images of one size, found {len(sizes)} sizes; use 'cpu'")
         return False
     return True
+
+
+def _decode_on_device(resize: str, device: torch.device, paths: Sequence[Path]) -> bool:
+    """Whether the images are decoded on the device (see ``evaluate_category``'s ``resize``): on CUDA (nvJPEG; on
+    the CPU the loader's workers decode in parallel, which one batched call in this process would not), for
+    ``resize`` 'auto' or 'device', when every image is a grey or RGB JPEG, of any sizes (each is resized there)."""
+    return resize in ("auto", "device") and device.type == "cuda" and device_decodable(paths)
 
 
 def evaluation_maps(cat: MVTecCategory, grid_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,8 +25,8 @@ _GRID_COLOUR = "#e6e6e6"
 def nice_ticks(lo: float, hi: float, target: int = 5, *, integer: bool = False) -> list[float]:
     """Tick values on ``[lo, hi]`` at a step of 1, 2, 2.5 or 5 times a power of ten, about ``target`` of them.
 
-    ``integer`` keeps the step a whole number of 1, 2 or 5 times a power of ten (counts). Values are rounded to the step's decimals, so 0.1 + 0.2 is
-    written as 0.3.
+    ``integer`` keeps the step a whole number of 1, 2 or 5 times a power of ten (counts). Values are rounded to the
+    step's decimals, so 0.1 + 0.2 is written as 0.3.
     """
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
         raise ValueError(f"ticks need finite lo < hi, got {lo}, {hi}")
