@@ -38,6 +38,7 @@ from ..features.backbones import (IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, Fea
 from ..core.distributed import gather_rows, is_distributed, reduce_accumulator
 from ..features.files import atomic_write
 from ..features.images import decode_images
+from ..features.resample import lanczos_resize
 from .geometry import HeadGeometry, as_hw, cut_tiles, embed, stitch, tile_offsets
 from .threshold import ThresholdStats, threshold_stats
 from ..core.precision import FIT_DTYPE, autocast, backbone_dtype, check_device, check_precision
@@ -556,9 +557,10 @@ class FREDetector(nn.Module):
         device: the score head's subspaces first, then the map head's (``config.layer_features`` gives each D).
 
         A row holds the layer's C x gh x gw vector of each tile, tile after tile (one tile untiled). Images not at
-        ``config.load_size`` are resized on the device (bilinear, antialiased); the data reader already delivers the
-        reference's LANCZOS-resized images at that size, so this only matters for raw tensors. A head whose image is
-        smaller than the load size (a map head at a second size) resizes on the device too.
+        ``config.load_size`` are resized on the device with the data reader's LANCZOS, to the same pixels
+        (``lanczos_resize``); so a batch of raw tensors at their own size gives the features of the reader's resized
+        images. A head whose image is smaller than the load size (a map head at a second size) resizes on the
+        device from the load size (bilinear, antialiased).
         """
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 RGB images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -574,10 +576,11 @@ class FREDetector(nn.Module):
 
     def _layer_rows(self, images: Tensor) -> list[Tensor]:
         """uint8 images -> per-layer rows ``[(B, T * C_l * gh * gw)]`` of every head, through the backbone passes."""
-        x = self.normalize(images.to(self.device, non_blocking=True))
+        images = images.to(self.device, non_blocking=True)
         size = as_hw(self.config.load_size)
-        if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        if tuple(images.shape[-2:]) != size:  # the reader's resize, PIL's LANCZOS, to its pixels, on the device
+            images = lanczos_resize(images, size)
+        x = self.normalize(images)
         b = x.shape[0]
         if self.compiled:
             self._static_batch = max(self._static_batch, b)

@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .files import atomic_write
+from .resample import lanczos_resize
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -376,8 +377,8 @@ def decode_images(data: Sequence[torch.Tensor], device: torch.device | str,
     loader's CPU workers only read files), libjpeg-turbo on the CPU (the same pixels as PIL's decode).
 
     Images of one size are returned at that size (the detector resizes the batch on the device, as for
-    ``resize=False``); images of different sizes are each resized to ``size`` on the device first (bilinear,
-    antialiased, rounded to uint8), so that they form one batch.
+    ``resize=False``); images of different sizes are each resized to ``size`` on the device first, with PIL's
+    LANCZOS to its very pixels (``lanczos_resize``), so that they form one batch.
 
     Raises:
         ValueError: the images differ in size and no ``size`` was given.
@@ -396,9 +397,7 @@ def decode_images(data: Sequence[torch.Tensor], device: torch.device | str,
         if size is None:
             raise ValueError(f"images of {len(sizes)} sizes need a common size to be resized to; pass size=")
         hw = _check_hw(size)
-        images = [image if tuple(image.shape[-2:]) == hw else torch.nn.functional.interpolate(
-            image[None].float(), size=hw, mode="bilinear", antialias=True, align_corners=False)[0]
-            .round_().clamp_(0, 255).to(torch.uint8) for image in images]
+        images = [lanczos_resize(image, hw) for image in images]
     return torch.stack(images)
 
 
@@ -674,8 +673,8 @@ class ImageDataset(Dataset):
         cache: an optional ``PreprocessCache`` (or its folder): decoded, resized images are kept on disk, keyed by
             file content and settings, and reused by later runs.
         resize: True = LANCZOS to ``size`` here (the reference); False = deliver each image at its own size, to be
-            resized on the device after transfer (``FREDetector.features``; bilinear, antialiased). Batches then
-            need images of one size, and ``cache`` is not used (it stores resized images).
+            resized on the device after transfer (``FREDetector.features``: the same LANCZOS, ``lanczos_resize``).
+            Batches then need images of one size, and ``cache`` is not used (it stores resized images).
         skip_unreadable: an unreadable file gives an item with ``ok=False`` and its error instead of raising
             ``ImageReadError``, so one bad file does not stop a run (the consumer drops those rows).
         encoded: with ``resize=False``, deliver each file's bytes undecoded (``"image"``: uint8 ``(n_bytes,)``;

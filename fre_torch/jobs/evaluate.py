@@ -81,10 +81,10 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
             pixels, the backbone's weights and every feature setting), so a repeated run skips the backbone as well.
             The detector's own ``feature_cache`` is restored on return.
         resize: 'cpu' (LANCZOS in the DataLoader workers, the reference), 'device' (decode in the workers, resize
-            on the device: bilinear, antialiased; needs images of one size) or 'auto' (device on CUDA when the
-            category's images share one size, else cpu). On CUDA, 'auto' and 'device' decode on the device too when
-            every image is a grey or RGB JPEG, whatever their sizes (``decode_images``: nvJPEG, batched): the
-            workers only read files.
+            on the device: the same LANCZOS, to the same pixels; needs images of one size) or 'auto' (device on CUDA
+            when the category's images share one size, else cpu). On CUDA, 'auto' and 'device' decode on the device
+            too when every image is a grey or RGB JPEG, whatever their sizes (``decode_images``: nvJPEG, batched):
+            the workers only read files.
 
     With ``keep_maps``, the training images are cross-fitted after the fit (``fre_torch.jobs.crossfit``, 5 folds, on
     the feature rows the fit kept in memory: no second decoding or backbone pass): each
