@@ -181,19 +181,30 @@ def test_top_score_standardises_each_cell_by_its_out_of_fold_statistics(data) ->
 
 @pytest.mark.full
 def test_a_second_map_pass_equals_a_detector_on_the_larger_images(data) -> None:
-    """map_input_size: the map head runs on the images at 128 px, the score head at 64 px resized from them on the
-    device -- exactly two single-head detectors, each given the 128 px images."""
+    """map_input_size: the map head runs on the images at 128 px -- exactly a single-head detector given them -- and
+    the score head at 64 px, resized from them on the device (bilinear, antialiased, after normalising)."""
+    import torch.nn.functional as F
+
     train, test = _images(16, 128, 128, 4), _images(4, 128, 128, 5)
     cfg = DetectorConfig(LITE, input_size=SIZE, map_input_size=128, map_pool=4)
     assert cfg.load_size == 128 and cfg.map_grid == (4, 4)
     two = FREDetector(cfg).fit(train)
     assert len(two._passes) == 2
-    score_only = FREDetector(DetectorConfig(LITE, input_size=SIZE, map_layers=None)).fit(train)
     map_only = FREDetector(DetectorConfig(LITE, input_size=128, layers=cfg.map_layers, pool=4,
                                           map_layers=None)).fit(train)
-    scores, maps = two.anomaly_maps(test)
-    torch.testing.assert_close(scores, score_only.score(test), rtol=1e-6, atol=0)
-    torch.testing.assert_close(maps, map_only.anomaly_maps(test)[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(two.anomaly_maps(test)[1], map_only.anomaly_maps(test)[1], rtol=1e-6, atol=0)
+
+    # The score head's rows are a 64 px detector's rows of those normalised, bilinear-resized images (its compiled
+    # step fed them directly: a uint8 input would round them), so the fits and scores are that detector's.
+    score_only = FREDetector(DetectorConfig(LITE, input_size=SIZE, map_layers=None))
+    small = F.interpolate(two.normalize(test), size=(SIZE, SIZE), mode="bilinear", antialias=True)
+    want = score_only._extract_embed(small.contiguous(memory_format=torch.channels_last), 0)[0]
+    got = two.features(test)[:cfg.n_score_subspaces]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.reshape(a.shape), rtol=1e-5, atol=1e-6)
+    # Raw tensors at another size than the load size are resized as the reader resizes files (LANCZOS, to its
+    # pixels), not bilinear: a 64 px detector given the 128 px images sees other rows.
+    assert not torch.allclose(score_only.features(test)[0], got[0], rtol=1e-3, atol=1e-3)
 
 
 def test_non_square_input_keeps_its_shape(tmp_path: Path) -> None:
