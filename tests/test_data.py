@@ -277,12 +277,19 @@ def test_dataset_and_loader(tmp_path, num_workers):
     assert "label" not in ImageDataset(paths, 16)[0]
 
 
-def test_loader_defaults():
+def test_loader_defaults(monkeypatch):
+    import fre_torch.features.images as images_module
+
     ds = ImageDataset([Path(f"{i}.png") for i in range(100)], 8)
     assert make_loader(ds, batch_size=100, device="cpu").num_workers == 0  # one batch: no worker processes
+    monkeypatch.setattr(images_module, "cpu_count", lambda: 8)
     many = make_loader(ds, batch_size=10, device="cpu")
-    assert 1 <= many.num_workers <= 4 and many.persistent_workers
-    assert make_loader(ds, batch_size=10, device=torch.device("cuda")).pin_memory
+    assert many.num_workers == 4 and many.persistent_workers
+    # a small machine feeding its CPU decodes between batches; feeding a GPU it keeps its workers
+    monkeypatch.setattr(images_module, "cpu_count", lambda: images_module.SMALL_CPU_CORES)
+    assert make_loader(ds, batch_size=10, device="cpu").num_workers == 0
+    gpu = make_loader(ds, batch_size=10, device=torch.device("cuda"))
+    assert gpu.pin_memory and gpu.num_workers == images_module.SMALL_CPU_CORES
     with pytest.raises(ValueError, match="batch_size"):
         make_loader(ds, batch_size=0, device="cpu")
     with pytest.raises(ValueError, match="labels"):

@@ -43,6 +43,7 @@ __all__ = [
     "PreprocessCache",
     "FeatureCache",
     "make_loader",
+    "SMALL_CPU_CORES",
     "cpu_count",
     "decode_images",
     "device_decodable",
@@ -783,6 +784,14 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+SMALL_CPU_CORES = 4
+"""Up to this many cores, a loader feeding the CPU decodes in the main process by default. The backbone's threads
+already use every core there; decoding processes beside them take cores away at random moments, and each parallel
+region of the backbone then waits for its slowest thread. On the 2-core VM of BENCHMARKS.md, ``evaluate`` with no
+workers took 3-12 % less time than with 2 (bottle, screw, magnetic_tile; identical figures). Larger machines keep
+workers: there, decoding in one process would become the bottleneck."""
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -797,7 +806,8 @@ def make_loader(
         batch_size: images per batch.
         device: where batches will go; memory is pinned when it is CUDA.
         num_workers: worker processes; None = ``min(4, available CPUs, number of batches)``, and 0 (decode in the
-            main process) when the dataset fits in one batch.
+            main process) when the dataset fits in one batch or when the batches go to the CPU of a machine with
+            at most ``SMALL_CPU_CORES`` cores (see there).
         shuffle: reshuffle every epoch (off for feature extraction, which must be deterministic).
 
     Returns:
@@ -811,7 +821,8 @@ def make_loader(
     device = torch.device(device)
     if num_workers is None:
         n_batches = math.ceil(len(dataset) / batch_size)
-        num_workers = 0 if n_batches <= 1 else min(4, cpu_count(), n_batches)
+        small_cpu = device.type == "cpu" and cpu_count() <= SMALL_CPU_CORES
+        num_workers = 0 if n_batches <= 1 or small_cpu else min(4, cpu_count(), n_batches)
     elif num_workers < 0:
         raise ValueError(f"num_workers must be >= 0 (0 = load in the main process), got {num_workers}")
     return _Loader(
