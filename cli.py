@@ -80,9 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--skip_unreadable", action="store_true", help="leave out images that cannot be decoded (default: stop)")
     add("--scores_csv", default=None, metavar="PATH", help="every test image's score (category,path,label,score)")
     add("--cache_images_only", action="store_true", help="with --cache: keep preprocessed images only")
-    add("--resize", choices=["auto", "cpu", "device"], default="auto", help="where images are resized: cpu (LANCZOS "
-        "in the loader workers), device (bilinear, antialiased) or auto (device on CUDA when a category's images "
-        "share one size)")
+    add("--resize", choices=["auto", "cpu", "device"], default="auto", help="where images are resized, with LANCZOS "
+        "either way: cpu (the loader), device (after transfer; JPEGs also decoded there on CUDA) or auto (device on "
+        "CUDA when a category's images share one size or are all JPEGs)")
     _add_run_options(ev, device=None, cache=True, distributed=True)
 
     fit = sub.add_parser("fit", help="fit on a folder of normal images and save a model file with a threshold")
@@ -146,7 +146,7 @@ def _add_model(p: argparse.ArgumentParser, default: str) -> None:
 def _add_run_options(p: argparse.ArgumentParser, device: str | None, cache: bool, distributed: bool) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=device, help="(default cpu)")
     p.add_argument("--batch_size", type=int, default=32, help="images per batch (default 32)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: up to 4; none when running on a CPU of up to 4 cores)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: up to 4; 0 on a <= 4-core CPU)")
     p.add_argument("--weights", default=None, help="local backbone weights file (state dict)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (pays on CUDA)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",

@@ -120,8 +120,9 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
                            "test": [str(p.relative_to(cat.root)) for p in cat.test_paths]})
         train_paths = shard(cat.train, unit=batch_size, what=f"{category} training images")
         test_paths = shard(cat.test_paths, unit=batch_size, what=f"{category} test images")
-        encoded = _decode_on_device(resize, device, list(cat.train) + cat.test_paths)
-        on_device = encoded or _resize_on_device(resize, device, list(cat.train) + cat.test_paths)
+        all_paths = list(cat.train) + cat.test_paths
+        encoded = _decode_on_device(resize, device, all_paths)
+        on_device = encoded or _resize_on_device(resize, device, all_paths)
         train = make_loader(ImageDataset(train_paths, size, cache=cache, resize=not on_device, encoded=encoded),
                             batch_size, device, num_workers=num_workers)
         test = make_loader(ImageDataset(test_paths, size, cache=cache, resize=not on_device, encoded=encoded),
