@@ -146,7 +146,7 @@ def _add_model(p: argparse.ArgumentParser, default: str) -> None:
 def _add_run_options(p: argparse.ArgumentParser, device: str | None, cache: bool, distributed: bool) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=device, help="(default cpu)")
     p.add_argument("--batch_size", type=int, default=32, help="images per batch (default 32)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: up to 4; 0 on a <= 4-core CPU)")
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default: up to 4; 0 on a <= 4-core CPU)")
     p.add_argument("--weights", default=None, help="local backbone weights file (state dict)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone (pays on CUDA)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
