@@ -155,6 +155,7 @@ def _as_jpegs(png_root: Path, out: Path, mixed: bool) -> Path:
 
 
 def test_device_decode_equals_the_workers_decode(synthetic_root, tmp_path, monkeypatch):
+    import fre_torch.features.images as images_module
     import fre_torch.jobs.evaluate as evaluate_module
     from fre_torch.features.images import _decode, _to_rgb, decode_images, device_decodable, make_loader
 
@@ -173,6 +174,10 @@ def test_device_decode_equals_the_workers_decode(synthetic_root, tmp_path, monke
     # the batched decode (libjpeg-turbo on the CPU, nvJPEG on CUDA) gives PIL's pixels, grey repeated into RGB
     decoded = decode_images(batch["image"], "cpu")
     assert torch.equal(decoded, torch.stack([_decode(p, _to_rgb)[0] for p in paths[:4]]))
+    # torchvision 0.19 decodes one file per call: the same pixels
+    monkeypatch.setattr(images_module, "_decode_jpeg_takes_lists", lambda: False)
+    assert torch.equal(decode_images(batch["image"], "cpu"), decoded)
+    monkeypatch.undo()
     # a detector scores a loader of encoded files as it scores one of decoded images
     det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=64))
     det.fit(make_loader(ImageDataset(paths, 64, resize=False), 8, "cpu", num_workers=0))

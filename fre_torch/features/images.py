@@ -12,10 +12,12 @@ device. The MVTec AD layout is::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
 import os
+import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -389,7 +391,10 @@ def decode_images(data: Sequence[torch.Tensor], device: torch.device | str,
 
     device = torch.device(device)
     try:
-        images = decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device)
+        if _decode_jpeg_takes_lists():
+            images = decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device)
+        else:  # torchvision 0.19: one file per call
+            images = [decode_jpeg(item, mode=ImageReadMode.RGB, device=device) for item in data]
     except RuntimeError as exc:
         raise ImageReadError(f"cannot decode a JPEG of this batch on {device}: {exc}; decode on the CPU instead "
                              "(cli.py: --resize cpu)") from exc
@@ -400,6 +405,15 @@ def decode_images(data: Sequence[torch.Tensor], device: torch.device | str,
         hw = _check_hw(size)
         images = [lanczos_resize(image, hw) for image in images]
     return torch.stack(images)
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_jpeg_takes_lists() -> bool:
+    """Whether ``torchvision.io.decode_jpeg`` decodes a list of files in one call (torchvision >= 0.20)."""
+    import torchvision
+
+    major, minor = (int(part) for part in re.findall(r"\d+", torchvision.__version__)[:2])
+    return (major, minor) >= (0, 20)
 
 
 def _collate_encoded(items: list[dict[str, torch.Tensor | int]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
