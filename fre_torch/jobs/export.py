@@ -27,6 +27,7 @@ resize with ``fre_torch.features.load_image``, LANCZOS as the reader of ``fit``/
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import warnings
@@ -55,6 +56,7 @@ __all__ = [
     "export_detector",
     "export_metadata",
     "max_relative_difference",
+    "onnx_exporter_available",
 ]
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -230,6 +232,10 @@ def export_detector(detector: FREDetector, path: str | os.PathLike, fmt: str, *,
                              f"{tuple(check_images.shape)}")
     if fmt == "onnx":
         _require("onnx", "onnxscript")
+        if not onnx_exporter_available():
+            raise ExportDependencyError(
+                f"ONNX export needs torch's torch.export-based exporter (torch >= 2.6), not in torch "
+                f"{torch.__version__}: upgrade torch, or export --format torchscript")
     gen = torch.Generator().manual_seed(seed)
     random_images = torch.randint(0, 256, (2 * batch_size + _N_RANDOM, 3, *size), generator=gen,
                                   dtype=torch.uint8)
@@ -272,6 +278,12 @@ def _result(path: Path, fmt: str, detector: FREDetector, score_diff: float | Non
                         input_shape=("batch", 3, h, w), output_names=OUTPUT_NAMES,
                         output_shapes=(("batch",), ("batch", gh, gw)), score_rel_diff=score_diff,
                         map_rel_diff=map_diff, n_checked=n, batch_sizes=sizes, warning=warning, metadata=meta)
+
+
+def onnx_exporter_available() -> bool:
+    """Whether this torch has the exporter ``_write_onnx`` needs: ``torch.onnx.export(dynamo=True)`` with
+    ``dynamic_shapes`` and ``external_data`` (torch >= 2.6; torch 2.4 has only the TorchScript-based one)."""
+    return {"dynamo", "dynamic_shapes", "external_data"} <= set(inspect.signature(torch.onnx.export).parameters)
 
 
 def _require(*modules: str) -> None:
