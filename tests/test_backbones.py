@@ -477,7 +477,7 @@ def _lite_extractor(name: str) -> FeatureExtractor:
 @needs_fusion
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "efficientnet_lite0" else pytest.mark.full)
                                   for n in _LITES])
-# (32, 32): the last stage runs on 1 x 1 maps, whose channels-last strides torch <= 2.11's oneDNN rejected in the
+# (32, 32): the last stage runs on 1 x 1 maps, whose channels-last strides torch 2.11's oneDNN rejected in the
 # fused residual add
 @pytest.mark.parametrize("size", [(224, 224), (61, 50), (97, 130), (32, 32)])
 def test_fused_kernels_equal_the_modules(name: str, size: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:

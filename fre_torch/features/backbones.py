@@ -457,8 +457,9 @@ def _fused_conv(x: Tensor, conv: nn.Conv2d, *, relu6: bool, padding: tuple[int, 
         weight = conv.weight
         if x.shape[-2:] == (1, 1) and weight.shape[-2:] == (1, 1):
             # Channels-last 1 x 1 tensors have strides (C, 1, C, C); on a 1 x 1 map the binary primitive of the
-            # oneDNN in torch <= 2.11 rejects them ("could not create a memory") unless both the input and the
-            # weight have the strides (C, 1, 1, 1). The same values, as views: every version runs them.
+            # oneDNN in torch 2.11 (the GPU machine's; 2.4 and 2.14 accept them) rejects them ("could not create a
+            # memory") unless both the input and the weight have the strides (C, 1, 1, 1). The same values, as
+            # views: every version runs them.
             x, weight = x.flatten(1).view_as(x), weight.flatten(1).view_as(weight)
         return torch.ops.mkldnn._convolution_pointwise.binary(x, add, weight, conv.bias, *args, "add", None,
                                                               None, [], None)
