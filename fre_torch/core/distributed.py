@@ -235,19 +235,16 @@ def _collective(stage: str) -> Iterator[None]:
                                f"{timeout:g} s ({_first_line(err)})") from err
 
 
-def _outside_inference_mode() -> torch.inference_mode:
-    """Where collectives' buffers are made: as normal tensors even when the caller runs under
-    ``torch.inference_mode``. torch 2.4's gloo backend writes the results from its own thread, outside the caller's
-    inference mode, and refuses to update inference tensors there ("Inplace update to inference tensor outside
-    InferenceMode"); later versions accept either."""
-    return torch.inference_mode(False)
-
-
+# Every function that runs a collective is decorated with torch.inference_mode(False), so its buffers are normal
+# tensors even when the caller runs under inference mode: torch 2.4's gloo backend writes the results from its own
+# thread, outside the caller's inference mode, and refuses to update inference tensors there ("Inplace update to
+# inference tensor outside InferenceMode"); later versions accept either.
+@torch.inference_mode(False)
 def barrier(stage: str = "barrier") -> None:
     """Wait for every rank (no-op when not distributed); fails after the timeout instead of hanging."""
     if not is_distributed():
         return
-    with _outside_inference_mode(), _collective(stage):
+    with _collective(stage):
         # A tiny all_reduce rather than dist.barrier: it honours the group timeout on every backend and needs no
         # device guess on NCCL.
         dist.all_reduce(torch.zeros(1, device=_state.comm_device))
@@ -348,16 +345,17 @@ def shard(items: Sequence[T], *, unit: int = 1, what: str = "images") -> list[T]
 
 
 # ---------------------------------------------------------------------------------------------------- gathers
+@torch.inference_mode(False)  # see barrier
 def _all_gather_ints(values: Sequence[int], stage: str) -> Tensor:
     """Each rank's small int vector ``(K,)`` -> ``(world, K)`` int64 on the CPU (one tiny collective)."""
-    with _outside_inference_mode():
-        local = torch.tensor(list(values), dtype=torch.int64, device=_state.comm_device)
-        out = [torch.empty_like(local) for _ in range(_state.world)]
-        with _collective(stage):
-            dist.all_gather(out, local)
-        return torch.stack(out).cpu()
+    local = torch.tensor(list(values), dtype=torch.int64, device=_state.comm_device)
+    out = [torch.empty_like(local) for _ in range(_state.world)]
+    with _collective(stage):
+        dist.all_gather(out, local)
+    return torch.stack(out).cpu()
 
 
+@torch.inference_mode(False)  # see barrier
 def gather_rows(local: Tensor, counts: Sequence[int] | None = None, *, stage: str = "gathering results") -> Tensor:
     """Concatenate every rank's ``local: (N_r, ...)`` in rank order -> ``(sum N_r, ...)`` on ``local``'s device.
 
@@ -380,13 +378,12 @@ def gather_rows(local: Tensor, counts: Sequence[int] | None = None, *, stage: st
                                f"(this rank: {tuple(local.shape)} {local.dtype})")
     sizes = meta[:, 0].tolist()
     longest = max(sizes)
-    with _outside_inference_mode():
-        buf = torch.zeros((longest, *tail), dtype=local.dtype, device=_state.comm_device)
-        buf[:local.shape[0]] = local  # a padded copy: the caller's tensor is left alone
-        parts = [torch.empty_like(buf) for _ in range(_state.world)]
-        with _collective(stage):
-            dist.all_gather(parts, buf)
-        return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(local.device)
+    buf = torch.zeros((longest, *tail), dtype=local.dtype, device=_state.comm_device)
+    buf[:local.shape[0]] = local  # a padded copy: the caller's tensor is left alone
+    parts = [torch.empty_like(buf) for _ in range(_state.world)]
+    with _collective(stage):
+        dist.all_gather(parts, buf)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(local.device)
 
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8,
@@ -446,6 +443,7 @@ def reduce_accumulator(acc: GramAccumulator | CovarianceAccumulator,
     return _reduce_covariance(cov, meta[:, 1].tolist())
 
 
+@torch.inference_mode(False)  # see barrier
 def _reduce_covariance(acc: CovarianceAccumulator, counts: list[int]) -> CovarianceAccumulator:
     """All-reduce of float64 sums about a common shift ``c``: with ``d_r = mean_r - c``,
 
@@ -456,11 +454,6 @@ def _reduce_covariance(acc: CovarianceAccumulator, counts: list[int]) -> Covaria
     spread between shard means, so the final subtraction cancels no more than Chan's pairwise update does (raw
     ``sum x x^T - N mu mu^T`` would lose digits to a large feature mean).
     """
-    with _outside_inference_mode():
-        return _reduce_covariance_sums(acc, counts)
-
-
-def _reduce_covariance_sums(acc: CovarianceAccumulator, counts: list[int]) -> CovarianceAccumulator:
     device = acc.mean.device
     src = next(i for i, c in enumerate(counts) if c > 0)  # counts sum to >= world >= 1
     shift = acc.mean.detach().clone().to(_state.comm_device)

@@ -17,7 +17,6 @@ import hashlib
 import io
 import math
 import os
-import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -412,7 +411,7 @@ def _decode_jpeg_takes_lists() -> bool:
     """Whether ``torchvision.io.decode_jpeg`` decodes a list of files in one call (torchvision >= 0.20)."""
     import torchvision
 
-    major, minor = (int(part) for part in re.findall(r"\d+", torchvision.__version__)[:2])
+    major, minor = (int(part) for part in torchvision.__version__.split(".")[:2])
     return (major, minor) >= (0, 20)
 
 
