@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..detection.detector import FREDetector, _map_levels
+from ..detection.detector import FREDetector
+from ..detection.levels import map_levels
 from ..core.distributed import gather_rows, is_distributed, rank
 
 __all__ = ["CROSS_FIT_FOLDS", "CrossFit", "TrainingRows", "cross_fit", "fit_keeping_rows", "fit_on_rows"]
@@ -89,8 +90,8 @@ def _fold_detector(detector: FREDetector, cache: Sequence[Tensor]) -> FREDetecto
     """A copy of ``detector`` (backbone shared, not copied; the original untouched) that reads cached rows."""
     # The memo shares the backbone and the already fitted subspaces with the original instead of copying them; the
     # fold's fit then replaces its own ``subspaces`` and buffers, never the original's.
-    memo = {id(detector.extractor): detector.extractor, id(detector.subspaces): detector.subspaces,
-            id(detector.map_subspaces): detector.map_subspaces}
+    memo = {id(detector.extractor): detector.extractor,
+            **{id(head.models): head.models for head in detector.heads.values()}}
     fold = copy.deepcopy(detector, memo)
     fold.features = _row_lookup(cache)  # type: ignore[method-assign]  # instance attribute: this copy only
     return fold
@@ -218,6 +219,6 @@ def cross_fit(detector: FREDetector, data: Any = None, *, rows: Sequence[Tensor]
     if not bool(torch.isfinite(scores_cpu).all()):
         raise ValueError("cross-fitting gave NaN/Inf scores on the training images; check the images and weights")
     maps_cpu = gather_rows(maps).cpu() if maps is not None else None
-    map_scale, map_floor = (float(v) for v in _map_levels(maps_cpu)) if maps_cpu is not None else (None, None)
+    map_scale, map_floor = (float(v) for v in map_levels(maps_cpu)) if maps_cpu is not None else (None, None)
     return CrossFit(scores=scores_cpu, maps=maps_cpu, threshold=float(torch.quantile(scores_cpu, quantile)),
                     quantile=float(quantile), map_scale=map_scale, folds=k, map_floor=map_floor)

@@ -28,10 +28,10 @@ from typing import Any, Protocol
 import torch
 
 from ..core.distributed import ProcessContext, process_context, shard
-from ..detection.detector import DetectorConfig, FREDetector, with_detail_for
+from ..detection.detector import DetectorConfig, FREDetector, stored_sizes
 from ..features.backbones import get_backbone_spec, list_backbones
 from ..features.files import check_output_dir, check_output_file
-from ..features.images import (FeatureCache, ImageReadError, MVTecCategory, TestSample, image_size, list_categories,
+from ..features.images import (FeatureCache, MVTecCategory, TestSample, list_categories,
                                list_images, load_image)
 from ..features.verify import unreadable
 from .evaluate import evaluate_category, format_table, summarize, write_json, write_scores_csv
@@ -131,8 +131,10 @@ def detector_config(model: str | None = None, *, reference: bool = False, layers
             fields = {**fields, "detail_layers": None}
         sizes = {k: _size(v, k) for k, v in fields.items() if k in ("map_input_size", "tile_size", "tile_stride")}
         heads = None if list(map_layers or []) == ["none"] else tuple(map_layers or ())
+        # The solver goes to the constructor (not dataclasses.replace): a default detail head stays automatic.
         config = DetectorConfig(backbone=model, layers=tuple(layers or ()), input_size=_size(input_size, "input_size"),
-                                n_components=_n_components(pca), map_layers=heads, **{**fields, **sizes})
+                                n_components=_n_components(pca), map_layers=heads, solver=solver,
+                                **{**fields, **sizes})
     return config if solver == config.solver else dataclasses.replace(config, solver=solver)
 
 
@@ -140,19 +142,14 @@ DETAIL_MODES = ("auto", "on", "off")
 
 
 def detail_for_images(config: DetectorConfig, paths: Sequence[Path], map_detail: str) -> DetectorConfig:
-    """``config`` for training images ``paths``: with ``map_detail='auto'`` the detail head is kept only where the
-    images are large enough (``fre_torch.detection.detector.with_detail_for``, from their file headers; unreadable
-    files are left out of the count); 'on' / 'off' leave ``config`` as it is."""
+    """``config`` for training images ``paths``, its heads fixed (the detector's fit decides nothing more, also on a
+    data-parallel shard): with ``map_detail='auto'`` the automatic choices ``FREDetector.fit`` makes,
+    ``DetectorConfig.for_images`` on the images' stored sizes (``stored_sizes``: file headers, unreadable files
+    left out); 'on' / 'off' keep ``config``'s heads as they are."""
     _check_map_detail(map_detail)
     if map_detail != "auto" or config.detail_head is None:
-        return config
-    sizes = []
-    for path in paths:
-        try:
-            sizes.append(image_size(path))
-        except ImageReadError:
-            continue
-    return with_detail_for(config, sizes)
+        return config.with_fixed_heads()
+    return config.for_images(stored_sizes(paths)).with_fixed_heads()
 
 
 def _check_map_detail(value: str) -> None:

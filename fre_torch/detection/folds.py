@@ -1,0 +1,123 @@
+"""Fold fits: closed-form PCA fits of subsets of the training rows, and the score head's cross-fitted cell statistics.
+
+A test image's cell errors come from a model that never saw it; a training image's own errors are far smaller (17x
+on MVTec bottle). So each score-head cell's normal mean and standard deviation (``image_score='top'``) are taken on
+out-of-fold images: the training images are cut into ``CELL_FOLDS`` seeded folds, and each fold is scored by models
+fitted on the others. Where the Gram solver applies, the fold models are fitted in dual form from blocks of one Gram
+matrix of all the rows (``fit_row_span``), so ``k`` folds cost one Gram matrix instead of ``k``. Torch only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..core.precision import FIT_DTYPE
+from ..core.subspace import RowSpanSubspace, Subspace, fit_row_span, fit_rows, gram_matrix, resolve_solver
+from .heads import Head, score_scales
+
+__all__ = ["CELL_FOLDS", "ROW_SPAN_MAX_BYTES", "cell_statistics", "subset_models"]
+
+# Folds of the cross-fitting that gives the score head's per-cell normal statistics (``image_score='top'``).
+CELL_FOLDS = 5
+ROW_SPAN_MAX_BYTES = 1 << 30
+"""The most memory the dual-form fold fits (``FREDetector.fit_subset``, the cell statistics) hold in float64 copies of
+the training rows and their Gram matrices; subspaces beyond it are fitted per fold (slower, from the float32 rows).
+1 GiB covers all five subspaces of the default layers up to about 2,000 training images."""
+_FIT_BYTES = torch.finfo(FIT_DTYPE).bits // 8
+
+Shared = list[tuple[Tensor, Tensor | None] | None]
+
+
+def subset_models(rows: Sequence[Tensor], keep: Tensor, shared: Shared, dims: Sequence[int],
+                  n_components: int | float | None, solver: str) -> list[RowSpanSubspace | Subspace]:
+    """Closed-form PCA fits (float64, ``n_components``) of the images ``keep`` selects, one per entry of ``rows``.
+
+    Args:
+        rows: ``(N, D_s)`` rows per model, as ``FREDetector.features`` gives them (each image's tiles consecutive).
+        keep: ``(N,)`` bool, the images to fit on.
+        shared: one slot per entry of ``rows`` for ``(gram, rows64)``: the Gram matrix of all ``N`` images' rows
+            (or ``(gram, None)`` where the caller has it) and one float64 copy of the rows, formed on first use and
+            kept by the caller for the next fold. Changed in place (it is the caller's cache).
+        dims: D of the vectors each model is fitted on (one tile's).
+        n_components, solver: as in ``DetectorConfig``.
+
+    Where the Gram solver applies, in dual form (``fit_row_span``) from a block of the Gram matrix; else (the
+    covariance solver, or float64 copies beyond ``ROW_SPAN_MAX_BYTES``) ``fit_rows`` on the kept rows.
+    """
+    models: list[RowSpanSubspace | Subspace] = []
+    n_keep = int(keep.sum())
+    for i, (r, d) in enumerate(zip(rows, dims)):
+        flat = r.reshape(-1, d)
+        tiles = flat.shape[0] // r.shape[0]
+        kept = keep.repeat_interleave(tiles)  # each image's tiles are consecutive rows
+        gram, rows64 = shared[i] if shared[i] is not None else (None, None)
+        if rows64 is None and resolve_solver(solver, n_keep * tiles, d) == "gram":
+            held = sum(t.numel() * t.element_size() for entry in shared if entry is not None
+                       for t in entry if t is not None)
+            need = flat.shape[0] * (d + (flat.shape[0] if gram is None else 0)) * _FIT_BYTES
+            if held + need <= ROW_SPAN_MAX_BYTES:
+                rows64 = flat.to(FIT_DTYPE)
+                if gram is None:
+                    gram = gram_matrix(rows64)
+                    if not bool(torch.isfinite(gram).all()):
+                        raise ValueError("NaN or Inf features on the training images; check the weights file "
+                                         "and the input images")
+                shared[i] = (gram, rows64)
+        if rows64 is None:
+            # The covariance solver, or float64 copies beyond the budget (thousands of images): a fit per fold.
+            models.append(fit_rows(flat[kept], n_components, solver=solver))
+            continue
+        models.append(fit_row_span(rows64, n_components, gram=gram, keep=kept))
+    return models
+
+
+def cell_statistics(head: Head, rows: Sequence[Tensor], *, n_components: int | float | None, solver: str,
+                    normalize: bool, shared: Shared | None = None) -> tuple[Tensor, Tensor]:
+    """Each of ``head``'s cells' mean and standard deviation on out-of-fold normal images.
+
+    Args:
+        head: the score head (its layout; its own models are not used).
+        rows: its ``(N, D_s)`` rows of every training image (all ranks').
+        n_components, solver, normalize: as in ``DetectorConfig`` (``normalize``: ``normalize_scores``).
+        shared: the Gram matrices and float64 rows of ``rows`` where the caller has them (``subset_models``).
+
+    Returns:
+        ``(mean, std)``, each ``(T * gh * gw,)`` float32 on the rows' device. Each fold's cell maps come from models
+        fitted on the other folds, divided by those models' own scales. Fewer than 4 images: mean 0, standard
+        deviation 1 (the raw cells).
+    """
+    device = rows[0].device
+    geometry = head.geometry
+    n = rows[0].shape[0]
+    cells = geometry.n_tiles * geometry.grid[0] * geometry.grid[1]
+    if n < 4:
+        return torch.zeros(cells, device=device), torch.ones(cells, device=device)
+    k = min(CELL_FOLDS, n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(device)
+    fold_of = torch.empty(n, dtype=torch.int64, device=device)
+    fold_of[order] = torch.arange(n, device=device) % k
+    oof = torch.empty(n, cells, device=device)
+    shared = list(shared) if shared is not None else [None] * len(rows)
+    for f in range(k):
+        held = fold_of == f
+        models = subset_models(rows, ~held, shared, head.model_dims, n_components, solver)
+        maps = head.cell_maps([r[held] for r in rows], index=torch.nonzero(held).flatten(), models=models,
+                              scales=score_scales(models, normalize))
+        oof[held] = maps.flatten(1)
+    mean = oof.mean(dim=0)
+    std = oof.std(dim=0)
+    # A cell that is constant on normal images (padding, a fixed background) would divide by ~0: floor the
+    # deviation at a millionth of the largest one.
+    return mean, std.clamp_min(float(std.max()) * 1e-6 + torch.finfo(torch.float32).tiny)
+
+
+def top_cells_score(cells: Tensor, mean: Tensor, std: Tensor, top_fraction: float) -> Tensor:
+    """``image_score='top'``: cells ``(B, C)`` standardised by their normal ``mean`` and ``std`` ``(C,)``, then the
+    mean of the ``ceil(top_fraction * C)`` largest -> ``(B,)``."""
+    z = (cells - mean.to(cells.dtype)) / std.to(cells.dtype)
+    k = max(1, math.ceil(top_fraction * cells.shape[1]))
+    return z.topk(k, dim=1).values.mean(dim=1)
