@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fre_torch.jobs.allocator import DEFAULT_RETAIN_BYTES, ENV_OPT_OUT, retain_freed_memory, retain_requested
+from fre_torch.core.allocator import DEFAULT_RETAIN_BYTES, ENV_OPT_OUT, retain_freed_memory, retain_requested
 
 # A child process allocates, fills and frees a 64 MiB tensor 13 times and prints the minor page faults of the last 10
 # (the first ones fault their pages in whatever the setting, and let the heap reach its size). 64 MiB is above glibc's
@@ -17,10 +17,13 @@ from fre_torch.jobs.allocator import DEFAULT_RETAIN_BYTES, ENV_OPT_OUT, retain_f
 # with 1 thread and 3 warm-ups: 0 in 32 of 32 runs).
 _CHILD = """
 import resource, sys, torch
-from fre_torch.jobs.allocator import retain_freed_memory
+from fre_torch.core.allocator import retain_freed_memory
 torch.set_num_threads(1)
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
+elif sys.argv[1] == "detector":  # what a plain Python user does: build a detector, nothing else
+    from fre_torch import DetectorConfig, FREDetector
+    FREDetector(DetectorConfig(input_size=64), device="cpu", pretrained=False)
 for _ in range(3):
     torch.empty(1 << 24).fill_(1.0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -32,8 +35,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 _GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
-def _faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, check=True)
+def _faults(mode: str, env: dict[str, str] | None = None) -> int:
+    out = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, check=True, env=env)
     return int(out.stdout.strip())
 
 
@@ -49,6 +52,22 @@ def test_retained_memory_is_reused_without_page_faults() -> None:
     # Without the setting every allocation is a fresh mmap whose pages all fault in again (10 x 16,384 here). With it
     # the freed block comes back from the heap, already faulted in: fewer faults than one block has pages.
     assert retained < pages, (retained, default)
+
+
+@pytest.mark.full
+@pytest.mark.skipif(not _GLIBC, reason="mallopt thresholds exist only in glibc (Linux)")
+def test_a_cpu_detector_applies_the_setting_unless_opted_out() -> None:
+    """A plain Python process that builds a detector for the CPU gets what ``cli.py`` gets, with no call to know
+    of; ``FRE_TORCH_RETAIN_MEMORY=0`` opts out."""
+    import os
+    import resource
+
+    pages = (1 << 26) // resource.getpagesize()
+    opted_out = _faults("detector", {**os.environ, ENV_OPT_OUT: "0"})
+    if opted_out < 10 * pages // 4:
+        pytest.skip(f"{opted_out} faults for 10 fresh 64 MiB blocks: huge pages make faulting cheap on this machine")
+    env = {k: v for k, v in os.environ.items() if k != ENV_OPT_OUT}
+    assert _faults("detector", env) < pages, opted_out
 
 
 def test_threshold_is_validated() -> None:
@@ -71,7 +90,7 @@ def test_opt_out_variable(monkeypatch: pytest.MonkeyPatch, value: str | None, ex
 @pytest.mark.parametrize(("value", "called"), [(None, True), ("0", False)])
 def test_cli_sets_it_at_start_unless_opted_out(monkeypatch: pytest.MonkeyPatch, tmp_path, value, called) -> None:
     import cli
-    import fre_torch.jobs.allocator as allocator
+    import fre_torch.core.allocator as allocator
 
     calls: list[int] = []
     monkeypatch.setattr(allocator, "retain_freed_memory", lambda threshold=DEFAULT_RETAIN_BYTES: calls.append(1))

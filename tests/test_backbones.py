@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from fre_torch.features import backbones
+from fre_torch.features import backbones, lite
 from fre_torch.features.backbones import (
 
     IMAGENET_MEAN,
@@ -486,8 +486,8 @@ def test_fused_kernels_equal_the_modules(name: str, size: tuple[int, int], monke
     maps -- and it did run."""
     fx = _lite_extractor(name)
     calls = []
-    fused_conv = backbones._fused_conv
-    monkeypatch.setattr(backbones, "_fused_conv", lambda *a, **k: calls.append(1) or fused_conv(*a, **k))
+    fused_conv = lite._fused_conv
+    monkeypatch.setattr(lite, "_fused_conv", lambda *a, **k: calls.append(1) or fused_conv(*a, **k))
     # channels_last as the detector feeds it; the mixed size also in the default layout
     x = image_batch(*size).contiguous(memory_format=torch.contiguous_format if size == (97, 130)
                                       else torch.channels_last)
@@ -508,7 +508,7 @@ def test_fused_kernels_stay_out_of_traces_autocast_and_autograd(monkeypatch: pyt
     """Tracing (export), autocast (--precision bf16 on a CPU) and autograd see the plain modules."""
     fx = _lite_extractor("efficientnet_lite0")
     calls = []
-    monkeypatch.setattr(backbones, "_fused_conv", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(lite, "_fused_conv", lambda *a, **k: calls.append(1))
     x = image_batch(64, 64)
     traced = torch.jit.trace(lambda t: fx(t)["blocks.3"], x, check_trace=False)
     assert "mkldnn" not in str(traced.graph) and "_convolution_pointwise" not in str(traced.graph)

@@ -156,6 +156,34 @@ def test_map_detail_follows_the_image_size(flags: list[str], grid: list[int], da
     assert FREDetector.load(model).config.map_grid == tuple(grid)
 
 
+@pytest.mark.parametrize("size", [64, 32], ids=["small-images", "large-images"])
+def test_library_fit_makes_the_cli_fit_choices(size: int, dataset: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``FREDetector(DetectorConfig()).fit`` on a folder's loader decides the heads where ``cli.py fit`` does
+    (``DetectorConfig.for_images``, one place) and gives the same model: the same heads, subspaces and statistics."""
+    from fre_torch.features.images import ImageDataset, list_images, make_loader
+    from fre_torch.jobs.predict import split_holdout
+
+    train = dataset / "texture" / "train"
+    model = tmp_path / "m.pt"
+    code, _, err = _run(["fit", "--train_dir", str(train), "--out", str(model), *LITE, "--input_size", str(size),
+                         "--workers", "0"], capsys)
+    assert code == 0, err
+    by_cli = FREDetector.load(model)
+    fit_paths, _ = split_holdout(list_images(train, recursive=True), 0.2, 0)  # what cli.py fit fitted on
+    config = DetectorConfig("efficientnet_lite0", input_size=size)
+    assert config.detail_head is not None  # the default has it until the images are seen
+    by_library = FREDetector(config).fit(make_loader(ImageDataset(fit_paths, size), 32, "cpu", num_workers=0))
+    assert by_library.config == by_cli.config and list(by_library.heads) == list(by_cli.heads)
+    assert ("detail" in by_library.heads) == (size == 32)  # 64 px images carry detail for a 32 px input only
+    for role, head in by_library.heads.items():
+        torch.testing.assert_close(head.scales, by_cli.heads[role].scales, rtol=1e-9, atol=0)
+        for a, b in zip(head.models, by_cli.heads[role].models):
+            torch.testing.assert_close(a.mean, b.mean, rtol=1e-9, atol=0)
+            torch.testing.assert_close(a.explained_variance, b.explained_variance, rtol=1e-9, atol=0)
+    torch.testing.assert_close(by_library.cell_std, by_cli.cell_std, rtol=1e-6, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Bad input: exit 2, one line on stderr, no traceback, no output file
 # ------------------------------------------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ def test_detail_map_is_the_geometric_mean_of_two_single_head_maps(data) -> None:
     """With the detail head (the default), the map is sqrt(coarse upsampled bilinear x fine), where coarse is the map
     head's map and fine the detail head's, each equal to a single-head detector fitted alone on the same images."""
     train, test = data
-    cfg = DetectorConfig(LITE, input_size=SIZE)
+    # Asked for by name: the images are no larger than the input, so the default head would be left out at fit.
+    cfg = DetectorConfig(LITE, input_size=SIZE, detail_layers=DEFAULT_DETAIL_LAYERS[LITE])
     assert cfg.detail_layers == DEFAULT_DETAIL_LAYERS[LITE] and cfg.map_grid == (8, 8) == cfg.detail_head.grid
     det = FREDetector(cfg).fit(train)
     coarse_only = FREDetector(DetectorConfig(LITE, input_size=SIZE, layers=cfg.map_layers, pool=cfg.map_pool,
@@ -208,7 +209,7 @@ def test_a_second_map_pass_equals_a_detector_on_the_larger_images(data) -> None:
 
 
 def test_non_square_input_keeps_its_shape(tmp_path: Path) -> None:
-    cfg = DetectorConfig(LITE, input_size=(64, 160))
+    cfg = DetectorConfig(LITE, input_size=(64, 160), detail_layers=DEFAULT_DETAIL_LAYERS[LITE])
     assert cfg.input_size == (64, 160) and cfg.score_head.grid == (2, 5) and cfg.map_head.grid == (4, 10)
     assert cfg.map_grid == (8, 20)  # the detail head's
     det = FREDetector(cfg).fit(_images(12, 64, 160, 6))
@@ -278,3 +279,22 @@ def test_command_line_values_build_the_heads() -> None:
     with pytest.raises(ValueError, match="one side"):
         run.detector_config(LITE, input_size=[1, 2, 3])
     assert DetectorConfig.reference(LITE).map_layers is None  # the reference: one layer, its map sums to the score
+
+
+def test_fit_keeps_the_default_detail_head_only_for_images_that_carry_detail() -> None:
+    """``DetectorConfig()``'s detail head is an automatic choice made at fit from the training images' stored size
+    (``DetectorConfig.for_images``): dropped for images no larger than the input, kept for images twice as large;
+    a head asked for by name is kept, and the choice survives ``dataclasses.replace``."""
+    import dataclasses
+
+    cfg = DetectorConfig(LITE, input_size=SIZE)
+    assert cfg.detail_auto and dataclasses.replace(cfg, top_fraction=0.2).detail_auto
+    assert cfg.to_dict()["detail_layers"] == list(DEFAULT_DETAIL_LAYERS[LITE])  # JSON and files as before
+    small = FREDetector(cfg).fit(_images(8, SIZE, SIZE, 1))
+    assert small.config.detail_layers is None and list(small.heads) == ["score", "map"]
+    large = FREDetector(cfg).fit(_images(8, 2 * SIZE, 2 * SIZE, 1))
+    assert "detail" in large.heads and large.config.map_grid == (8, 8)
+    asked = FREDetector(DetectorConfig(LITE, input_size=SIZE, detail_layers=DEFAULT_DETAIL_LAYERS[LITE]))
+    assert "detail" in asked.fit(_images(8, SIZE, SIZE, 1)).heads
+    assert cfg.for_images([(SIZE, SIZE)] * 3).detail_layers is None
+    assert cfg.for_images([(3 * SIZE, 2 * SIZE)] * 3) is cfg

@@ -130,7 +130,7 @@ def test_threshold_ignores_test_labels(dataset: Path, monkeypatch: pytest.Monkey
 def test_cross_fit_in_dual_form_equals_the_fold_fits(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fold models fitted from blocks of one Gram matrix (``fit_subset``, the default) give the out-of-fold
     scores, maps, threshold and map scale of fold detectors fitted by ``fit`` (the data-parallel path)."""
-    import fre_torch.detection.detector as detector_module
+    import fre_torch.detection.folds as detector_module
     import fre_torch.jobs.crossfit as crossfit
 
     det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=64), device="cpu")
@@ -308,7 +308,7 @@ def test_fit_keeping_rows_is_the_fit_and_feeds_cross_fit(dataset: Path) -> None:
     kept = FREDetector(config, device="cpu")
     rows = fit_keeping_rows(kept, train, batch_size=8)
     assert "features" not in vars(kept)  # the stand-in is gone: the detector reads images again
-    assert [tuple(r.shape) for r in rows] == [(len(train), d) for d in config.layer_features]
+    assert [tuple(r.shape) for r in rows] == [(len(train), d) for d in kept.config.layer_features]
     torch.testing.assert_close(kept.score(train), plain.score(train), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(kept.cell_std, plain.cell_std, rtol=1e-6, atol=0)
     # The fit's Gram matrices come along (every subspace here is Gram-solved) and seed the fold fits: the same bits

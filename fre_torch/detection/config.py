@@ -22,7 +22,7 @@ from ..core.subspace import resolve_solver, select_n_components
 from ..features.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, get_backbone_spec
 from .geometry import HeadGeometry, as_hw, tile_offsets
 
-__all__ = ["DEFAULT_DETAIL_LAYERS", "DEFAULT_LAYERS", "DEFAULT_MAP_LAYERS", "DETAIL_MIN_SCALE", "DetectorConfig",
+__all__ = ["DefaultLayers", "DEFAULT_DETAIL_LAYERS", "DEFAULT_LAYERS", "DEFAULT_MAP_LAYERS", "DETAIL_MIN_SCALE", "DetectorConfig",
            "HEAD_ROLES", "HeadConfig", "MODES", "with_detail_for"]
 
 # Fitting modes: closed-form PCA, or a linear autoencoder trained by gradient descent, tied or untied.
@@ -69,6 +69,15 @@ DEFAULT_MAP_LAYERS: dict[str, tuple[str, ...]] = {
 DEFAULT_DETAIL_LAYERS: dict[str, tuple[str, ...]] = {
     "efficientnet_lite0": ("blocks.2", "blocks.3", "blocks.4"),
 }
+
+
+class DefaultLayers(tuple):
+    """Layer names a configuration took from a default, not from its caller: ``DetectorConfig.detail_layers`` holds
+    its default detail head as one, so the head stays automatic (``DetectorConfig.for_images``) through
+    ``dataclasses.replace``. Equal to the plain tuple; written to JSON and model files as a plain list, which reads
+    back as asked for."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -183,7 +192,8 @@ class DetectorConfig:
 
     def __post_init__(self) -> None:
         spec = get_backbone_spec(self.backbone)  # ValueError naming the known backbones
-        object.__setattr__(self, "detail_auto", self.detail_layers is not None and not self.detail_layers)
+        object.__setattr__(self, "detail_auto", self.detail_layers is not None and
+                           (not self.detail_layers or isinstance(self.detail_layers, DefaultLayers)))
         layers = self._check_layers(tuple(self.layers) if self.layers else
                                     DEFAULT_LAYERS.get(self.backbone, spec.default_layers), "layers")
         object.__setattr__(self, "layers", layers)
@@ -257,11 +267,11 @@ class DetectorConfig:
         pool = self.detail_pool
         if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0:
             raise ValueError(f"detail_pool must be an int >= 0 (0 = to stride 8), got {pool!r}")
-        asked = bool(self.detail_layers)
+        asked = bool(self.detail_layers) and not isinstance(self.detail_layers, DefaultLayers)
         if self.detail_layers is not None and not asked:  # the default: only where it was measured, one plain pass
             default = DEFAULT_DETAIL_LAYERS.get(self.backbone, ())
             plain = self.map_layers is not None and not self.map_input_size and not self.tile_size
-            object.__setattr__(self, "detail_layers", default if default and plain else None)
+            object.__setattr__(self, "detail_layers", DefaultLayers(default) if default and plain else None)
             if self.detail_layers is not None:
                 self._resolve_detail_pool()
             else:
@@ -443,7 +453,7 @@ class DetectorConfig:
     def with_fixed_heads(self) -> DetectorConfig:
         """This configuration with its heads as they are now, made explicit: ``for_images`` no longer changes it
         (``cli.py --map_detail on``)."""
-        return self if not self.detail_auto else dataclasses.replace(self, detail_layers=self.detail_layers)
+        return self if not self.detail_auto else dataclasses.replace(self, detail_layers=tuple(self.detail_layers))
 
 
 DETAIL_MIN_SCALE = 1.5

@@ -119,6 +119,7 @@ def fit_keeping_rows(detector: FREDetector, data: Any, *, batch_size: int = 32) 
     ``detector.features`` gives them) and the fit's Gram matrices, so that ``cross_fit(..., rows=...)`` needs neither
     the images again (decoding, hashing) nor the backbone, nor a second Gram matrix. The rows are extracted once and
     the fit reads them: the same fit as ``detector.fit(data)``, with every mode and solver."""
+    detector.decide_for(data)  # the automatic choices fit makes, before the rows are extracted with its heads
     rows = TrainingRows(_extract(detector, data, batch_size))
     rows.grams = []
     fit_on_rows(detector, rows, batch_size=batch_size, grams=rows.grams)
