@@ -1,4 +1,4 @@
-"""benchmarks/segmentation_analysis: the per-class breakdown of pixel AUROC, checked against brute-force pair counts."""
+"""benchmarks/studies/segmentation_analysis: the per-class breakdown of pixel AUROC, checked against brute-force pair counts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from benchmarks.segmentation_analysis import (breakdown, far_from, image_far_leak, knn_grid_maps,
+from benchmarks.studies.segmentation_analysis import (breakdown, far_from, image_far_leak, knn_grid_maps,
                                               local_statistics)
 
 

@@ -51,7 +51,7 @@ DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
 # whole image and blurs every defect over its neighbours. The first and the last block of the stride-8 stage (Lite0:
 # blocks.3, receptive field 35 px, and blocks.4, 67 px; Lite1 / Lite2: blocks.4 and blocks.6): better maps than the
 # last block alone, on all three measured sets and all three backbones, at no backbone cost
-# (benchmarks/localisation_study.py, BENCHMARKS.md).
+# (benchmarks/studies/localisation_study.py, BENCHMARKS.md).
 DEFAULT_MAP_LAYERS: dict[str, tuple[str, ...]] = {
     "efficientnet_lite0": ("blocks.3", "blocks.4", "blocks.8"),
     "efficientnet_lite1": ("blocks.4", "blocks.6", "blocks.11"),
@@ -65,7 +65,7 @@ DEFAULT_MAP_LAYERS: dict[str, tuple[str, ...]] = {
 # field 19 px) pooled by 2, on a grid twice as fine again (28 x 28 at 224 px; ``detail_pool`` 0 = to stride 8). The
 # map is the geometric mean of the two heads' maps (``FREDetector.head_maps``): a cell is high only where the coarse
 # map (whole-part context) and the fine one (the defect's outline) agree. Measured on Lite0 only
-# (benchmarks/local_model_study.py, BENCHMARKS.md); other backbones have no detail head unless asked for.
+# (benchmarks/studies/local_model_study.py, BENCHMARKS.md); other backbones have no detail head unless asked for.
 DEFAULT_DETAIL_LAYERS: dict[str, tuple[str, ...]] = {
     "efficientnet_lite0": ("blocks.2", "blocks.3", "blocks.4"),
 }

@@ -1,6 +1,10 @@
 """Cheap post-processing of the two heads' maps and scores: does any of it lift bottle, magnetic_tile and screw at once?
 
-    python -m benchmarks.localisation_postprocess --root_dir /work/shared/data \
+Decided (BENCHMARKS.md, same section): the image score is the mean of the top 10 % of score-head cells, each
+standardised by its out-of-fold normal mean and std (``image_score='top'``); no map post-processing lifted all three
+sets, so maps stay plain.
+
+    python -m benchmarks.studies.localisation_postprocess --root_dir /work/shared/data \
         [--sets bottle magnetic_tile screw] [--cache_dir /tmp/fre_localisation_study] \
         [--json benchmarks/results/localisation_postprocess.json] [--table]
 
@@ -58,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.localisation_study import (SETS, Candidate, RowsDetector, Store, _all, _candidates, _files_digest,
+from benchmarks.studies.localisation_study import (SETS, Candidate, RowsDetector, Store, _all, _candidates, _files_digest,
                                            _machine, _rows, _write, features)
 from fre_torch.detection.metrics import auroc, pixel_auroc, pro
 from fre_torch.features.images import MVTecCategory
@@ -408,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     document = json.loads(out.read_text()) if out.is_file() else {}
     if not args.table:
         document["machine"] = _machine()
-        document["command"] = ("python -m benchmarks.localisation_postprocess "
+        document["command"] = ("python -m benchmarks.studies.localisation_postprocess "
                                + " ".join(argv if argv is not None else sys.argv[1:]))
         document["protocol"] = {"normal_statistics": f"{CROSS_FIT_FOLDS}-fold cross-fitting of the training images "
                                                      "(fre_torch.jobs.crossfit.cross_fit), seed 0",

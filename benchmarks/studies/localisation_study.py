@@ -1,6 +1,10 @@
 """Which configuration the two heads should default to: a measurement over bottle, magnetic_tile and screw.
 
-    python -m benchmarks.localisation_study --root_dir /work/shared/data \
+Decided (BENCHMARKS.md, "Two heads, resolution, bigger backbones"): the default heads -- score head `blocks.8` +
+`blocks.14` on 7 x 7, map head `blocks.3` + `blocks.4` + `blocks.8` on 14 x 14 (Lite1 / Lite2 likewise); 320 / 448 px,
+tiling and the brightness remedies stayed options.
+
+    python -m benchmarks.studies.localisation_study --root_dir /work/shared/data \
         [--sets bottle magnetic_tile screw] [--candidates NAME_OR_PREFIX ...] [--cache_dir /tmp/fre_localisation_study] \
         [--json benchmarks/results/localisation_study.json] [--no_timing] [--list]
 
@@ -652,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(table(document))
         return
     document["machine"] = _machine()
-    document["command"] = "python -m benchmarks.localisation_study " + " ".join(argv if argv is not None else sys.argv[1:])
+    document["command"] = "python -m benchmarks.studies.localisation_study " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.perf_counter()
     run(Path(args.root_dir), [] if args.timing_only else args.sets, cands, Store(Path(args.cache_dir)), document,
         timing=not args.no_timing, threads=args.threads, out=out)

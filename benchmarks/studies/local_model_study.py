@@ -1,6 +1,10 @@
 """Local models for the anomaly map (#21 item 3): measured against the default map head on bottle, magnetic_tile, screw.
 
-    python -m benchmarks.local_model_study --root_dir /work/shared/data [--sets ...] [--cache_dir DIR] \
+Decided (BENCHMARKS.md, "Detail head"): the detail head (``blocks.2`` pooled by 2 + ``blocks.3`` + ``blocks.4`` on
+28 x 28, geometric mean with the map head's map) joined the default; local models (shared, per-position, clustered
+subspaces of cell vectors) were not adopted.
+
+    python -m benchmarks.studies.local_model_study --root_dir /work/shared/data [--sets ...] [--cache_dir DIR] \
         [--json benchmarks/results/local_model_study.json]
 
 The default map head fits one subspace per layer to whole-map vectors (``blocks.3`` + ``blocks.4`` + ``blocks.8`` on
@@ -44,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.localisation_study import (L0, SETS, Pass, RowsDetector, Store, _all, _files_digest, _write,
+from benchmarks.studies.localisation_study import (L0, SETS, Pass, RowsDetector, Store, _all, _files_digest, _write,
                                            features, metrics)
 from fre_torch.detection.detector import DetectorConfig, embed
 from fre_torch.features.images import MVTecCategory

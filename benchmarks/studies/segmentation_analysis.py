@@ -1,6 +1,9 @@
 """Where a category's pooled pixel AUROC is lost: a per-defect-class breakdown of one detector's maps.
 
-    python -m benchmarks.segmentation_analysis --root $FRE_TORCH_DATA/magnetic_tile --category magnetic_tile \
+Decided (BENCHMARKS.md, "Where magnetic_tile's pixel AUROC is lost"): nothing in the defaults; it located the
+loss (normal pixels of other defective images ranked above defective ones) and stays as an analysis tool.
+
+    python -m benchmarks.studies.segmentation_analysis --root $FRE_TORCH_DATA/magnetic_tile --category magnetic_tile \
         [--layers blocks.8 blocks.14] [--pool 2] [--knn] [--json PATH]
 
 Pixel AUROC pools every test pixel of every image: the defective pixels of all classes against the normal pixels
