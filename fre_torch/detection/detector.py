@@ -598,7 +598,11 @@ class FREDetector(nn.Module):
         roles = self.config.map_roles
         if len(roles) == 1:
             return self.heads[roles[0]].map(rows[roles[0]], stitched=stitched, index=index)
-        fused = fuse_maps([self.heads[r].map(rows[r], index=index) for r in roles])
+        # The finest head first, as its untiled cells: the order of operations the exported graphs have always had.
+        finest = self.heads[roles[-1]]
+        maps = {roles[-1]: finest.map(rows[roles[-1]], index=index, stitched=finest.geometry.n_tiles > 1)}
+        maps.update({r: self.heads[r].map(rows[r], index=index) for r in roles[:-1]})
+        fused = fuse_maps([maps[r] for r in roles])
         return fused if stitched else fused[:, None]
 
     def maps_from_features(self, features: Sequence[Tensor]) -> Tensor:

@@ -134,21 +134,28 @@ class Head(nn.Module):
 
 
 def fuse_maps(maps: Sequence[Tensor]) -> Tensor:
-    """The anomaly map from the map heads' maps ``[(B, GH_i, GW_i)]``, coarse to fine -> ``(B, GH, GW)`` on the
-    finest (last) grid: one map as it is; several, their geometric mean, each upsampled bilinear to that grid.
+    """The anomaly map from the map heads' maps, coarse to fine -> ``(B, GH, GW)`` on the finest (last) grid: one
+    map as it is; several, their geometric mean, each upsampled bilinear to that grid.
 
-    All are sums of squared residuals (>= 0), so the mean is >= 0 and high only where every head agrees (the coarse
-    map's whole-part context, the fine map's outline); the clamp only guards rounding of the bilinear weights.
+    Each map is ``(B, GH_i, GW_i)``, or an untiled head's cells ``(B, 1, GH_i, GW_i)`` (taken apart only when used,
+    so the exported graphs keep the order of operations they have always had). All are sums of squared residuals
+    (>= 0), so the mean is >= 0 and high only where every head agrees (the coarse map's whole-part context, the fine
+    map's outline); the clamp only guards rounding of the bilinear weights.
     """
     if len(maps) == 1:
-        return maps[0]
+        return _plain(maps[0])
     size = maps[-1].shape[-2:]
     up = [m if m.shape[-2:] == size else
-          F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for m in maps]
-    product = up[0].clamp_min(0)
+          F.interpolate(_plain(m)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for m in maps]
+    product = _plain(up[0]).clamp_min(0)
     for m in up[1:]:
-        product = product * m.clamp_min(0)
+        product = product * _plain(m).clamp_min(0)
     return product.sqrt() if len(up) == 2 else product.pow(1.0 / len(up))
+
+
+def _plain(m: Tensor) -> Tensor:
+    """``(B, 1, H, W)`` cells of an untiled head -> ``(B, H, W)``; a ``(B, H, W)`` map as it is."""
+    return m[:, 0] if m.ndim == 4 else m
 
 
 def score_scales(models: Sequence[Any], normalize: bool) -> Tensor:
