@@ -67,7 +67,9 @@ def test_a_cpu_detector_applies_the_setting_unless_opted_out() -> None:
     if opted_out < 10 * pages // 4:
         pytest.skip(f"{opted_out} faults for 10 fresh 64 MiB blocks: huge pages make faulting cheap on this machine")
     env = {k: v for k, v in os.environ.items() if k != ENV_OPT_OUT}
-    assert _faults("detector", env) < pages, opted_out
+    # The freed blocks come back from the heap: a block's pages or two at most (the detector's own allocations can
+    # make the heap grow once more), against every page of all ten blocks opted out.
+    assert _faults("detector", env) <= 2 * pages < opted_out // 4, opted_out
 
 
 def test_threshold_is_validated() -> None:

@@ -274,7 +274,9 @@ def pca_detector(synth_images) -> FREDetector:
 @pytest.mark.parametrize("mode", ["tae", "ae"])
 def test_detector_mode_fits_scores_maps_and_round_trips(mode: str, synth_images, pca_detector: FREDetector,
                                                         tmp_path: Path) -> None:
-    det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=64, mode=mode, image_score="fre"), device="cpu")
+    # The detail head named: 64 px images at a 64 px input would leave the default one out (DetectorConfig.for_images).
+    det = FREDetector(DetectorConfig("efficientnet_lite0", input_size=64, mode=mode, image_score="fre",
+                                     detail_layers=("blocks.2", "blocks.3", "blocks.4")), device="cpu")
     det.fit(synth_images["train"])
     models = [*det.subspaces, *det.map_subspaces]  # all three heads train the same kind of model
     assert len(models) == len(det.config.layer_features) == 8

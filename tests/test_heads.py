@@ -230,7 +230,8 @@ def test_non_square_input_keeps_its_shape(tmp_path: Path) -> None:
 @pytest.mark.full
 def test_two_head_model_file_round_trip(data, tmp_path: Path) -> None:
     train, test = data
-    det = FREDetector(DetectorConfig(LITE, input_size=SIZE)).fit(train[:18]).calibrate(train[18:], quantile=0.9)
+    cfg = DetectorConfig(LITE, input_size=SIZE, detail_layers=DEFAULT_DETAIL_LAYERS[LITE])
+    det = FREDetector(cfg).fit(train[:18]).calibrate(train[18:], quantile=0.9)
     loaded = FREDetector.load(det.save(tmp_path / "m.pt"))
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     assert payload["version"] == 3  # map head, then detail head

@@ -385,7 +385,14 @@ def test_python_api(tmp_path: Path) -> None:
     code = readme_python("from fre_torch import DetectorConfig, FREDetector")
     probe = code + "\nimport json; print(json.dumps([float(scores[0]), list(maps.shape), float(det.score(images)[0])]))\n"
     score, shape, reloaded = json.loads(python(probe))
-    assert shape == [1, 28, 28] and math.isfinite(score) and reloaded == pytest.approx(score, rel=1e-6)  # saved, loaded, same
+    # The detail head (28 x 28) where good_parts/ carries detail beyond the input (DetectorConfig.for_images), as
+    # cli.py fit decides; 14 x 14 without.
+    from fre_torch import DetectorConfig
+    from fre_torch.detection.detector import stored_sizes
+    from fre_torch.features.images import list_images
+
+    grid = DetectorConfig().for_images(stored_sizes(list_images(tmp_path / "good_parts"))).map_grid
+    assert shape == [1, *grid] and math.isfinite(score) and reloaded == pytest.approx(score, rel=1e-6)  # saved, loaded, same
 
 
 @pytest.mark.full
