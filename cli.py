@@ -13,31 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 EXIT_USAGE = 2
 SIZE = "H [W]"  # the metavar of a size flag: one number (a square side) or two (height, width)
-
-
-class _Progress:
-    """A one-line progress bar on stderr when it is a terminal; silent otherwise (logs stay clean)."""
-
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.label, self.done = total, label, 0
-        self.enabled = sys.stderr.isatty()
-        self.t0 = time.perf_counter()
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        if self.enabled:
-            bar = "#" * int(30 * self.done / max(self.total, 1))
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            sys.stderr.write(f"\r{self.label:<20} [{bar:<30}] {self.done}/{self.total} {rate:.0f} img/s")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 class _Help(argparse.HelpFormatter):
@@ -53,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="fit on train/good and evaluate on test/* of an MVTec-layout folder")
     add = ev.add_argument
     add("--dataset_directory", default=None, help="root holding <category>/train, test, ... (default ./mvtec)")
-    add("--object_category", nargs="+", default=["all"], help="one or more categories, or 'all' (every one present)")
+    add("--object_category", nargs="+", default=["all"], help="one or more categories, or 'all' (default: every one present)")
     add("--train_dir", default=None, help="your own folders instead of the MVTec layout: normal training images")
     add("--normal_dir", default=None, help="with --train_dir: normal test images")
     add("--abnormal_dir", default=None, help="with --train_dir: defective test images (subfolders = defect types)")
@@ -64,25 +42,27 @@ def _parser() -> argparse.ArgumentParser:
         help="several layers: one subspace each, normalised scores summed (default), or one on the concatenation")
     add("--kernel", choices=["rbf", "laplacian"], default=None, help="kernel FRE (image scores only), not linear")
     add("--kernel_features", type=int, default=4096, help="explicit kernel features M (default 4096)")
-    add("--kernel_method", choices=["rff", "nystroem"], default="rff", help="random Fourier features or Nystroem")
+    add("--kernel_method", choices=["rff", "nystroem"], default="rff",
+        help="random Fourier features (default) or Nystroem landmarks")
     add("--modes", nargs="+", choices=["pca", "tae", "ae"], default=["pca"], help="fits to compare at the k of --pca: "
-        "pca (closed form), tae / ae (tied / untied linear autoencoder, Adam); one table per mode, JSON keyed by mode")
+        "pca (closed form, the default), tae / ae (tied / untied linear autoencoder, Adam); a table per mode")
     add("--gpu", action="store_true", help="same as --device cuda")
     add("--reference", action="store_true", help="the reference configuration (efficientnet_b5 unless --model says "
         "otherwise)")
-    add("--pixel_metrics", choices=["auto", "off"], default="auto", help="auto: maps and pixel AUROC / PRO / "
-        "pixel F1-max where masks exist; off: image metrics only")
+    add("--pixel_metrics", choices=["auto", "off"], default="auto", help="auto (default): maps and pixel AUROC / "
+        "PRO / pixel F1-max where masks exist; off: image metrics only")
     add("--json", default=None, help="write the results as JSON to this path")
     add("--save_heatmaps", default=None, metavar="DIR", help="one PNG per test image, "
         "DIR/<category>/<defect>_<stem>.png: image | map overlay | mask outline")
     add("--report", default=None, metavar="DIR", help="a static HTML report, DIR/index.html")
     add("--list_models", action="store_true", help="print the backbones (offline or downloaded weights) and exit")
-    add("--skip_unreadable", action="store_true", help="leave out images that cannot be decoded (default: stop)")
+    add("--skip_unreadable", action="store_true", help="leave out images that cannot be decoded "
+        "(default: stop, as test images count in the metrics; fit skips them unless --strict)")
     add("--scores_csv", default=None, metavar="PATH", help="every test image's score (category,path,label,score)")
     add("--cache_images_only", action="store_true", help="with --cache: keep preprocessed images only")
     add("--resize", choices=["auto", "cpu", "device"], default="auto", help="where images are resized, with LANCZOS "
-        "either way: cpu (the loader), device (after transfer; JPEGs also decoded there on CUDA) or auto (device on "
-        "CUDA when a category's images share one size or are all JPEGs)")
+        "either way: cpu (the loader), device (after transfer; JPEGs also decoded there on CUDA) or auto (default: "
+        "device on CUDA when a category's images share one size or are all JPEGs)")
     _add_run_options(ev, device=None, cache=True, distributed=True)
 
     fit = sub.add_parser("fit", help="fit on a folder of normal images and save a model file with a threshold")
@@ -92,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--holdout", type=float, default=0.2, help="fraction held out to set the threshold (0.2)")
     fit.add_argument("--quantile", type=float, default=0.99,
                      help="threshold = this quantile of the held-out scores (default 0.99: ~1%% flagged)")
-    fit.add_argument("--strict", action="store_true", help="stop at the first unreadable image (default: skip it)")
+    fit.add_argument("--strict", action="store_true", help="stop at the first unreadable image "
+                     "(default: skip and list it; evaluate stops unless --skip_unreadable)")
     _add_run_options(fit, device="cpu", cache=True, distributed=True)
 
     pr = sub.add_parser("predict", help="score images with a saved model; writes predictions.csv")
@@ -106,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="a saved model as one ONNX or TorchScript graph (uint8 images -> score, "
                                        "map), checked against torch before it is written")
     ex.add_argument("--model_file", required=True, help="a model file written by fit")
-    ex.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    ex.add_argument("--format", required=True, choices=["onnx", "torchscript"],
+                    help="onnx (opset 18, needs torch >= 2.6) or torchscript")
     ex.add_argument("--out", required=True, help="the file to write")
     ex.add_argument("--batch_size", type=int, default=8, help="batch of the trace and the self-check (default 8)")
     ex.add_argument("--weights", default=None, help="the local backbone weights file the model was fitted with")
@@ -130,7 +112,7 @@ def _add_model(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--map_input_size", type=int, nargs="+", default=[0], metavar=SIZE,
                    help="map head's image size, a second backbone pass (default: the input size, one pass)")
     p.add_argument("--map_detail", choices=["auto", "on", "off"], default="auto", help="a finer map combined with "
-                   "the map head's (auto: when the training images' short side is >= 1.5x the input size)")
+                   "the map head's (default auto: when the training images' short side is >= 1.5x the input size)")
     p.add_argument("--tile_size", type=int, nargs="+", default=[0], metavar=SIZE,
                    help="cut the image into overlapping tiles of this size, each through the backbone (default: off)")
     p.add_argument("--tile_stride", type=int, nargs="+", default=[0], metavar=SIZE, help="tile step (default: half)")
@@ -140,7 +122,7 @@ def _add_model(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--pca", type=float, default=0.97,
                    help="variance fraction in (0, 1), or a number of components (default 0.97)")
     p.add_argument("--solver", choices=["auto", "gram", "covariance"], default="auto",
-                   help="subspace solver: Gram (N x N, when N < D), covariance (D x D, streaming) or auto")
+                   help="subspace solver: Gram (N x N), covariance (D x D, streaming) or auto (default: Gram when N < D)")
 
 
 def _add_run_options(p: argparse.ArgumentParser, device: str | None, cache: bool, distributed: bool) -> None:
@@ -183,7 +165,7 @@ def cmd_evaluate(args: argparse.Namespace, run) -> object:
         precision=args.precision, cache=args.cache, cache_images_only=args.cache_images_only, resize=args.resize,
         json=args.json, scores_csv=args.scores_csv, report=args.report, heatmaps=args.save_heatmaps,
         distributed=args.distributed or None, dist_timeout=args.dist_timeout, tags={"reference": args.reference}),
-        progress=_Progress)
+        progress=run.TerminalProgress)
 
 
 def cmd_fit(args: argparse.Namespace, run) -> object:
@@ -198,7 +180,7 @@ def cmd_predict(args: argparse.Namespace, run) -> object:
     return run.predict(run.PredictSettings(
         model_file=args.model_file, inputs=args.paths, out=args.out, heatmaps=args.save_heatmaps, device=args.device,
         batch_size=args.batch_size, workers=args.workers, weights=args.weights, compile=args.compile,
-        precision=args.precision), progress=_Progress)
+        precision=args.precision), progress=run.TerminalProgress)
 
 
 def cmd_export(args: argparse.Namespace, run) -> object:
@@ -208,7 +190,7 @@ def cmd_export(args: argparse.Namespace, run) -> object:
 
 
 def cmd_demo(args: argparse.Namespace, run) -> object:
-    return run.demo(run.DemoSettings(out=args.out, seed=args.seed, json=args.json), progress=_Progress)
+    return run.demo(run.DemoSettings(out=args.out, seed=args.seed, json=args.json), progress=run.TerminalProgress)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,11 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"evaluate": cmd_evaluate, "fit": cmd_fit, "predict": cmd_predict, "export": cmd_export,
                 "demo": cmd_demo}
     try:
-        result = commands[args.command](args, run)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        with run.recording_writes() as written:
+            result = commands[args.command](args, run)
+    except KeyboardInterrupt:  # what was written, each file whole, and what was not
+        print(run.interrupted_message(written, vars(args)), file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         # Library errors carry the fix in their message; one line, no traceback.
         print(run.error_message(err), file=sys.stderr)
         return EXIT_USAGE

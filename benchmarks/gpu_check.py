@@ -497,7 +497,16 @@ def main() -> int:
         results["env"]["torchvision"] = torchvision.__version__
     except ImportError:
         pass
-    work = Path(tempfile.mkdtemp(prefix="fre_gpu_check_"))
+    with tempfile.TemporaryDirectory(prefix="fre_gpu_check_") as tmp:  # removed at the end, whatever happens
+        _run_sections(args, device, Path(tmp), results, out, start, deadline)
+    table = _table(results)
+    (out / "gpu_check.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def _run_sections(args: argparse.Namespace, device: torch.device, work: Path, results: dict[str, Any], out: Path,
+                  start: float, deadline: float) -> None:
     for name in args.sections:
         if time.monotonic() > deadline:
             results[name] = {"error": "skipped: time budget spent"}
@@ -528,10 +537,6 @@ def main() -> int:
             results[name]["section_seconds"] = time.monotonic() - t0
         (out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
         print(f"[{time.monotonic() - start:6.1f} s] {name} done", flush=True)
-    table = _table(results)
-    (out / "gpu_check.md").write_text(table + "\n")
-    print(table)
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,13 +31,17 @@ def test_check_output_file(tmp_path: Path) -> None:
     assert _listing(tmp_path) == before  # the probe file is gone
     with pytest.raises(OutputPathError, match=r"is a folder; give a file path"):
         check_output_file(tmp_path / "dir", "--out")
-    with pytest.raises(OutputPathError, match=r"does not exist; create it first \(mkdir -p .*missing\)"):
-        check_output_file(tmp_path / "missing" / "m.pt", "--out")
+    # One rule for every output: missing folders are created when it is written (the check creates nothing).
+    deep = tmp_path / "missing" / "deeper" / "m.pt"
+    assert check_output_file(deep, "--out") == deep
+    assert _listing(tmp_path) == before
     with pytest.raises(OutputPathError, match=r"file is a file, not a folder"):
         check_output_file(tmp_path / "file" / "m.pt", "--out")
     if UNWRITABLE.is_dir():
         with pytest.raises(OutputPathError, match="cannot create files in /proc"):
             check_output_file(UNWRITABLE / "m.pt", "--out")
+        with pytest.raises(OutputPathError, match=r"cannot create files in /proc \("):  # not "mkdir -p /proc/fre"
+            check_output_file(UNWRITABLE / "fre" / "m.pt", "--out")
 
 
 def test_check_output_dir(tmp_path: Path) -> None:
@@ -48,8 +52,8 @@ def test_check_output_dir(tmp_path: Path) -> None:
     assert _listing(tmp_path) == ["file"]
     with pytest.raises(OutputPathError, match="is a file, not a folder; give a folder"):
         check_output_dir(tmp_path / "file", "--report")
-    with pytest.raises(OutputPathError, match="does not exist"):
-        check_output_dir(tmp_path / "a" / "b", "--report")
+    assert check_output_dir(tmp_path / "a" / "b", "--report") == tmp_path / "a" / "b"
+    assert _listing(tmp_path) == ["file"]
     if UNWRITABLE.is_dir():
         with pytest.raises(OutputPathError, match="cannot create files"):
             check_output_dir(UNWRITABLE / "out", "--report")

@@ -171,7 +171,7 @@ class FREDetector(nn.Module):
         # torch.compile (opt-in): each pass's backbone and embedding as one graph, shapes kept static (dynamic=False)
         # by padding a short last batch up to the largest batch seen, so one compiled graph serves the whole run.
         # It pays on CUDA (fused kernels, fewer launches); on a CPU the ~30 s compile is rarely won back.
-        self.precision = check_precision(precision)  # the backbone's (fre_torch.core.precision); fits stay float64
+        self.precision = check_precision(precision, self.device)  # the backbone's (fre_torch.core.precision); fits stay float64
         self.compiled = bool(compile)
         self._backbone = torch.compile(self._extract_embed, dynamic=False) if compile else self._extract_embed
         self._static_batch = 0

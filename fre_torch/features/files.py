@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["OutputPathError", "atomic_write", "check_output_dir", "check_output_file"]
+__all__ = ["OutputPathError", "atomic_write", "check_output_dir", "check_output_file", "recording_writes"]
+
+_written: list[Path] | None = None  # recording_writes' list while one is open
 
 
 class OutputPathError(ValueError):
@@ -35,10 +37,11 @@ def _probe(folder: Path, what: str) -> None:
 
 
 def _existing_parent(path: Path, what: str) -> Path:
+    """The nearest folder above ``path`` that exists: the missing ones below it are created when the output is
+    written (one rule for every output, file or folder)."""
     parent = path.parent
-    if not parent.exists():
-        raise OutputPathError(f"{what}: the folder {parent} does not exist; create it first (mkdir -p {parent}) or "
-                              "choose another path")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     if not parent.is_dir():
         raise OutputPathError(f"{what}: {parent} is a file, not a folder; choose a path inside a folder")
     return parent
@@ -55,8 +58,8 @@ def check_output_file(path: str | os.PathLike, what: str) -> Path:
         ``path`` as a ``Path``.
 
     Raises:
-        OutputPathError: ``path`` is a folder, its folder does not exist or is a file, or no file can be created
-            there.
+        OutputPathError: ``path`` is a folder, a folder above it is a file, or no file can be created in the
+            nearest existing folder above it (missing folders are created when the file is written).
     """
     path = Path(path)
     if path.is_dir():
@@ -69,14 +72,14 @@ def check_output_dir(path: str | os.PathLike, what: str) -> Path:
     """Check that ``path`` is, or can be created as, a folder that accepts new files.
 
     Args:
-        path: the output folder; created later by the writer if it does not exist (its parent must).
+        path: the output folder; created later by the writer if it does not exist, with any missing folders above.
         what: how the caller names it in messages, e.g. ``"--report report/"``.
 
     Returns:
         ``path`` as a ``Path``.
 
     Raises:
-        OutputPathError: ``path`` is a file, its parent does not exist or is a file, or no file can be created.
+        OutputPathError: ``path`` or a folder above it is a file, or no file can be created.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -98,13 +101,28 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
             tmp.write_text(text)
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # outputs may name folders that do not exist yet
     # The process id keeps concurrent writers (DataLoader workers, ranks) off each other's temporary file.
     tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
         yield tmp
         os.replace(tmp, path)
+        if _written is not None:
+            _written.append(path)
     finally:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:  # the folder itself is unusable: nothing was written
             pass
+
+
+@contextmanager
+def recording_writes() -> Iterator[list[Path]]:
+    """Within the block, the list of files ``atomic_write`` completes, in order: what a command had written when it
+    was interrupted (``cli.py`` names them). Blocks nest; the outer list does not see the inner block's files."""
+    global _written
+    outer, _written = _written, []
+    try:
+        yield _written
+    finally:
+        _written = outer

@@ -145,7 +145,12 @@ def _load_state_dict_file(path: Path) -> dict[str, Tensor]:
     # weights_only=True: a weights file is data; unpickling arbitrary objects from it would run arbitrary code.
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist; pass the path of a saved state dict")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load's many ways to refuse a file (unpickling, zip, EOF) name no fix
+        raise ValueError(f"{path} is not a readable PyTorch weights file ({type(exc).__name__}: not a torch.save "
+                         "file, or a truncated one); pass a state dict saved with torch.save(model.state_dict()) "
+                         "for this backbone") from exc
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(
             f"{path} does not hold a state dict (name -> tensor); save one with torch.save(model.state_dict())"

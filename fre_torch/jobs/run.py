@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,12 +29,14 @@ from typing import Any, Protocol
 import torch
 
 from ..core.distributed import ProcessContext, process_context, shard
+from ..core.precision import check_precision
 from ..detection.detector import DetectorConfig, FREDetector, stored_sizes
 from ..features.backbones import get_backbone_spec, list_backbones
-from ..features.files import check_output_dir, check_output_file
+from ..features.files import check_output_dir, check_output_file, recording_writes  # noqa: F401 (cli.py)
 from ..features.images import (FeatureCache, MVTecCategory, TestSample, list_categories,
                                list_images, load_image)
 from ..features.verify import unreadable
+from .progress import TerminalProgress, interrupted_message  # noqa: F401 (what cli.py prints with)
 from .evaluate import evaluate_category, format_table, summarize, write_json, write_scores_csv
 from .export import MAP_TOLERANCE, SCORE_TOLERANCE, ExportResult, export_detector
 from .predict import (FitResult, check_predict_outputs, fit_folder, predict_paths, resolve_inputs,
@@ -413,6 +416,7 @@ def _evaluate(s: EvaluateSettings, ctx: ProcessContext, progress: ProgressFactor
                         "metrics")
     categories = _categories(s)
     _check_batch_size(s.batch_size)
+    check_precision(s.precision, s.device)
     modes = tuple(dict.fromkeys(s.modes or (config.mode,)))  # in order, without repeats
     if len(modes) > 1 and (s.heatmaps or s.report or s.scores_csv):
         raise ValueError("--save_heatmaps, --report and --scores_csv take one mode; run once per mode with --modes M")
@@ -575,15 +579,44 @@ class DemoSettings:
     json: str | os.PathLike | None = None
 
 
+DEMO_CATEGORIES = ("texture", "object")
+DEMO_MARK = ".fre_torch_demo"  # a file in every folder `demo --out` wrote
+
+
+def _clear_demo_root(root: Path) -> None:
+    """One rule for ``demo --out``: a new or empty folder is written; a demo data set written before (its mark, or
+    the demo's category folders alone) is refreshed; any other non-empty folder is refused, untouched.
+
+    Raises:
+        ValueError: ``root`` holds anything but a demo data set.
+    """
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    entries = {p.name for p in root.iterdir() if not p.name.startswith(".synthetic-partial-")}
+    ours = entries <= {*DEMO_CATEGORIES, DEMO_MARK} and all((root / c / "train").is_dir() for c in entries
+                                                             if c != DEMO_MARK)
+    if not ours:
+        raise ValueError(f"--out {root} is a non-empty folder that is not a demo data set (it holds "
+                         f"{', '.join(sorted(entries)[:3])}{', ...' if len(entries) > 3 else ''}); the demo writes "
+                         "into a new or empty folder, or refreshes one it wrote: choose another, e.g. --out demo_data")
+    for name in entries:
+        path = root / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def demo(settings: DemoSettings = DemoSettings(), *, progress: ProgressFactory | None = None) -> EvaluationResult:
     """Write the synthetic data set and evaluate it: ``cli.py demo``."""
     from ..features.synthetic import write_synthetic_mvtec
 
     s = settings
     _check_outputs({"--json": s.json}, {"--out": s.out})
+    if s.out:
+        _clear_demo_root(Path(s.out))
     with tempfile.TemporaryDirectory(prefix="fre_torch_demo_") as tmp:
         root = Path(s.out) if s.out else Path(tmp) / "synthetic_mvtec"
-        write_synthetic_mvtec(root, seed=s.seed)
+        write_synthetic_mvtec(root, categories=DEMO_CATEGORIES, seed=s.seed)
+        (root / DEMO_MARK).write_text("written by `cli.py demo`; a later demo --out here refreshes it\n",
+                                      encoding="utf-8")
         kept = "" if s.out else " (a temporary folder, deleted when the demo ends; --out DIR keeps it)"
         settings_ = EvaluateSettings(root=root, config=DetectorConfig(DEFAULT_MODEL), json=s.json,
                                      distributed=False, tags={"demo": True})
@@ -638,6 +671,7 @@ def fit(settings: FitSettings) -> FitResult:
     if not Path(s.train_dir).is_dir():
         raise FileNotFoundError(f"training folder not found: {s.train_dir}")
     _check_batch_size(s.batch_size)
+    check_precision(s.precision, s.device)
     with process_context(s.device, distributed=s.distributed, timeout=s.dist_timeout) as ctx:
         config = detail_for_images(s.config, list_images(s.train_dir, recursive=True), s.map_detail)
         result = fit_folder(s.train_dir, config, device=str(ctx.device), holdout=s.holdout, quantile=s.quantile,
@@ -700,11 +734,15 @@ class PredictionResult:
     def lines(self) -> list[str]:
         out = []
         if self.csv_path is not None:
-            out.append(f"wrote {self.csv_path}: {len(self.rows)} images, {self.n_flagged} anomalous, "
-                       f"{self.n_unreadable} unreadable")
+            flagged = f"{self.n_flagged} anomalous" if _has_threshold(self.detector) else "none flagged (no threshold)"
+            out.append(f"wrote {self.csv_path}: {len(self.rows)} images, {flagged}, {self.n_unreadable} unreadable")
         if self.heatmap_dir is not None:
             out.append(f"wrote {self.n_heatmaps} heatmaps to {self.heatmap_dir}")
         return out
+
+
+def _has_threshold(detector: FREDetector) -> bool:
+    return detector.calibration_scores.numel() > 0 and bool(torch.isfinite(detector.threshold))
 
 
 def predict(settings: PredictSettings, *, progress: ProgressFactory | None = None) -> PredictionResult:
@@ -716,6 +754,7 @@ def predict(settings: PredictSettings, *, progress: ProgressFactory | None = Non
     from .heatmaps import heatmap_floor, heatmap_scale, save_heatmaps
 
     s = settings
+    check_precision(s.precision, s.device)
     if s.out is not None:
         check_predict_outputs(s.out, heatmaps=s.heatmaps)
     det = FREDetector.load(s.model_file, device=s.device, weights=s.weights, compile=s.compile,
@@ -736,6 +775,11 @@ def predict(settings: PredictSettings, *, progress: ProgressFactory | None = Non
         raise ValueError(f"none of the {len(rows)} input image(s) could be read, e.g. {failed[0]['error']}; nothing "
                          "was written")
     result = PredictionResult(rows, det)
+    if not _has_threshold(det):
+        result.warnings.append(
+            f"warning: {s.model_file} has no threshold (it was saved without calibrating on held-out normal images), "
+            "so is_anomalous and calibrated_score are left empty; fit it with `cli.py fit`, which holds out 20 % of "
+            "the images to set one, or call det.calibrate(normal_images) before det.save(...)")
     if s.out is not None:
         result.csv_path = write_predictions_csv(rows, s.out)
         if scale is not None:
