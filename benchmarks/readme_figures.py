@@ -17,6 +17,13 @@ Parts:
               images: the largest relative difference to torch that ``export`` prints.
     crossfit  ``evaluate`` bottle, plain and with ``--save_heatmaps`` (which adds the 5-fold cross-fit of the training
               images and the drawing), whole process.
+    accuracy  ``evaluate`` on bottle, magnetic_tile and screw: the default, one head (``--map_layers none
+              --image_score fre``) and the 448 px map pass; image AUROC / pixel AUROC / PRO (docs/method.md's table)
+              and magnetic_tile's whole-process time.
+    backbones ``evaluate`` with efficientnet_lite1 / lite2 (and the default's figures of ``accuracy``), and ``fit`` on
+              bottle per backbone: the model file's size (docs/method.md, "Bigger backbones").
+    threshold ``fit`` on each set's ``train/good`` (20 % held out), ``predict`` on its normal test images: the
+              threshold's place, its 95 % interval and the flagged normal test images (README's threshold table).
     fast_suite  ``python -m pytest`` (the fast subset): wall time and counts.
     ci        ``bash .ci/run`` in a clean clone of the checkout's commit (a new virtual environment, the README's
               install, then the full suite ``python -m pytest --full``): wall time of the whole and of the suite, and
@@ -40,7 +47,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "readme_figures.json"
 README = REPO / "README.md"
-PARTS = ("demo", "verify", "export", "crossfit", "fast_suite", "ci")
+DOCS = REPO / "docs"  # the pages the README links: their figures are checked as the README's
+PARTS = ("demo", "verify", "export", "crossfit", "accuracy", "backbones", "threshold", "fast_suite", "ci")
 DEFAULT_PARTS = ("demo", "verify", "export", "crossfit")
 
 # part -> the README phrases its figures fill in (whitespace-normalised; ``{part[key]}`` reads the results file).
@@ -56,6 +64,23 @@ PHRASES = {
     "crossfit": ["`evaluate` bottle takes {crossfit[plain_s]:.0f} s, {crossfit[heatmaps_s]:.0f} s with "
                  "`--save_heatmaps` ({crossfit[cores]}-core CPU, whole process, load average "
                  "{crossfit[load_1min]:.1f} at the start, {crossfit[load_1min_after]:.1f} at the end)"],
+    "accuracy": [f"| {name} | {{accuracy[default][{name}]}} | {{accuracy[one_head][{name}]}} | "
+                 f"{{accuracy[map448][{name}]}} |" for name in ("bottle", "magnetic_tile", "screw")] + [
+                 "| `evaluate` magnetic_tile, whole process | {accuracy[seconds][default]:.1f} s | "
+                 "{accuracy[seconds][one_head]:.1f} s ({accuracy[ratio][one_head]:.2f}x) | "
+                 "{accuracy[seconds][map448]:.1f} s ({accuracy[ratio][map448]:.1f}x) |"],
+    "backbones": [f"| `{model}` ({{backbones[{model}][input]}}{', default' if model.endswith('0') else ''}) | "
+                  f"{{backbones[{model}][image]}} | {{backbones[{model}][pro]}} | {{backbones[{model}][img_s]:.0f}} | "
+                  f"{{backbones[{model}][model_mb]:.0f}} MB |"
+                  for model in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")],
+    "threshold": [f"| {name} | {{threshold[{name}][n_held_out]}} | {{threshold[{name}][place]}} | "
+                  f"{{threshold[{name}][interval]}} | {{threshold[{name}][flagged]}} |"
+                  for name in ("bottle", "magnetic_tile", "screw")] + [
+                  "({threshold[needed]:,} held-out, i.e. about {threshold[needed_total]:,.0f} normal images at "
+                  "the default hold-out)",
+                  "(EfficientNet-Lite0: {threshold[bottle][model_mb]:.0f} MB fitted on {threshold[bottle][n_fit]} bottle "
+                  "images with the detail head, {threshold[magnetic_tile][model_mb]:.0f} MB on "
+                  "{threshold[magnetic_tile][n_fit]} magnetic tiles without it"],
     "fast_suite": ["`python -m pytest` ran {fast_suite[passed]} tests in {fast_suite[min]:.1f} min on a "
                    "{fast_suite[cores]}-core CPU shared with other work (load average {fast_suite[load_1min]:.1f} at "
                    "the start, {fast_suite[load_1min_after]:.1f} at the end)"],
@@ -77,7 +102,7 @@ def phrases(results: dict) -> dict[str, list[str]]:
 def check(results: dict) -> list[str]:
     """What is wrong: parts never measured, and phrases missing from the README (empty: it says what the results
     file holds)."""
-    readme = _normalise(README.read_text(encoding="utf-8"))
+    readme = _normalise("\n".join(p.read_text(encoding="utf-8") for p in [README, *sorted(DOCS.glob("*.md"))]))
     unmeasured = [f"(part {part} not measured: run --parts {part})" for part in PHRASES if part not in results]
     return unmeasured + [p for ps in phrases(results).values() for p in ps if _normalise(p) not in readme]
 
@@ -167,6 +192,86 @@ def measure_crossfit() -> dict:
     return {"plain_s": plain_s, "heatmaps_s": heatmaps_s, "ratio": heatmaps_s / plain_s}
 
 
+SETS = {"bottle": "mvtec_bottle", "magnetic_tile": "magnetic_tile", "screw": "mvtec_screw"}
+_CONFIGS = {"default": (), "one_head": ("--map_layers", "none", "--image_score", "fre"),
+            "map448": ("--map_input_size", "448", "--map_pool", "4")}
+
+
+def _evaluate(name: str, flags: tuple[str, ...], tmp: Path) -> tuple[float, dict]:
+    """Whole-process seconds and the category's JSON entry of ``cli.py evaluate`` on one data set."""
+    root = _category(SETS[name], name)
+    seconds, _ = _cli("evaluate", "--dataset_directory", str(root), "--object_category", name, "--json", "r.json",
+                      *flags, cwd=tmp)
+    return seconds, json.loads((tmp / "r.json").read_text(encoding="utf-8"))["categories"][name]
+
+
+def _triple(got: dict) -> str:
+    return " / ".join(f"{got[k]:.3f}" for k in ("image_auroc", "pixel_auroc", "pro"))
+
+
+def measure_accuracy() -> dict:
+    out: dict = {name: {} for name in _CONFIGS}
+    seconds: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for config, flags in _CONFIGS.items():
+            for name in SETS:
+                t, got = _evaluate(name, flags, Path(tmp))
+                out[config][name] = _triple(got)
+                out[config][f"{name}_raw"] = got
+                if name == "magnetic_tile":
+                    seconds[config] = t
+    return {**out, "seconds": seconds, "ratio": {k: v / seconds["default"] for k, v in seconds.items()}}
+
+
+def measure_backbones() -> dict:
+    from fre_torch.features.backbones import get_backbone_spec
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for model in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+            got = {name: _evaluate(name, ("--model", model), tmp)[1] for name in SETS}
+            bottle = _category("mvtec_bottle", "bottle") / "bottle" / "train" / "good"
+            _cli("fit", "--train_dir", str(bottle), "--out", "m.pt", "--model", model, cwd=tmp)
+            out[model] = {"input": get_backbone_spec(model).input_size,
+                          "image": " / ".join(f"{got[n]['image_auroc']:.3f}" for n in SETS),
+                          "pro": " / ".join(f"{got[n]['pro']:.3f}" for n in SETS),
+                          "img_s": got["magnetic_tile"]["test_images_per_second"],
+                          "model_mb": (tmp / "m.pt").stat().st_size / 1e6, "raw": got}
+    return out
+
+
+def measure_threshold() -> dict:
+    import csv
+
+    from fre_torch import FREDetector
+    from fre_torch.detection.threshold import _ordinal, _percent, held_out_needed
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name in SETS:
+            category = _category(SETS[name], name) / name
+            _cli("fit", "--train_dir", str(category / "train" / "good"), "--out", "m.pt", cwd=tmp)
+            _cli("predict", "--model_file", "m.pt", str(category / "test" / "good"), "--out", "p", cwd=tmp)
+            stats = FREDetector.load(tmp / "m.pt").threshold_stats()
+            with open(tmp / "p" / "predictions.csv", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+            flagged = sum(r["is_anomalous"] == "1" for r in rows)
+            n = stats.n_held_out
+            place = (f"above all {n}" if stats.rank >= n else f"between the {_ordinal(stats.rank)} and "
+                     f"{_ordinal(stats.rank + 1)}{' (the largest)' if stats.rank + 1 == n else ''}")
+            share = f" ({100 * flagged / len(rows):.1f} %)" if flagged else ""
+            det = FREDetector.load(tmp / "m.pt")
+            out[name] = {"n_held_out": n, "place": place,
+                         "interval": f"{_percent(stats.rate_low)}-{_percent(stats.rate_high)}",
+                         "flagged": f"{flagged} of {len(rows)}{share}", "stats": stats.to_dict(),
+                         "model_mb": (tmp / "m.pt").stat().st_size / 1e6,
+                         "n_fit": int(det.subspaces[0].n_samples), "detail": "detail" in det.heads}
+    needed = held_out_needed(0.99)
+    return {**out, "needed": needed, "needed_total": round(needed / 0.2, -1)}
+
+
 # Left out of the measured runs: the test of these figures, which are not yet known while they are measured.
 _FIGURES_TEST = "tests/test_first_hour.py::test_readme_figures_are_those_of_the_benchmark"
 _COUNTS = re.compile(r"(\d+) (passed|skipped|deselected|failed|errors?)")
@@ -223,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
               " phrases)")
         return 0
     measure = {"demo": lambda: measure_demo(args.repeat), "verify": measure_verify, "export": measure_export,
-               "crossfit": measure_crossfit, "fast_suite": measure_fast_suite, "ci": measure_ci}
+               "crossfit": measure_crossfit, "accuracy": measure_accuracy, "backbones": measure_backbones,
+               "threshold": measure_threshold, "fast_suite": measure_fast_suite, "ci": measure_ci}
     for part in args.parts:
         context = _context()
         results[part] = {**measure[part](), **context, "load_1min_after": os.getloadavg()[0]}

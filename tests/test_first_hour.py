@@ -19,7 +19,8 @@ from conftest import REPO
 from fre_torch.features.synthetic import write_synthetic_mvtec
 from test_journeys import pip_dry_run, readme_blocks, readme_commands
 
-README = (REPO / "README.md").read_text(encoding="utf-8")
+# The README and the pages it links (docs/): the user documentation as a whole.
+README = "\n".join(p.read_text(encoding="utf-8") for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
 # Every download refused at once (even with internet access), and an empty torch hub cache: the offline machine.
 _NO_NETWORK = dict.fromkeys(("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"), "http://127.0.0.1:9")
 

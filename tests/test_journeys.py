@@ -29,6 +29,8 @@ from fre_torch.features.synthetic import write_synthetic_mvtec
 from fre_torch.jobs.export import onnx_exporter_available
 
 README = REPO / "README.md"
+# The user documentation: the README and the reference pages it links (their commands are README commands too).
+DOCS = [README, *sorted((REPO / "docs").glob("*.md"))]
 NOT_RUN = "not run"
 
 # README command (continuation lines joined, comment dropped) or "python: <first line>" of a Python block -> the
@@ -76,8 +78,9 @@ JOURNEYS: dict[str, str] = {
 
 
 def readme_blocks() -> list[tuple[str, str]]:
-    """``(language, text)`` of every fenced block of the README."""
-    return re.findall(r"^```(\w*)\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.M | re.S)
+    """``(language, text)`` of every fenced block of the README and of docs/*.md."""
+    text = "\n".join(path.read_text(encoding="utf-8") for path in DOCS)
+    return re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.M | re.S)
 
 
 def readme_commands() -> list[str]:
@@ -433,7 +436,7 @@ def test_the_export_extra_adds_nothing_after_the_quick_start() -> None:
     would = [line for line in proc.stdout.splitlines() if line.startswith("Would install")]
     assert would == ["Would install fre_torch-0.1.0"], proc.stdout
     extras = re.search(r'"export": \[([^\]]*)\]', (REPO / "setup.py").read_text(encoding="utf-8")).group(1)
-    readme = README.read_text(encoding="utf-8")
+    readme = "\n".join(path.read_text(encoding="utf-8") for path in DOCS)
     assert "does nothing" in readme and all(name.strip(' "') in readme for name in extras.split(","))
 
 
