@@ -74,7 +74,7 @@ def measure(name: str, repeat: int) -> dict[str, Any]:
     from fre_torch.detection.detector import DetectorConfig, FREDetector
     from fre_torch.features.images import MVTecCategory, _resized_rgb, _to_rgb
     from fre_torch.jobs import heatmaps
-    from fre_torch.detection import detector as detector_module
+    from fre_torch.detection import folds as detector_module  # where the fold fits call fit_row_span
     from fre_torch.jobs import crossfit as crossfit_module
     from fre_torch.jobs.crossfit import cross_fit, fit_on_rows
     from fre_torch.jobs.evaluate import _pixel_metrics, evaluation_maps

@@ -1,6 +1,6 @@
 """fre_torch: anomaly detection by Feature Reconstruction Error, in PyTorch.
 
-Four layers, each importing only the ones before it (README, "Architecture"): ``core`` (the engine: subspaces, PCA,
+Four layers, each importing only the ones before it (docs/internals.md, "Architecture"): ``core`` (the engine: subspaces, PCA,
 kernel FRE, the precision policy, data-parallel collectives; torch only), ``features`` (backbones, images, caches),
 ``detection`` (``FREDetector``, metrics, the threshold's statistics) and ``jobs`` (what ``cli.py`` runs, one call per
 command: ``run.evaluate``, ``run.fit``, ``run.predict``, ``run.export``, ``run.demo``).
@@ -8,7 +8,7 @@ command: ``run.evaluate``, ``run.fit``, ``run.predict``, ``run.export``, ``run.d
 
 from .core import (PCA, CovarianceAccumulator, ExactKernelFRE, GramAccumulator, KernelFRE, LinearAutoencoder, Subspace,
                    fit_covariance, fit_gram, fit_rows)
-from .detection import DetectorConfig, FREDetector, ModelFileError
+from .detection import DetectorConfig, FREDetector, HeadConfig, ModelFileError
 from .features import WeightsUnavailableError, get_backbone_spec, list_backbones
 from .jobs import run
 
@@ -20,6 +20,7 @@ __all__ = [
     "ExactKernelFRE",
     "LinearAutoencoder",
     "DetectorConfig",
+    "HeadConfig",
     "FREDetector",
     "ModelFileError",
     "WeightsUnavailableError",

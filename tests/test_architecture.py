@@ -1,4 +1,4 @@
-"""The package layout keeps its rules (README, "Architecture"), read from the source with ``ast``:
+"""The package layout keeps its rules (docs/internals.md, "Architecture"), read from the source with ``ast``:
 
 - ``core`` imports only torch, the standard library and ``core``;
 - ``features`` adds images (PIL, torchvision, the weight packages), never ``detection`` or ``jobs``;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -259,9 +260,14 @@ def test_compiled_detector_matches_eager_with_a_padded_last_batch():
 # ------------------------------------------------------------------------------------------------ gpu_check
 @pytest.mark.full
 def test_gpu_check_script_runs_its_head_section_on_the_cpu(tmp_path):
+    # Its scratch folder goes to a temporary folder of the test's own, where a leftover would show.
+    env = {**os.environ, "TMPDIR": str(tmp_path / "scratch")}
+    (tmp_path / "scratch").mkdir()
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path), "--device", "cpu",
-                           "--quick", "--sections", "head"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "--quick", "--sections", "head"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list((tmp_path / "scratch").glob("fre_gpu_check_*")) == []  # its scratch folder is removed
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     assert doc["head"]["n_components"] >= 1 and doc["head"]["fit_seconds"] > 0
     assert "| head fit N=400 D=4096 |" in proc.stdout.splitlines()[-1]

@@ -227,7 +227,7 @@ class EvaluateSettings:
         pixel_metrics: maps and pixel AUROC / PRO / pixel F1-max where masks exist.
         keep_maps: keep the test maps, paths and a cross-fitted threshold and map scale in the result, so that
             ``write_heatmaps`` / ``write_report`` can be called on it; implied by ``heatmaps`` and ``report``.
-        compile, precision, cache, cache_images_only, resize: the speed options (README, "Speed").
+        compile, precision, cache, cache_images_only, resize: the speed options (docs/internals.md, "Speed").
         json, scores_csv, report, heatmaps: outputs written at the end (rank 0); checked before any image is read.
         distributed: True joins torchrun's process group; None (default) when torchrun's environment is set;
             False never.
