@@ -292,7 +292,7 @@ def test_program_corrupt_image(corrupt_dataset: tuple[Path, Path], tmp_path: Pat
     out_json = tmp_path / "out.json"
     proc = _subprocess(["evaluate", "--dataset_directory", str(root), *LITE, "--batch_size", "2", "--json",
                         str(out_json)])
-    _check_error(proc.returncode, proc.stdout, proc.stderr, "cannot read image", str(bad))
+    _check_error(proc.returncode, proc.stdout, proc.stderr, "cannot be decoded", str(bad))  # found before any work
     assert not out_json.exists()
 
 

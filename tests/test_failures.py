@@ -147,8 +147,9 @@ def test_the_interrupted_message_names_what_was_written_and_what_was_not(tmp_pat
 
 @pytest.mark.full
 def test_ctrl_c_during_predict_names_what_was_written(tmp_path: Path) -> None:
-    root = write_synthetic_mvtec(tmp_path / "ds", categories=("texture",), n_train=10, n_test_good=150,
-                                 n_test_defect=0, size=64)
+    # Enough heatmaps that writing them lasts well over the polling interval, also on a loaded machine.
+    root = write_synthetic_mvtec(tmp_path / "ds", categories=("texture",), n_train=10, n_test_good=400,
+                                 n_test_defect=0, size=96)
     fit = cli("fit", "--train_dir", str(root / "texture" / "train"), "--out", str(tmp_path / "m.pt"))
     assert fit.returncode == 0, fit.stderr
     out = tmp_path / "r"

@@ -103,15 +103,16 @@ EXPORT = ["export", "--model_file", "model.pt", "--format", "torchscript"]
 EVALUATE = ["evaluate", "--dataset_directory", "mvtec", "--model", "efficientnet_lite0"]
 CASES = [
     (FIT + ["--out", "a_folder"], "--out a_folder: a_folder is a folder"),
-    (FIT + ["--out", "missing/m.pt"], "--out missing/m.pt: the folder missing does not exist"),
+    # Missing folders are created (tests/test_failures.py); a file on the way is not a folder.
+    (FIT + ["--out", "a_file/missing/m.pt"], "--out a_file/missing/m.pt: a_file is a file, not a folder"),
     (FIT + ["--out", "/proc/m.pt"], "--out /proc/m.pt: cannot create files in /proc"),
     (FIT + ["--out", "m.pt", "--cache", "a_file"], "--cache a_file: a_file is a file, not a folder"),
     (PREDICT + ["--out", "a_file"], "--out a_file: a_file is a file, not a folder"),
-    (PREDICT + ["--out", "missing/results"], "--out missing/results: the folder missing does not exist"),
+    (PREDICT + ["--out", "a_file/missing/results"], "--out a_file/missing/results: a_file is a file, not a folder"),
     (EXPORT + ["--out", "a_folder"], "--out a_folder: a_folder is a folder"),
     (EXPORT + ["--out", "a_file/m.ts"], "--out a_file/m.ts: a_file is a file, not a folder"),
     (EVALUATE + ["--json", "a_folder"], "--json a_folder: a_folder is a folder"),
-    (EVALUATE + ["--json", "missing/r.json"], "--json missing/r.json: the folder missing does not exist"),
+    (EVALUATE + ["--json", "a_file/missing/r.json"], "--json a_file/missing/r.json: a_file is a file, not a folder"),
     (EVALUATE + ["--scores_csv", "a_folder"], "--scores_csv a_folder: a_folder is a folder"),
     (EVALUATE + ["--report", "a_file"], "--report a_file: a_file is a file, not a folder"),
     (EVALUATE + ["--save_heatmaps", "a_file"], "--save_heatmaps a_file: a_file is a file, not a folder"),
