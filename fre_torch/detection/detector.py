@@ -59,8 +59,6 @@ __all__ = ["CELL_FOLDS", "DEFAULT_DETAIL_LAYERS", "DEFAULT_LAYERS", "DEFAULT_MAP
            "ModelFileError", "MODES", "ROW_SPAN_MAX_BYTES", "stored_sizes", "training_image_sizes", "upsample_maps",
            "with_detail_for"]
 
-_map_levels = map_levels  # the name crossfit and older callers import
-
 
 def _batches(data: Any, batch_size: int, device: torch.device | str = "cpu",
              size: int | tuple[int, int] | None = None) -> Iterator[Tensor]:
