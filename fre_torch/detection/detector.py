@@ -212,10 +212,6 @@ class FREDetector(nn.Module):
         self._feature_settings: str | None = None
 
     @property
-    def _weights_id(self) -> str:  # the name jobs used before ``weights_id``
-        return self.weights_id
-
-    @property
     def is_fitted(self) -> bool:
         return all(head.is_fitted for head in self.heads.values())
 

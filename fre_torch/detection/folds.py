@@ -19,7 +19,7 @@ from ..core.precision import FIT_DTYPE
 from ..core.subspace import RowSpanSubspace, Subspace, fit_row_span, fit_rows, gram_matrix, resolve_solver
 from .heads import Head, score_scales
 
-__all__ = ["CELL_FOLDS", "ROW_SPAN_MAX_BYTES", "cell_statistics", "subset_models"]
+__all__ = ["CELL_FOLDS", "ROW_SPAN_MAX_BYTES", "cell_statistics", "subset_models", "top_cells_score"]
 
 # Folds of the cross-fitting that gives the score head's per-cell normal statistics (``image_score='top'``).
 CELL_FOLDS = 5

@@ -114,7 +114,7 @@ def evaluate_category(detector: FREDetector, root: str | os.PathLike, category: 
         # own contiguous shard of whole batches; the fit reduces across ranks and scores are gathered in the
         # original order.
         config_hash_check({"category": category, "config": detector.config.to_dict(),
-                           "weights": detector._weights_id, "batch_size": batch_size,
+                           "weights": detector.weights_id, "batch_size": batch_size,
                            "pixel_metrics": pixel_metrics, "calibrate": keep_maps,
                            "train": [p.name for p in cat.train],
                            "test": [str(p.relative_to(cat.root)) for p in cat.test_paths]})

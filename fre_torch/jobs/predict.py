@@ -147,7 +147,7 @@ def fit_folder(train_dir: str | os.PathLike, config: DetectorConfig, *, device: 
                       feature_cache=None if cache is None else Path(cache) / "features")
     if det.compiled:
         det.warmup(batch_size)
-    config_hash_check({"config": config.to_dict(), "weights": det._weights_id, "batch_size": batch_size,
+    config_hash_check({"config": config.to_dict(), "weights": det.weights_id, "batch_size": batch_size,
                        "holdout": holdout, "quantile": quantile, "seed": seed, "strict": strict,
                        "images": [str(p.relative_to(train_dir)) for p in paths]})
     fit_paths = shard(fit_paths, unit=batch_size, what="training images (after the hold-out)")
