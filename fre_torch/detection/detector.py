@@ -169,7 +169,8 @@ class FREDetector(nn.Module):
         # torch.compile (opt-in): each pass's backbone and embedding as one graph, shapes kept static (dynamic=False)
         # by padding a short last batch up to the largest batch seen, so one compiled graph serves the whole run.
         # It pays on CUDA (fused kernels, fewer launches); on a CPU the ~30 s compile is rarely won back.
-        self.precision = check_precision(precision, self.device)  # the backbone's (fre_torch.core.precision); fits stay float64
+        # The backbone's (fre_torch.core.precision); fits stay float64. fp16 on the CPU is refused there.
+        self.precision = check_precision(precision, self.device)
         self.compiled = bool(compile)
         self._backbone = torch.compile(self._extract_embed, dynamic=False) if compile else self._extract_embed
         self._static_batch = 0
@@ -214,6 +215,12 @@ class FREDetector(nn.Module):
     @property
     def is_fitted(self) -> bool:
         return all(head.is_fitted for head in self.heads.values())
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether a held-out threshold was set (``calibrate``; ``cli.py fit`` does it): without one, ``predict``
+        leaves ``is_anomalous`` and ``calibrated_score`` empty."""
+        return self.calibration_scores.numel() > 0
 
     # Views of the heads' models and scales under the names they had before heads were objects (read only).
     @property
@@ -659,7 +666,7 @@ class FREDetector(nn.Module):
         """How far the held-out threshold can be trusted: the number of held-out images, the threshold's rank among
         their scores, the false-positive rate on them, and a 95 % interval of the rate on new normal images
         (``fre_torch.detection.threshold``). Read from the stored held-out scores, so a loaded model gives the same."""
-        if self.calibration_scores.numel() == 0 or self.threshold_quantile is None:
+        if not self.is_calibrated or self.threshold_quantile is None:
             raise ValueError("this detector has no held-out threshold; fit it with a held-out split (cli.py fit) or "
                              "call calibrate(held_out_normal_images)")
         return threshold_stats(self.calibration_scores, float(self.threshold), self.threshold_quantile)
@@ -667,7 +674,7 @@ class FREDetector(nn.Module):
     def calibrated_score(self, scores: Tensor) -> Tensor:
         """Fraction of held-out normal scores at or above each score, (N,) -> (N,) in [0, 1]: a p-value-like
         number that reads the same for every model (small = unusual)."""
-        if self.calibration_scores.numel() == 0:
+        if not self.is_calibrated:
             raise ValueError("this detector has no calibration; fit it with a held-out split (cli.py fit) or call "
                              "calibrate(held_out_normal_images)")
         ref = self.calibration_scores

@@ -230,7 +230,7 @@ def predict_paths(detector: FREDetector, paths: Sequence[Path], *, batch_size: i
             progress(len(ok))
     index = torch.cat([p[0] for p in parts]) if parts else torch.empty(0, dtype=torch.int64)
     scores = torch.cat([p[1] for p in parts]).float() if parts else torch.empty(0)
-    calibrated = detector.calibrated_score(scores) if detector.calibration_scores.numel() else None
+    calibrated = detector.calibrated_score(scores) if detector.is_calibrated else None
     threshold = float(detector.threshold)
     scores_cpu = scores.cpu().tolist()
     calibrated_cpu = calibrated.cpu().tolist() if calibrated is not None else [None] * len(scores_cpu)

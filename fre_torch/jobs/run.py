@@ -601,7 +601,10 @@ def _clear_demo_root(root: Path) -> None:
                          "into a new or empty folder, or refreshes one it wrote: choose another, e.g. --out demo_data")
     for name in entries:
         path = root / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def demo(settings: DemoSettings = DemoSettings(), *, progress: ProgressFactory | None = None) -> EvaluationResult:
@@ -734,15 +737,11 @@ class PredictionResult:
     def lines(self) -> list[str]:
         out = []
         if self.csv_path is not None:
-            flagged = f"{self.n_flagged} anomalous" if _has_threshold(self.detector) else "none flagged (no threshold)"
+            flagged = f"{self.n_flagged} anomalous" if self.detector.is_calibrated else "none flagged (no threshold)"
             out.append(f"wrote {self.csv_path}: {len(self.rows)} images, {flagged}, {self.n_unreadable} unreadable")
         if self.heatmap_dir is not None:
             out.append(f"wrote {self.n_heatmaps} heatmaps to {self.heatmap_dir}")
         return out
-
-
-def _has_threshold(detector: FREDetector) -> bool:
-    return detector.calibration_scores.numel() > 0 and bool(torch.isfinite(detector.threshold))
 
 
 def predict(settings: PredictSettings, *, progress: ProgressFactory | None = None) -> PredictionResult:
@@ -775,7 +774,7 @@ def predict(settings: PredictSettings, *, progress: ProgressFactory | None = Non
         raise ValueError(f"none of the {len(rows)} input image(s) could be read, e.g. {failed[0]['error']}; nothing "
                          "was written")
     result = PredictionResult(rows, det)
-    if not _has_threshold(det):
+    if not det.is_calibrated:
         result.warnings.append(
             f"warning: {s.model_file} has no threshold (it was saved without calibrating on held-out normal images), "
             "so is_anomalous and calibrated_score are left empty; fit it with `cli.py fit`, which holds out 20 % of "
