@@ -6,8 +6,8 @@ kernel FRE, the precision policy, data-parallel collectives; torch only), ``feat
 command: ``run.evaluate``, ``run.fit``, ``run.predict``, ``run.export``, ``run.demo``).
 """
 
-from .core import (PCA, CovarianceAccumulator, ExactKernelFRE, GramAccumulator, KernelFRE, LinearAutoencoder, Subspace,
-                   fit_covariance, fit_gram, fit_rows)
+from .core import (PCA, CovarianceAccumulator, ExactKernelFRE, GramAccumulator, KernelFRE, LinearAutoencoder,
+                   SketchAccumulator, Subspace, fit_covariance, fit_gram, fit_rows, fit_sketch)
 from .detection import DetectorConfig, FREDetector, HeadConfig, ModelFileError
 from .features import WeightsUnavailableError, get_backbone_spec, list_backbones
 from .jobs import run
@@ -29,9 +29,11 @@ __all__ = [
     "Subspace",
     "CovarianceAccumulator",
     "GramAccumulator",
+    "SketchAccumulator",
     "fit_covariance",
     "fit_gram",
     "fit_rows",
+    "fit_sketch",
     "run",
     "__version__",
 ]

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .precision import FIT_DTYPE, check_device, score_dtype_for
 from .subspace import (
+    AUTO,
     AdoptsBufferShapes,
     CovarianceAccumulator,
     GramAccumulator,
@@ -98,8 +99,10 @@ def _check_n_components(n_components: NComponents) -> NComponents:
     """The linear engine's rule, checked before any data arrives (the upper bound needs N)."""
     if n_components is None:
         return None
+    if n_components == AUTO:
+        return n_components
     if isinstance(n_components, bool) or not isinstance(n_components, (int, float)):
-        raise ValueError(f"n_components must be an int, a float in (0, 1) or None, got {n_components!r}")
+        raise ValueError(f"n_components must be an int, a float in (0, 1), {AUTO!r} or None, got {n_components!r}")
     if isinstance(n_components, float) and not 0.0 < n_components < 1.0:
         raise ValueError(f"n_components={n_components} as a float must lie in (0, 1) (fraction of explained "
                          "variance); pass an int for a fixed number of components")

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .precision import check_device
 from .subspace import (
+    AUTO,
     CovarianceAccumulator,
     GramAccumulator,
     NComponents,
@@ -47,7 +48,9 @@ class PCA:
 
     Args:
         n_components: int (number kept), float in (0, 1) (smallest number whose explained-variance ratio reaches
-            it, scikit-learn's rule) or None (all, ``min(N, D)``).
+            it, scikit-learn's rule), None (all, ``min(N, D)``) or ``'auto'`` (fre_torch's bounded rule,
+            ``fre_torch.core.subspace.AUTO``; with ``partial_fit`` and solver 'auto' the statistics become a
+            fixed-size summary once N passes ``SKETCH_RANK`` + 1, so memory stays bounded).
         device: where fitting and scoring run; None = the device of the data (CPU for numpy).
         solver: 'covariance' (D x D second moments, memory independent of N), 'gram' (N x N Gram matrix, for
             N < D) or 'auto' (gram when N < D). ``partial_fit`` with 'auto' keeps rows while N < D and switches to
@@ -57,9 +60,10 @@ class PCA:
     def __init__(self, n_components: NComponents = None, *, device: torch.device | str | None = None,
                  solver: str = "auto") -> None:
         resolve_solver(solver, 1, 1)  # validates the name
-        if n_components is not None and (isinstance(n_components, bool)
-                                         or not isinstance(n_components, (int, float))):
-            raise ValueError(f"n_components must be an int, a float in (0, 1) or None, got {n_components!r}")
+        if n_components is not None and n_components != AUTO and (isinstance(n_components, bool)
+                                                                  or not isinstance(n_components, (int, float))):
+            raise ValueError(f"n_components must be an int, a float in (0, 1), {AUTO!r} or None, got "
+                             f"{n_components!r}")
         if isinstance(n_components, float) and not 0.0 < n_components < 1.0:
             raise ValueError(f"n_components={n_components} as a float must lie in (0, 1)")
         if isinstance(n_components, int) and n_components < 1:
@@ -122,7 +126,7 @@ class PCA:
             self._acc = self._new_accumulator(t.shape[1], dev, t.dtype)
             self._numpy = _is_numpy(X)
             self._dtype = t.dtype
-        acc = make_room(self._acc, t.shape[0], self.solver)
+        acc = make_room(self._acc, t.shape[0], self.solver, self.n_components)
         acc.update(t.to(dev), check_finite=False)  # already checked above
         self._acc = acc
         self._subspace = None  # solved lazily on first use
@@ -231,6 +235,8 @@ class PCA:
         if self._subspace is not None:
             self._subspace = self._subspace.to(self.device)
         if self._acc is not None:
+            if hasattr(self._acc, "flush"):  # a summary's waiting rows are not buffers: absorb them first
+                self._acc.flush()
             self._acc = self._acc.to(self.device)
         return self
 

@@ -26,6 +26,11 @@ from torch import Tensor, nn
 from .precision import FIT_DTYPE
 
 __all__ = [
+    "AUTO",
+    "AUTO_MAX_COMPONENTS",
+    "AUTO_MIN_SHARE",
+    "AUTO_VARIANCE",
+    "SKETCH_RANK",
     "AdoptsBufferShapes",
     "CovarianceAccumulator",
     "GramAccumulator",
@@ -35,6 +40,8 @@ __all__ = [
     "fit_covariance",
     "fit_accumulator",
     "make_room",
+    "new_accumulator",
+    "summarises",
     "fit_gram",
     "fit_row_span",
     "fit_rows",
@@ -46,7 +53,25 @@ __all__ = [
 ]
 
 Solver = Literal["auto", "covariance", "gram"]
-NComponents = int | float | None
+NComponents = int | float | str | None
+
+AUTO = "auto"
+"""``n_components=AUTO``, the default rule of ``fre_torch`` (``select_n_components``): the smallest k reaching
+``AUTO_VARIANCE`` of the variance, without components that carry less than ``AUTO_MIN_SHARE`` of it, and at most
+``AUTO_MAX_COMPONENTS``."""
+AUTO_VARIANCE = 0.97
+AUTO_MIN_SHARE = 1.0 / 4096
+"""Below this share of the total variance a direction is the noise floor, not normal variation. At N < D a sample
+spectrum's tail is the features' remaining variance spread over the N - 1 dimensions the rows span (each about
+``T_tail / N``): PCA(0.97) keeps ~0.85 N of those. A share floor stops there; it keeps at most ``1 / share``
+components whatever N is, and its count converges as N grows (the population's components above it)."""
+SKETCH_RANK = 512
+"""Rows of the fixed-size summary (``SketchAccumulator``) that the default fit streams into once N exceeds it."""
+AUTO_MAX_COMPONENTS = SKETCH_RANK * 3 // 4
+"""The most the rule keeps: three quarters of the summary's rank. Every absorption of a summary truncates below its
+rank, and the error of that cut lands on the directions just above it; the last quarter is a guard band (measured
+on 1,600 magnetic tiles: the summary's top 256, 384, 448 and 512 directions score within 0.0004 AUROC of the exact
+ones, BENCHMARKS.md "Scale")."""
 
 # Column chunk for the float64 passes over an (N, D) matrix: bounds the float64 temporary to N * 4096 * 8 bytes.
 _COLUMN_CHUNK = 4096
@@ -77,21 +102,42 @@ def check_features(x: Tensor, n_features: int | None = None, *, name: str = "X",
     return x
 
 
+def _auto_components(explained_variance: Tensor, limit: int, total: Tensor | float | None) -> int:
+    """``n_components=AUTO`` (see ``AUTO``): ``min(k(AUTO_VARIANCE), #{share >= AUTO_MIN_SHARE}, AUTO_MAX)``, >= 1."""
+    ev = explained_variance.to(FIT_DTYPE)
+    total = ev.sum() if total is None else torch.as_tensor(total, dtype=FIT_DTYPE, device=ev.device)
+    if not total > 0:
+        return 1
+    share = ev / total
+    k_variance = int(torch.searchsorted(torch.cumsum(share, dim=0),
+                                        torch.tensor([AUTO_VARIANCE], dtype=FIT_DTYPE, device=ev.device),
+                                        right=True).item()) + 1
+    k_floor = int((share >= AUTO_MIN_SHARE).sum())
+    return max(1, min(k_variance, k_floor, AUTO_MAX_COMPONENTS, limit, ev.numel()))
+
+
 def select_n_components(explained_variance: Tensor, n_components: NComponents, n_samples: int,
-                        n_features: int) -> int:
-    """Number of components to keep, with scikit-learn's exact rule.
+                        n_features: int, *, total: Tensor | float | None = None) -> int:
+    """Number of components to keep: scikit-learn's exact rule for ints, fractions and None; ``AUTO`` for ours.
 
     Args:
         explained_variance: (R,) the full spectrum in descending order (R = all components available).
         n_components: an int in [1, min(N, D)]; a float in (0, 1) = the smallest k whose cumulative
             explained-variance ratio reaches it, ``searchsorted(cumsum(ratio), f, side='right') + 1``; None = all.
         n_samples, n_features: N and D of the data fitted.
+        total: the total variance when ``explained_variance`` is not the whole spectrum (a sketch's); default its
+            sum.
     """
     limit = min(n_samples, n_features)
     if n_components is None:
         return limit
+    if isinstance(n_components, str):
+        if n_components != AUTO:
+            raise ValueError(f"n_components={n_components!r}: the one rule by name is {AUTO!r}; or pass an int or a "
+                             "float in (0, 1)")
+        return _auto_components(explained_variance, limit, total)
     if isinstance(n_components, bool):
-        raise ValueError(f"n_components must be an int, a float in (0, 1) or None, got {n_components!r}")
+        raise ValueError(f"n_components must be an int, a float in (0, 1), {AUTO!r} or None, got {n_components!r}")
     if isinstance(n_components, int):
         if not 1 <= n_components <= limit:
             raise ValueError(f"n_components={n_components} must be between 1 and min(n_samples, n_features)="
@@ -102,13 +148,13 @@ def select_n_components(explained_variance: Tensor, n_components: NComponents, n
             raise ValueError(f"n_components={n_components} as a float must lie in (0, 1) (fraction of explained "
                              "variance); pass an int for a fixed number of components")
         ev = explained_variance.to(FIT_DTYPE)
-        total = ev.sum()
+        total = ev.sum() if total is None else torch.as_tensor(total, dtype=FIT_DTYPE, device=ev.device)
         if total <= 0:
             return 1  # no variance at all: every point is the mean; one (arbitrary) component as scikit-learn
         cumsum = torch.cumsum(ev / total, dim=0)
         k = int(torch.searchsorted(cumsum, torch.tensor([n_components], dtype=FIT_DTYPE, device=ev.device),
                                    right=True).item()) + 1
-        return min(k, limit)
+        return min(k, limit, ev.numel())
     raise ValueError(f"n_components must be an int, a float in (0, 1) or None, got {n_components!r}")
 
 
@@ -300,8 +346,14 @@ class Subspace(AdoptsBufferShapes):
         singular_values: (k,) float64.
         total_variance: () float64, the sum of all variances (for the explained-variance ratio).
         n_samples: () int64, the number of rows fitted.
+        tail_components: (m, D) the directions of the training rows' summary beyond the k scored ones, in the
+            components' dtype (``n_components='auto'`` fits keep them; empty otherwise). Not used in scoring.
+        tail_singular_values: (m,) float64, theirs.
+        summary_rank: () int64, the rank of the summary (``fre_torch.core.sketch.SketchAccumulator``) that the
+            components and the tail make together; 0 = none kept, the subspace cannot take new rows.
 
-    ``load_state_dict`` adopts the shapes of the incoming buffers, so ``Subspace().load_state_dict(sd)`` works.
+    ``load_state_dict`` adopts the shapes of the incoming buffers, so ``Subspace().load_state_dict(sd)`` works;
+    a state without the summary's buffers (written before they existed) loads as a subspace without one.
     """
 
     mean: Tensor
@@ -313,7 +365,9 @@ class Subspace(AdoptsBufferShapes):
 
     def __init__(self, mean: Tensor | None = None, components: Tensor | None = None,
                  explained_variance: Tensor | None = None, singular_values: Tensor | None = None,
-                 total_variance: Tensor | None = None, n_samples: int = 0) -> None:
+                 total_variance: Tensor | None = None, n_samples: int = 0, *,
+                 tail_components: Tensor | None = None, tail_singular_values: Tensor | None = None,
+                 summary_rank: int = 0) -> None:
         super().__init__()
         dev = mean.device if mean is not None else None
         self.register_buffer("mean", mean if mean is not None else torch.empty(0, dtype=FIT_DTYPE))
@@ -325,6 +379,31 @@ class Subspace(AdoptsBufferShapes):
         self.register_buffer("total_variance", total_variance if total_variance is not None
                              else torch.zeros((), dtype=FIT_DTYPE, device=dev))
         self.register_buffer("n_samples", torch.tensor(n_samples, dtype=torch.int64, device=dev))
+        comps = self.components
+        self.register_buffer("tail_components", tail_components if tail_components is not None
+                             else comps.new_zeros(0, comps.shape[1] if comps.ndim == 2 else 0))
+        self.register_buffer("tail_singular_values", tail_singular_values if tail_singular_values is not None
+                             else torch.empty(0, dtype=FIT_DTYPE, device=dev))
+        self.register_buffer("summary_rank", torch.tensor(summary_rank, dtype=torch.int64, device=dev))
+
+    _SUMMARY_BUFFERS = ("tail_components", "tail_singular_values", "summary_rank")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # noqa: D401 - torch hook
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        absent = [name for name in self._SUMMARY_BUFFERS if prefix + name not in state_dict]
+        for name in absent:  # an older state: no summary (the caller's dict is not touched)
+            missing_keys.remove(prefix + name)
+        if absent:
+            self.tail_components = self.components.new_zeros(0, self.components.shape[1])
+            self.tail_singular_values = torch.empty(0, dtype=FIT_DTYPE, device=self.mean.device)
+            self.summary_rank = torch.zeros((), dtype=torch.int64, device=self.mean.device)
+
+    @property
+    def has_summary(self) -> bool:
+        """Whether it keeps the summary of its training rows that new rows can be added to (``fit --update``)."""
+        return int(self.summary_rank) > 0
 
     @property
     def n_features(self) -> int:
@@ -422,6 +501,17 @@ def fit_covariance(acc: CovarianceAccumulator, n_components: NComponents = None,
     variance = _spectrum_from_eigh(evals, n)
     total = variance.sum()
     k = select_n_components(variance, n_components, n, acc.n_features)
+    if n_components == AUTO:
+        # Keep the summary (as ``fit_gram``): the determined directions up to ``SKETCH_RANK``; with D at most
+        # that, the whole eigenbasis, so new rows update it exactly.
+        sq = variance * (n - 1)
+        r = min(SKETCH_RANK, max(k, int(_determined(torch.sqrt(sq[:min(n - 1, acc.n_features)]),
+                                                    (n, acc.n_features)).sum())))
+        v = _flip_signs(evecs[:, -r:].flip(1).T).to(dtype)
+        s = torch.sqrt(sq[:r])
+        return Subspace(mean=acc.mean.clone(), components=v[:k].clone(), explained_variance=variance[:k],
+                        singular_values=s[:k].clone(), total_variance=total, n_samples=n,
+                        tail_components=v[k:].clone(), tail_singular_values=s[k:].clone(), summary_rank=SKETCH_RANK)
     components = _flip_signs(evecs[:, -k:].flip(1).T)
     ev = variance[:k]
     return Subspace(
@@ -496,6 +586,16 @@ def fit_gram(rows: Tensor, n_components: NComponents = None, *, gram: Tensor | N
     if gram is None:
         gram = _gram_block(rows, rows)
     u, sq, variance, k = _gram_spectrum(gram, n_components, d)
+    if n_components == AUTO:
+        # Keep the summary (``fre_torch.core.sketch``): every determined direction up to ``SKETCH_RANK`` (all of
+        # them while N <= SKETCH_RANK + 1), so the subspace can take new rows and is then what a fit on all of
+        # them gives.
+        r = min(SKETCH_RANK, max(k, int(_determined(torch.sqrt(sq[:n - 1]), (n, d)).sum())))
+        s = torch.sqrt(sq[:r])
+        v = _components_from_u(rows, mean, u[:, :r], s)
+        return Subspace(mean=mean, components=v[:k].clone(), explained_variance=variance[:k],
+                        singular_values=s[:k].clone(), total_variance=variance.sum(), n_samples=n,
+                        tail_components=v[k:].clone(), tail_singular_values=s[k:].clone(), summary_rank=SKETCH_RANK)
     s = torch.sqrt(sq[:k])
     return Subspace(
         mean=mean,
@@ -665,25 +765,61 @@ def _complete_basis(basis: Tensor, m: int) -> Tensor:
     return q.T
 
 
-def make_room(acc: GramAccumulator | CovarianceAccumulator, n_new: int,
-              solver: str) -> GramAccumulator | CovarianceAccumulator:
-    """The accumulator to take ``n_new`` more rows: with ``solver='auto'`` a Gram accumulator whose N would reach
-    D becomes the equivalent covariance one (the D x D statistics are then the smaller)."""
-    if solver == "auto" and isinstance(acc, GramAccumulator) and acc.n_samples + n_new >= acc.n_features:
+def make_room(acc: GramAccumulator | CovarianceAccumulator, n_new: int, solver: str,
+              n_components: NComponents = None) -> GramAccumulator | CovarianceAccumulator:
+    """The accumulator to take ``n_new`` more rows. With ``solver='auto'`` a Gram accumulator whose N would reach
+    D becomes the equivalent covariance one (the D x D statistics are then the smaller); with ``n_components=AUTO``
+    too, one whose N would pass ``SKETCH_RANK`` + 1 becomes the fixed-size summary (``new_accumulator``)."""
+    if solver != "auto" or not isinstance(acc, GramAccumulator):
+        return acc
+    n = acc.n_samples + n_new
+    if summarises(n, acc.n_features, solver, n_components):
+        from .sketch import SketchAccumulator  # sketch builds on this module
+
+        return SketchAccumulator(acc.n_features, device=acc.rows.device, dtype=acc.rows.dtype).update(
+            acc.rows, check_finite=False)
+    if n >= acc.n_features:
         return acc.to_covariance()
     return acc
 
 
+def summarises(n_rows: int, n_features: int, solver: str, n_components: NComponents) -> bool:
+    """Whether a fit of ``n_rows`` rows keeps a fixed-size summary (``fre_torch.core.sketch``) rather than exact
+    statistics: with ``solver='auto'`` and ``n_components=AUTO``, once N passes ``SKETCH_RANK`` + 1 (the summary is
+    exact up to there) and D exceeds ``SKETCH_RANK`` (else the D x D covariance is the smaller exact statistic)."""
+    return solver == "auto" and n_components == AUTO and n_features > SKETCH_RANK and n_rows > SKETCH_RANK + 1
+
+
+def new_accumulator(n_features: int, n_rows: int | None, solver: str, n_components: NComponents = None, *,
+                    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+    """The accumulator a fit of ``n_rows`` rows (None = unknown) of ``n_features`` starts with: Gram while N < D,
+    else covariance (``resolve_solver``); with ``solver='auto'`` and ``n_components=AUTO`` the fixed-size summary
+    (``fre_torch.core.sketch``) where N would pass ``SKETCH_RANK`` + 1 and D exceeds ``SKETCH_RANK`` (rows of
+    unknown count start as Gram; ``make_room`` switches)."""
+    if summarises(n_rows or 0, n_features, solver, n_components):
+        from .sketch import SketchAccumulator  # sketch builds on this module
+
+        return SketchAccumulator(n_features, device=device, dtype=dtype)
+    if resolve_solver(solver, n_rows if n_rows is not None else n_features - 1, n_features) == "gram":
+        return GramAccumulator(n_features, device=device, dtype=dtype)
+    return CovarianceAccumulator(n_features, device=device)
+
+
 def fit_accumulator(acc: GramAccumulator | CovarianceAccumulator, n_components: NComponents = None, *,
                     dtype: torch.dtype = torch.float32, what: str = "samples") -> Subspace:
-    """Solve streaming statistics of either kind (the Gram rows keep their own dtype; ``dtype`` is for the
+    """Solve streaming statistics of any kind (the Gram rows keep their own dtype; ``dtype`` is for the
     covariance path). ``ValueError`` below 2 samples, naming ``what`` was counted."""
-    n = acc.n_samples if isinstance(acc, GramAccumulator) else acc._count
+    n = acc.n_samples if isinstance(acc, GramAccumulator) else acc.flush()._count if hasattr(acc, "flush") \
+        else acc._count
     if n < 2:
         raise ValueError(f"need at least 2 {what} to fit, got {n}")
     if isinstance(acc, GramAccumulator):
         return fit_gram(acc.rows, n_components, gram=acc.gram)
-    return fit_covariance(acc, n_components, dtype=dtype)
+    if isinstance(acc, CovarianceAccumulator):
+        return fit_covariance(acc, n_components, dtype=dtype)
+    from .sketch import fit_sketch  # sketch builds on this module
+
+    return fit_sketch(acc, n_components)
 
 
 def fit_rows(x: Tensor, n_components: NComponents = None, *, solver: Solver = "auto",
