@@ -22,7 +22,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from fre_torch.core import distributed as fd  # noqa: E402
-from fre_torch.core.subspace import CovarianceAccumulator, GramAccumulator  # noqa: E402
+from fre_torch.core.sketch import fit_sketch  # noqa: E402
+from fre_torch.core.subspace import SKETCH_RANK, CovarianceAccumulator, GramAccumulator, new_accumulator  # noqa: E402
 
 
 def _data(n: int, d: int, offset: float) -> torch.Tensor:
@@ -82,6 +83,24 @@ def library_checks() -> dict:
     out["auto_type"] = type(auto).__name__
     out["auto_scatter_rel"] = _rel(auto.scatter, ref_s.scatter) if isinstance(auto, CovarianceAccumulator) else None
     out["forced_gram_type"] = type(fd.reduce_accumulator(local_s, "gram")).__name__
+
+    # n_components='auto': each rank's N (300) is within the summary's rank, the global N (600) is not, and D >
+    # SKETCH_RANK -> the ranks' rows become summaries merged in rank order, as one process streams them; the two
+    # agree on the kept subspace (float32 rows of a rank-20 signal, scored on new rows; 4e-4 relative seen).
+    d = SKETCH_RANK + 88
+    g = torch.Generator().manual_seed(7)
+    basis = torch.randn(20, d, generator=g, dtype=torch.float64) / d ** 0.5
+    xk = ((torch.randn(620, 20, generator=g, dtype=torch.float64) * torch.logspace(1, -1, 20, dtype=torch.float64))
+          @ basis + 0.01 * torch.randn(620, d, generator=g, dtype=torch.float64) + 2.0).float()
+    idx = fd.shard_indices(600, r, w, unit=4)
+    local_k = _stream(new_accumulator(d, 300, "auto", "auto"), xk[idx.start:idx.stop], batch=100)
+    merged_k = fd.reduce_accumulator(local_k, "auto", "auto")
+    single = _stream(new_accumulator(d, 600, "auto", "auto"), xk[:600], batch=100)
+    a, b = fit_sketch(merged_k, 20), fit_sketch(single, 20)
+    out["sketch_types"] = [type(local_k).__name__, type(merged_k).__name__]
+    out["sketch_n"] = merged_k._count
+    out["sketch_fre_rel"] = float(((a.fre(xk[600:]) - b.fre(xk[600:])).abs() / b.fre(xk[600:])).max())
+    out["sketch_mean_rel"] = _rel(merged_k.mean, single.mean)
 
     # gather_rows: uneven counts, trailing dimensions, original order.
     full = torch.arange(7 * 6, dtype=torch.float32).view(7, 2, 3)

@@ -187,6 +187,11 @@ def _evaluate_argv(data: Path, out: Path, solver: str) -> list[str]:
 SOLVERS = ("gram", "covariance")
 
 
+def _update_argv(data: Path, model: Path, out: Path) -> list[str]:
+    return ["fit", "--update", str(model), "--train_dir", str(data / "syn" / "texture" / "train"), "--out", str(out),
+            "--batch_size", "2", "--workers", "0", "--holdout", "0.3"]
+
+
 @pytest.fixture(scope="module")
 def suite(data: Path) -> dict:
     """ONE torchrun launch (startup dominates on 2 cores): library checks, then cli.main fit / evaluate with both
@@ -198,6 +203,8 @@ def suite(data: Path) -> dict:
         runs.append({"name": f"fit_{solver}", "argv": _fit_argv(data, out / f"fit_{solver}.pt", solver)})
         (out / f"evaluate_{solver}").mkdir()
         runs.append({"name": f"evaluate_{solver}", "argv": _evaluate_argv(data, out / f"evaluate_{solver}", solver)})
+    # fit --update of the Gram fit with the other category's training images (rank 0 carries the old summary)
+    runs.append({"name": "update", "argv": _update_argv(data, out / "fit_gram.pt", out / "update.pt")})
     runs.append({"name": "tiny", "argv": ["evaluate", "--dataset_directory", str(data / "tiny"), "--model",
                                           "efficientnet_lite0", "--input_size", "64", "--workers", "0"]})
     (out / "runs.json").write_text(json.dumps(runs))
@@ -219,6 +226,9 @@ def test_reductions_are_exact_and_gathers_ordered(suite: dict) -> None:
         assert lib["gram_input_rows"] == (4 if r == 0 else 7)  # this rank's shard only: the input kept its rows
         assert lib["auto_type"] == "CovarianceAccumulator" and lib["auto_scatter_rel"] < 1e-12
         assert lib["forced_gram_type"] == "GramAccumulator"
+        assert lib["sketch_types"] == ["GramAccumulator", "SketchAccumulator"] and lib["sketch_n"] == 600
+        # past the summary's rank the two truncate at other rows: the same subspace, not the same rounding
+        assert lib["sketch_fre_rel"] < 1e-3 and lib["sketch_mean_rel"] < 1e-12, lib
         assert lib["gather_ok"]
         assert "different settings" in lib["mismatch"], lib["mismatch"]
 
@@ -260,6 +270,23 @@ def test_fit_distributed_equals_single_process(suite: dict, data: Path, solver: 
         s_single = FREDetector.load(single_file).score(images)
         s_dist = FREDetector.load(dist_file).score(images)
     assert _rel(s_dist, s_single) < REL
+
+
+def test_update_distributed_equals_single_process(suite: dict, data: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert [rank["runs"]["update"] for rank in suite["ranks"]] == [0, 0], suite["logs"]
+    single_fit, single_update = tmp_path / "fit.pt", tmp_path / "update.pt"
+    _single(_fit_argv(data, single_fit, "gram"), capsys)
+    _single(_update_argv(data, single_fit, single_update), capsys)
+    a = torch.load(single_update, weights_only=True)
+    b = torch.load(suite["out"] / "update.pt", weights_only=True)
+    for sa, sb in zip(a["subspaces"] + a["map_subspaces"], b["subspaces"] + b["map_subspaces"], strict=True):
+        assert int(sa["n_samples"]) == int(sb["n_samples"]) == 20  # 10 fitted + 10 of the 14 new (4 held out)
+        assert _sign_aligned_diff(sa["components"], sb["components"]) < REL
+        assert _rel(sb["explained_variance"], sa["explained_variance"]) < REL
+    assert torch.equal(a["cell_index"], b["cell_index"]) and _rel(b["cell_rows"], a["cell_rows"]) < REL
+    assert _rel(b["calibration_scores"], a["calibration_scores"]) < REL
+    assert b["calibration_scores"].numel() == 4 + 4  # the fit's held-out scores and the update's
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

@@ -234,7 +234,7 @@ def test_two_head_model_file_round_trip(data, tmp_path: Path) -> None:
     det = FREDetector(cfg).fit(train[:18]).calibrate(train[18:], quantile=0.9)
     loaded = FREDetector.load(det.save(tmp_path / "m.pt"))
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
-    assert payload["version"] == 3  # map head, then detail head
+    assert payload["version"] == 4  # map head, then detail head; 4: the summaries
     assert len(payload["map_subspaces"]) == len(DEFAULT_MAP_LAYERS[LITE]) + len(DEFAULT_DETAIL_LAYERS[LITE]) == 6
     for a, b in zip(det.anomaly_maps(test), loaded.anomaly_maps(test)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

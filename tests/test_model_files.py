@@ -32,7 +32,7 @@ def test_every_model_file_version_loads_and_scores_as_written(version: int, expe
     # Saved again, it is today's version and scores the same.
     again = FREDetector.load(det.save(tmp_path / "again.pt"))
     torch.testing.assert_close(again.anomaly_maps(expected["test"])[1], maps, rtol=0, atol=0)
-    assert torch.load(tmp_path / "again.pt", weights_only=True)["version"] == 3
+    assert torch.load(tmp_path / "again.pt", weights_only=True)["version"] == 4
 
 
 @pytest.mark.full

@@ -39,7 +39,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .precision import FIT_DTYPE
-from .subspace import CovarianceAccumulator, GramAccumulator, resolve_solver
+from .sketch import SketchAccumulator
+from .subspace import CovarianceAccumulator, GramAccumulator, NComponents, resolve_solver, summarises
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -75,7 +76,7 @@ DEFAULT_TIMEOUT_S = 600.0
 ENV_KEYS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 """Environment variables ``torchrun`` sets for each worker."""
 
-_GRAM, _COVARIANCE = 0, 1
+_GRAM, _COVARIANCE, _SKETCH = 0, 1, 2
 
 
 class DistributedError(RuntimeError):
@@ -405,32 +406,38 @@ def _pad_shape(tail: tuple[int, ...], width: int = 4) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------- reduction
-def reduce_accumulator(acc: GramAccumulator | CovarianceAccumulator,
-                       solver: str = "auto") -> GramAccumulator | CovarianceAccumulator:
-    """Merge every rank's accumulator exactly; returns a NEW accumulator, identical on every rank.
+def reduce_accumulator(acc: GramAccumulator | CovarianceAccumulator | SketchAccumulator, solver: str = "auto",
+                       n_components: NComponents = None):
+    """Merge every rank's accumulator; returns a NEW accumulator, identical on every rank.
 
     Args:
         acc: this rank's statistics over its shard (not modified).
         solver: the detector's solver setting. With ``'auto'`` a single process chooses Gram when the total N is
             below D; ranks chose from their own (smaller) N, so the kind is re-decided here from the global N and
             Gram statistics become covariance ones when the global N has reached D.
+        n_components: the detector's; with ``'auto'`` Gram statistics whose global N passes ``SKETCH_RANK`` + 1
+            become summaries (``fre_torch.core.sketch``), as in one process.
 
     Returns:
         ``acc`` itself when not distributed; else a fresh ``GramAccumulator`` holding all rows in the original order,
-        or a fresh ``CovarianceAccumulator`` with the global count, mean and scatter.
+        a fresh ``CovarianceAccumulator`` with the global count, mean and scatter (both exact), or a fresh
+        ``SketchAccumulator``, the ranks' summaries merged in rank order.
 
     Raises:
         DistributedError: ranks hold accumulators of different feature sizes, or a peer failed.
     """
     if not is_distributed():
         return acc
-    kind = _GRAM if isinstance(acc, GramAccumulator) else _COVARIANCE
-    n_local = acc.n_samples if kind == _GRAM else acc._count
+    kind = _GRAM if isinstance(acc, GramAccumulator) else _COVARIANCE if isinstance(
+        acc, CovarianceAccumulator) else _SKETCH
+    n_local = acc.n_samples if kind == _GRAM else acc.flush()._count if kind == _SKETCH else acc._count
     meta = _all_gather_ints([kind, n_local, acc.n_features], "reducing the fit statistics")
     if not bool((meta[:, 2] == acc.n_features).all()):
         raise DistributedError(f"ranks accumulated different feature sizes {meta[:, 2].tolist()}; "
                                "run every rank with the same model settings")
     n_total = int(meta[:, 1].sum())
+    if bool((meta[:, 0] == _SKETCH).any()) or summarises(n_total, acc.n_features, solver, n_components):
+        return _reduce_sketch(acc, meta[:, 1].tolist())
     if bool((meta[:, 0] == _COVARIANCE).any()):
         target = "covariance"  # covariance statistics cannot become rows again
     else:
@@ -441,6 +448,33 @@ def reduce_accumulator(acc: GramAccumulator | CovarianceAccumulator,
         return out.update(rows, check_finite=False)
     cov = acc.to_covariance() if kind == _GRAM else acc
     return _reduce_covariance(cov, meta[:, 1].tolist())
+
+
+def _reduce_sketch(acc: GramAccumulator | SketchAccumulator, counts: list[int]) -> SketchAccumulator:
+    """Every rank's summary (a Gram accumulator's rows summarised first), gathered and merged in rank order."""
+    if isinstance(acc, GramAccumulator):
+        acc = SketchAccumulator(acc.n_features, device=acc.rows.device, dtype=acc.rows.dtype).update(
+            acc.rows, check_finite=False)
+    acc.flush()
+    stage = "gathering the fit summaries"
+    ranks = _all_gather_ints([acc.directions.shape[0]], stage)[:, 0].tolist()
+    directions = gather_rows(acc.directions, ranks, stage=stage)
+    singular = gather_rows(acc.singular_values[:, None], ranks, stage=stage)[:, 0]
+    means = gather_rows(acc.mean[None], [1] * len(counts), stage=stage)
+    traces = gather_rows(acc.scatter_trace.reshape(1, 1), [1] * len(counts), stage=stage)[:, 0]
+    out = SketchAccumulator(acc.n_features, rank=acc.rank, device=acc.mean.device, dtype=acc.directions.dtype)
+    start = 0
+    for r, (n, m) in enumerate(zip(counts, ranks)):
+        if n:
+            piece = SketchAccumulator(acc.n_features, rank=acc.rank, device=acc.mean.device,
+                                      dtype=acc.directions.dtype)
+            piece.n_samples = torch.tensor(n, dtype=torch.int64, device=acc.mean.device)
+            piece.mean, piece.scatter_trace = means[r], traces[r]
+            piece.directions, piece.singular_values = directions[start:start + m], singular[start:start + m]
+            piece._count = n
+            out.merge(piece)
+        start += m
+    return out
 
 
 @torch.inference_mode(False)  # see barrier

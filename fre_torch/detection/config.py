@@ -125,7 +125,9 @@ class DetectorConfig:
         input_size: the image size in pixels, an int (square) or ``(height, width)`` for long parts (keep their
             aspect: the image is resized to exactly this); 0 = the backbone's default square.
         pool: average-pooling kernel of the first score layer's map; it sets the score grid (the reference uses 2).
-        n_components: int, float in (0, 1) (explained-variance fraction, scikit-learn's rule) or None.
+        n_components: 'auto' (default: 97 % of the variance, without components that carry under 1/4096 of it,
+            at most 384; fitted in memory and time bounded in N, updatable: ``fre_torch.core.subspace.AUTO``),
+            an int, a float in (0, 1) (explained-variance fraction, scikit-learn's rule, as the reference) or None.
         solver: 'auto', 'gram' or 'covariance' (see ``fre_torch.core.subspace``).
         normalization: 'native' (the mean/std the backbone's weights were trained with) or 'imagenet' (the
             reference pipeline's ImageNet mean/std, whatever the backbone).
@@ -167,7 +169,7 @@ class DetectorConfig:
     layers: tuple[str, ...] = ()
     input_size: int | tuple[int, int] = 0
     pool: int = 2
-    n_components: int | float | None = 0.97
+    n_components: int | float | str | None = "auto"
     solver: str = "auto"
     normalization: str = "native"
     normalize_scores: bool = True

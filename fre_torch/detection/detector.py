@@ -33,16 +33,18 @@ from torch import Tensor, nn
 
 from ..core.allocator import retain_once
 from ..core.autoencoder import LinearAutoencoder
-from ..core.distributed import gather_rows, is_distributed, reduce_accumulator
+from ..core.distributed import gather_rows, is_distributed, rank, reduce_accumulator
 from ..core.precision import autocast, backbone_dtype, check_device, check_precision
-from ..core.subspace import (CovarianceAccumulator, GramAccumulator, Subspace, check_features, fit_accumulator,
-                             resolve_solver)
+from ..core.sketch import SketchAccumulator
+from ..core.subspace import (AUTO, CovarianceAccumulator, GramAccumulator, Subspace, check_features, fit_accumulator,
+                             make_room, new_accumulator)
 from ..features.backbones import FeatureExtractor, Normalize, build_feature_extractor
 from ..features.images import ImageReadError, decode_images, image_size
 from ..features.resample import lanczos_resize
 from .config import (DEFAULT_DETAIL_LAYERS, DEFAULT_LAYERS, DEFAULT_MAP_LAYERS, DETAIL_MIN_SCALE, MODES,
                      DetectorConfig, HeadConfig, with_detail_for)
-from .folds import CELL_FOLDS, ROW_SPAN_MAX_BYTES, cell_statistics, subset_models, top_cells_score
+from .folds import (CELL_FOLDS, CELL_SAMPLE_IMAGES, ROW_SPAN_MAX_BYTES, CellSample, cell_statistics, subset_models,
+                    top_cells_score)
 from .geometry import HeadGeometry, as_hw, cut_tiles, embed
 from .heads import Head, fuse_maps, score_scales
 from .levels import _map_level, MAP_FLOOR_QUANTILE, MAP_SCALE_QUANTILE, map_levels  # noqa: F401 (_map_level: re-export)
@@ -51,6 +53,8 @@ from .threshold import ThresholdStats, threshold_stats
 
 if TYPE_CHECKING:  # the cache does file I/O; the detector only calls its key / get / put
     from ..features.images import FeatureCache
+
+Accumulator = GramAccumulator | CovarianceAccumulator | SketchAccumulator
 
 # The detector's own names, and the ones it has always exported from this module (their homes are config, folds,
 # geometry, levels and model_file).
@@ -177,6 +181,10 @@ class FREDetector(nn.Module):
         # image_score='top': each score-head cell's mean and standard deviation on out-of-fold normal images.
         self.register_buffer("cell_mean", torch.zeros(0, dtype=torch.float32, device=self.device))
         self.register_buffer("cell_std", torch.ones(0, dtype=torch.float32, device=self.device))
+        # n_components='auto': the score head's rows of the images the cell statistics were taken on and their
+        # positions (``folds.CellSample``), so that ``update`` takes them again with the new images.
+        self.register_buffer("cell_rows", torch.empty(0, 0, dtype=torch.float32, device=self.device))
+        self.register_buffer("cell_index", torch.empty(0, dtype=torch.int64, device=self.device))
         # Calibration on held-out normal images (see ``calibrate``): their sorted scores and the threshold.
         self.register_buffer("calibration_scores", torch.empty(0, dtype=torch.float32, device=self.device))
         self.register_buffer("threshold", torch.full((), float("nan"), dtype=torch.float32, device=self.device))
@@ -215,6 +223,14 @@ class FREDetector(nn.Module):
     @property
     def is_fitted(self) -> bool:
         return all(head.is_fitted for head in self.heads.values())
+
+    @property
+    def n_images(self) -> int:
+        """Training images the subspaces were fitted on (0 before ``fit``)."""
+        if not self.is_fitted:
+            return 0
+        model = self.heads["score"].models[0]
+        return int(getattr(model, "n_samples", 0)) // self.config.score_head.n_tiles
 
     @property
     def is_calibrated(self) -> bool:
@@ -391,41 +407,123 @@ class FREDetector(nn.Module):
         if self.config.mode != "pca":
             return self._fit_autoencoder(data, batch_size, cell_statistics)
         n = _length(data)
-        accs: list[GramAccumulator | CovarianceAccumulator] = []
-        for d, t in zip(self.config.subspace_dims, self._tiles_per_subspace()):
-            solver = resolve_solver(self.config.solver, n * t if n is not None else d, d)
-            accs.append(GramAccumulator(d, device=self.device) if solver == "gram"
-                        else CovarianceAccumulator(d, device=self.device))
-        keep = self.config.image_score == "top" and cell_statistics
-        score_rows = self._row_buffers(n, self.heads["score"].row_dims) if keep else []
+        c = self.config
+        accs: list[Accumulator] = [
+            new_accumulator(d, n * t if n is not None else (None if c.n_components == AUTO else d), c.solver,
+                            c.n_components, device=self.device)
+            for d, t in zip(c.subspace_dims, self._tiles_per_subspace())]
+        keep = c.image_score == "top" and cell_statistics
+        n_score = self.heads["score"].n_models
+        # The score head's rows of (at most CELL_SAMPLE_IMAGES) training images, for the cell statistics. A
+        # data-parallel rank keeps all of its own: the sample is drawn over every rank's images at the end.
+        sample = CellSample(self.heads["score"].row_dims, device=self.device,
+                            limit=2 ** 62 if is_distributed() else CELL_SAMPLE_IMAGES) if keep else None
         start = 0
         for batch in self._image_batches(data, batch_size):
             feats = self.features(batch)
             # No per-batch host sync: finiteness is checked once, on the accumulated statistics.
-            for acc, rows in zip(accs, feats):
-                acc.update(rows.view(-1, acc.n_features), check_finite=False)
-            for buf, rows in zip(score_rows, feats):  # the score head's rows, for the cross-fitted cell statistics
-                buf[start:start + rows.shape[0]] = rows
+            for i, rows in enumerate(feats):
+                acc = make_room(accs[i], rows.numel() // accs[i].n_features, c.solver, c.n_components)
+                accs[i] = acc.update(rows.view(-1, acc.n_features), check_finite=False)
+            if sample is not None:
+                sample.add(feats[:n_score], start)
             start += batch.shape[0]
         # Data-parallel (fre_torch.core.distributed): ``data`` was this rank's shard; merge all ranks' statistics
         # exactly. The identity otherwise.
-        accs = [reduce_accumulator(acc, self.config.solver) for acc in accs]
+        accs = [reduce_accumulator(acc, c.solver, c.n_components) for acc in accs]
         self._set_models([self._solve(acc) for acc in accs])
         if grams is not None and not is_distributed():
             grams[:] = [acc.gram if isinstance(acc, GramAccumulator) else None for acc in accs]
-        if keep:
-            # One process: the score head's Gram accumulators hold these very rows, in this order, and their Gram
-            # matrices are formed already; the fold fits take blocks of them.
-            shared = [(acc.gram, None) if isinstance(acc, GramAccumulator) else None
-                      for acc in accs[:len(score_rows)]] if not is_distributed() else None
-            self._fit_cell_statistics([gather_rows(r[:start]) for r in score_rows], shared)
+        if sample is not None:
+            sample = self._global_sample(sample)
+            rows, _ = sample.ordered()
+            # One process with every image in the sample: the score head's Gram accumulators hold these very rows,
+            # in this order, and their Gram matrices are formed already; the fold fits take blocks of them.
+            whole = not is_distributed() and all(isinstance(acc, GramAccumulator) and acc.n_samples ==
+                                                 rows[0].shape[0] * t for acc, t in
+                                                 zip(accs[:n_score], self._tiles_per_subspace()))
+            self._fit_cell_statistics(rows, [(acc.gram, None) for acc in accs[:n_score]] if whole else None)
+            self._keep_sample(sample)
         return self
 
-    def _row_buffers(self, n: int | None, dims: Sequence[int]) -> list[Tensor]:
-        if n is None:
-            raise ValueError("image_score='top' needs a sized training set (a tensor, a list or a DataLoader) to "
-                             "keep its rows for the cell statistics; or use image_score='fre'")
-        return [torch.empty(n, d, device=self.device) for d in dims]
+    def update(self, data: Any, *, batch_size: int = 32) -> FREDetector:
+        """Add normal images to a fitted detector without refitting, in time proportional to the new images.
+
+        Every subspace keeps a fixed-size summary of its training rows (``n_components='auto'``, the default:
+        ``fre_torch.core.sketch``) and the cell statistics keep their sample of score-head rows
+        (``folds.CellSample``); the new images' rows are added to both and the models solved again. While the
+        summaries are exact (at most ``SKETCH_RANK`` + 1 training rows per subspace) the result is the fit of all
+        the images, old then new, up to float rounding. The threshold is not changed here: calibrate again on
+        held-out normal images (``cli.py fit --update`` does).
+
+        Args:
+            data: the new normal images, as for ``fit``.
+
+        Raises:
+            ValueError: not fitted, or fitted without the summaries (another ``n_components``, a mode other than
+                'pca', kernel FRE, a model file older than version 4), or no new images.
+        """
+        self._fitted()
+        c = self.config
+        models = [m for head in self.heads.values() for m in head.models]
+        if c.mode != "pca" or c.kernel is not None or c.n_components != AUTO or not all(
+                isinstance(m, Subspace) and m.has_summary for m in models) or (
+                c.image_score == "top" and self.cell_index.numel() == 0):
+            how = f"n_components={c.n_components!r}" + (f", mode={c.mode!r}" if c.mode != "pca" else "") + (
+                f", kernel={c.kernel!r}" if c.kernel is not None else "")
+            raise ValueError(f"this model keeps no summary of its training images ({how}; files saved compact or "
+                             "before model-file version 4 keep none), so it cannot take new ones: fit it again on all "
+                             "the images with n_components='auto' (the default), once; that model can then be "
+                             "updated")
+        # Data-parallel: rank 0 carries the old summary, the others start empty, so the merge counts it once.
+        accs = [SketchAccumulator.from_subspace(m) if rank() == 0 else SketchAccumulator(
+            m.n_features, device=self.device, dtype=m.components.dtype) for m in models]
+        n_old = self.n_images
+        n_score = self.heads["score"].n_models
+        sample = CellSample(self.heads["score"].row_dims, rows=self.cell_rows, index=self.cell_index,
+                            device=self.device, limit=2 ** 62 if is_distributed() else CELL_SAMPLE_IMAGES)
+        first = n_old if rank() == 0 else 0  # data-parallel: positions follow rank 0's old images (_global_sample)
+        if first == 0:
+            sample = CellSample(sample.dims, device=self.device, limit=sample.limit)
+        start = first
+        for batch in self._image_batches(data, batch_size):
+            feats = self.features(batch)
+            for acc, rows in zip(accs, feats):
+                acc.update(rows.view(-1, acc.n_features), check_finite=False)
+            if c.image_score == "top":
+                sample.add(feats[:n_score], start)
+            start += batch.shape[0]
+        added = int(gather_rows(torch.tensor([start - first])).sum())
+        if added == 0:
+            raise ValueError("no new images to add; pass a folder or tensor of normal images")
+        accs = [reduce_accumulator(acc, c.solver, c.n_components) for acc in accs]
+        self._set_models([self._solve(acc) for acc in accs])
+        if c.image_score == "top":
+            sample = self._global_sample(sample)
+            self._fit_cell_statistics(sample.ordered()[0])
+            self._keep_sample(sample)
+        return self
+
+    def _global_sample(self, sample: CellSample) -> CellSample:
+        """Data-parallel: every rank's sampled rows at their global image positions, sampled again (identity
+        otherwise)."""
+        if not is_distributed():
+            return sample
+        counts = gather_rows(torch.tensor([sample.index.numel()]))
+        offset = int(counts[:rank()].sum())
+        rows, index = gather_rows(sample.rows), gather_rows(sample.index + offset)
+        out = CellSample(sample.dims, device=self.device)
+        for start in range(0, index.numel(), CELL_SAMPLE_IMAGES):  # bottom-k of all ranks' rows, batch by batch
+            out.extend(rows[start:start + CELL_SAMPLE_IMAGES], index[start:start + CELL_SAMPLE_IMAGES])
+        return out
+
+    def _keep_sample(self, sample: CellSample) -> None:
+        """Store the cell sample where the fit can take new images (``update``): ``n_components='auto'``."""
+        if self.config.n_components == AUTO:
+            self.cell_rows, self.cell_index = sample.rows, sample.index.to(self.device)
+        else:
+            self.cell_rows = torch.empty(0, 0, device=self.device)
+            self.cell_index = torch.empty(0, dtype=torch.int64, device=self.device)
 
     def _fit_cell_statistics(self, rows: Sequence[Tensor],
                              shared: list[tuple[Tensor, Tensor | None] | None] | None = None) -> None:
@@ -523,8 +621,9 @@ class FREDetector(nn.Module):
             return LinearAutoencoder(c.n_components, tied=c.mode == "tae", device=self.device)
         return Subspace()
 
-    def _solve(self, acc: GramAccumulator | CovarianceAccumulator) -> Subspace:
-        stats = acc.gram if isinstance(acc, GramAccumulator) else acc.scatter
+    def _solve(self, acc: Accumulator) -> Subspace:
+        stats = acc.gram if isinstance(acc, GramAccumulator) else acc.scatter if isinstance(
+            acc, CovarianceAccumulator) else acc.flush().directions
         if not bool(torch.isfinite(stats).all()):
             raise ValueError("the backbone produced NaN or Inf features on the training images; "
                              "check the weights file and the input images")
@@ -622,13 +721,17 @@ class FREDetector(nn.Module):
         return self.score_features(feats), self.maps_from_features(feats)
 
     # ------------------------------------------------------------------------------------------------ threshold
-    def calibrate(self, held_out: Any, *, quantile: float = 0.99, batch_size: int = 32) -> FREDetector:
+    def calibrate(self, held_out: Any, *, quantile: float = 0.99, batch_size: int = 32,
+                  keep: bool = False) -> FREDetector:
         """Set the decision threshold from normal images the subspaces were NOT fitted on.
 
         The threshold is the ``quantile`` of their scores (linear interpolation, ``torch.quantile``), so about
         ``1 - quantile`` of normal images are flagged; no anomalous example and no test label is used. The sorted
         held-out scores are kept for ``calibrated_score``. In linear mode the same pass sets ``map_scale`` and
         ``map_floor`` (the heatmap colour scale) from the held-out maps.
+
+        ``keep=True`` (after ``update``) adds the held-out scores to the ones it already holds: those were scored
+        by the model before the update, on images neither model saw, so the threshold keeps their evidence.
         """
         if not 0.0 < quantile < 1.0:
             raise ValueError(f"quantile must lie in (0, 1), got {quantile}; e.g. 0.99 flags about 1 % of normal images")
@@ -643,6 +746,8 @@ class FREDetector(nn.Module):
             raise ValueError(f"need at least 2 held-out normal images to set a threshold, got {scores.numel()}")
         if not bool(torch.isfinite(scores).all()):
             raise ValueError("held-out normal images produced NaN/Inf scores; check the images and weights")
+        if keep:
+            scores = torch.cat([self.calibration_scores.to(scores.device), scores])
         self.calibration_scores = torch.sort(scores).values
         self.threshold = torch.quantile(scores, quantile)
         self.threshold_quantile = float(quantile)
@@ -700,15 +805,17 @@ class FREDetector(nn.Module):
             raise ValueError("this detector is not fitted yet; call fit(...) or FREDetector.load(path)")
 
     # ------------------------------------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, summary: bool = True) -> Path:
         """Write config + fitted state (not the backbone weights, which are re-created from their source) to
         ``path`` (``model_file``).
 
         The file loads with ``torch.load(weights_only=True)``: tensors and plain Python values only. It is written
-        to a temporary name and renamed, so an interrupted save leaves no half-written file.
+        to a temporary name and renamed, so an interrupted save leaves no half-written file. ``summary=False``
+        leaves out what ``update`` needs (the subspaces' summaries beyond their components, the cell sample): a
+        smaller file that scores the same and cannot take new images.
         """
         self._fitted()
-        return write_model_file(self, path)
+        return write_model_file(self, path, summary=summary)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu",
@@ -716,7 +823,7 @@ class FREDetector(nn.Module):
              precision: str = "auto") -> FREDetector:
         """Re-create a saved detector on ``device``; it scores identically to the saved one on the same device
         (``compile`` and ``precision`` as in the constructor: run-time choices, not part of the model). Files of
-        every version (1 to 3) load (``model_file``).
+        every version (1 to 4) load (``model_file``).
 
         Raises:
             FileNotFoundError: no file at ``path``.

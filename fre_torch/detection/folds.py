@@ -16,10 +16,17 @@ import torch
 from torch import Tensor
 
 from ..core.precision import FIT_DTYPE
-from ..core.subspace import RowSpanSubspace, Subspace, fit_row_span, fit_rows, gram_matrix, resolve_solver
+from ..core.subspace import (SKETCH_RANK, RowSpanSubspace, Subspace, fit_row_span, fit_rows, gram_matrix,
+                              resolve_solver)
 from .heads import Head, score_scales
 
-__all__ = ["CELL_FOLDS", "ROW_SPAN_MAX_BYTES", "cell_statistics", "subset_models", "top_cells_score"]
+__all__ = ["CELL_FOLDS", "CELL_SAMPLE_IMAGES", "ROW_SPAN_MAX_BYTES", "CellSample", "cell_statistics",
+           "sample_keys", "subset_models", "top_cells_score"]
+
+CELL_SAMPLE_IMAGES = SKETCH_RANK
+"""Training images whose score-head rows are kept for the cell statistics (``CellSample``): all of them up to this
+many, else a seeded sample of this size. The cell statistics are means and standard deviations; from 512 images a
+standard deviation is known to about 3 %, and keeping more would make the fit's memory grow with N."""
 
 # Folds of the cross-fitting that gives the score head's per-cell normal statistics (``image_score='top'``).
 CELL_FOLDS = 5
@@ -113,6 +120,74 @@ def cell_statistics(head: Head, rows: Sequence[Tensor], *, n_components: int | f
     # A cell that is constant on normal images (padding, a fixed background) would divide by ~0: floor the
     # deviation at a millionth of the largest one.
     return mean, std.clamp_min(float(std.max()) * 1e-6 + torch.finfo(torch.float32).tiny)
+
+
+def sample_keys(index: Tensor, seed: int = 0) -> Tensor:
+    """A uniform key in [0, 1) per image position ``index: (B,)`` int64 (splitmix64 of ``seed`` and the position):
+    a fixed function of the position, so the images with the smallest keys are the same whatever the batches, the
+    order of arrival or the number of updates. ``(B,)`` float64 on ``index``'s device."""
+    mask = (1 << 64) - 1
+    keys = []
+    for i in index.tolist():  # a few thousand Python ints per fit: negligible beside the backbone
+        z = (i + (seed + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        keys.append(((z ^ (z >> 31)) >> 11) / float(1 << 53))
+    return torch.tensor(keys, dtype=FIT_DTYPE, device=index.device)
+
+
+class CellSample:
+    """The score head's rows of the training images with the ``limit`` smallest ``sample_keys`` (a bottom-k sample:
+    every image while there are at most ``limit``), for the cell statistics. Merging batches, ranks or later
+    updates gives the same sample as one pass over all the images.
+
+    Args:
+        dims: the score head's row sizes ``D_s``.
+        rows, index: an existing sample (``(m, sum D_s)`` rows and their ``(m,)`` image positions), or None.
+
+    The positions and keys stay on the host (they are host information: no device sync); the rows on their device.
+    Once full, an image enters by overwriting the row of the one it displaces, so a batch copies only its own rows.
+    """
+
+    def __init__(self, dims: Sequence[int], *, rows: Tensor | None = None, index: Tensor | None = None,
+                 limit: int = CELL_SAMPLE_IMAGES, device: torch.device | str = "cpu") -> None:
+        self.dims, self.limit = list(dims), limit
+        # A copy of the given rows: entering images overwrite rows in place, never the caller's.
+        self.rows = rows.clone() if rows is not None else torch.empty(0, sum(self.dims), device=device)
+        self.index = index.cpu().clone() if index is not None else torch.empty(0, dtype=torch.int64)
+        self.keys = sample_keys(self.index)
+
+    def add(self, rows: Sequence[Tensor], start: int) -> None:
+        """Add the images at positions ``start, start + 1, ...`` with their score-head rows ``[(B, D_s)]``."""
+        batch = torch.cat([r.reshape(r.shape[0], -1) for r in rows], dim=1)
+        self.extend(batch, torch.arange(start, start + batch.shape[0]))
+
+    def extend(self, rows: Tensor, index: Tensor) -> None:
+        """Add images' joined rows ``(B, sum D_s)`` at positions ``index: (B,)``."""
+        index = index.cpu()
+        keys = sample_keys(index)
+        room = max(0, min(self.limit - self.index.numel(), index.numel()))
+        if room:  # not full yet: append
+            self.rows = torch.cat([self.rows, rows[:room].to(self.rows.device, self.rows.dtype)])
+            self.index, self.keys = torch.cat([self.index, index[:room]]), torch.cat([self.keys, keys[:room]])
+            rows, index, keys = rows[room:], index[room:], keys[room:]
+        if not index.numel():
+            return
+        # Full: the limit smallest keys of the sample and the newcomers; each newcomer kept takes the slot of one
+        # member that is not.
+        kept = torch.cat([self.keys, keys]).topk(self.limit, largest=False).indices
+        old = torch.ones(self.limit, dtype=torch.bool)
+        old[kept[kept < self.limit]] = False  # slots whose member is displaced
+        slots, entering = torch.nonzero(old).flatten(), kept[kept >= self.limit] - self.limit
+        if slots.numel():
+            self.rows[slots.to(self.rows.device)] = rows[entering.to(rows.device)].to(self.rows.dtype)
+            self.index[slots], self.keys[slots] = index[entering], keys[entering]
+
+    def ordered(self) -> tuple[list[Tensor], Tensor]:
+        """The sample's rows per score subspace ``[(m, D_s)]`` and their positions ``(m,)``, in image order."""
+        order = self.index.argsort()
+        rows = self.rows[order.to(self.rows.device)]
+        return [r.contiguous() for r in rows.split(self.dims, dim=1)], self.index[order]
 
 
 def top_cells_score(cells: Tensor, mean: Tensor, std: Tensor, top_fraction: float) -> Tensor:

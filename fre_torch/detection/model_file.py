@@ -3,7 +3,9 @@
 Written by ``FREDetector.save``, read by ``FREDetector.load``: a ``torch.save`` dict of tensors and plain values
 (loads with ``weights_only=True``), written to a temporary name and renamed. Versions: 1, one head (maps from the
 score layers, image score 'fre'); 2, the map head (``map_subspaces``, ``map_scales``); 3, the detail head, whose
-models follow the map head's in ``map_subspaces``. Older versions are converted here, once, so they load and score
+models follow the map head's in ``map_subspaces``; 4, each subspace's summary of its training rows
+(``Subspace.tail_components`` ...) and the cell statistics' sample (``cell_rows``, ``cell_index``), which
+``FREDetector.update`` adds new images to (files of ``n_components='auto'``; others store them empty). Older versions are converted here, once, so they load and score
 as they did.
 """
 
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["FORMAT", "ModelFileError", "VERSION", "read_model_file", "weights_identity", "write_model_file"]
 
 FORMAT = "fre_torch.detector"
-VERSION = 3
+VERSION = 4
 
 
 class ModelFileError(ValueError):
@@ -41,13 +43,24 @@ def weights_identity(backbone: str, pretrained: bool, weights: str | os.PathLike
     return f"{backbone}:{'pretrained' if pretrained else 'random'}"
 
 
-def _states(models: Any) -> list[dict[str, Tensor]]:
-    return [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in models]
+_SUMMARY = ("tail_components", "tail_singular_values", "summary_rank")
 
 
-def write_model_file(detector: FREDetector, path: str | os.PathLike) -> Path:
+def _states(models: Any, summary: bool = True) -> list[dict[str, Tensor]]:
+    states = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in models]
+    if not summary:  # an empty summary: the subspace scores the same and cannot take new rows
+        for state in states:
+            if "summary_rank" in state:
+                state["tail_components"] = state["tail_components"][:0]
+                state["tail_singular_values"] = state["tail_singular_values"][:0]
+                state["summary_rank"] = torch.zeros_like(state["summary_rank"])
+    return states
+
+
+def write_model_file(detector: FREDetector, path: str | os.PathLike, *, summary: bool = True) -> Path:
     """Write ``detector`` (fitted) to ``path``: the score head's models as ``subspaces``, the map heads' (map, then
-    detail) as ``map_subspaces``, so files keep the layout every version since 2 has."""
+    detail) as ``map_subspaces``, so files keep the layout every version since 2 has. ``summary=False``: without
+    what ``FREDetector.update`` needs (``FREDetector.save``)."""
     path = Path(path)
     heads = list(detector.heads.values())
     score, maps = heads[0], heads[1:]
@@ -57,13 +70,15 @@ def write_model_file(detector: FREDetector, path: str | os.PathLike) -> Path:
         "config": detector.config.to_dict(),
         "pretrained": detector.pretrained,
         "weights_id": detector.weights_id,
-        "subspaces": _states(score.models),
+        "subspaces": _states(score.models, summary),
         "scales": score.scales.detach().cpu(),
-        "map_subspaces": _states([m for h in maps for m in h.models]),
+        "map_subspaces": _states([m for h in maps for m in h.models], summary),
         "map_scales": torch.cat([h.scales for h in maps]).detach().cpu() if maps
         else torch.ones(0, dtype=torch.float64),
         "cell_mean": detector.cell_mean.detach().cpu(),
         "cell_std": detector.cell_std.detach().cpu(),
+        "cell_rows": detector.cell_rows.detach().cpu() if summary else torch.empty(0, 0),
+        "cell_index": detector.cell_index.detach().cpu() if summary else torch.empty(0, dtype=torch.int64),
         "calibration_scores": detector.calibration_scores.detach().cpu(),
         "threshold": detector.threshold.detach().cpu(),
         "threshold_quantile": detector.threshold_quantile,
@@ -98,7 +113,7 @@ def read_model_file(path: str | os.PathLike) -> tuple[DetectorConfig, dict[str, 
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not a fre_torch detector file")
     version = payload.get("version")
-    if version not in (1, 2, VERSION):
+    if version not in (1, 2, 3, VERSION):
         raise ModelFileError(f"{path} has model-file version {version}; this fre_torch reads versions 1 to "
                              f"{VERSION}")
     config_dict = dict(payload["config"])
@@ -137,6 +152,8 @@ def load_state(detector: FREDetector, payload: dict[str, Any], path: str | os.Pa
         start += m
     detector.cell_mean = payload.get("cell_mean", torch.zeros(0)).to(detector.device)
     detector.cell_std = payload.get("cell_std", torch.ones(0)).to(detector.device)
+    detector.cell_rows = payload.get("cell_rows", torch.empty(0, 0)).to(detector.device)
+    detector.cell_index = payload.get("cell_index", torch.empty(0, dtype=torch.int64)).to(detector.device)
     if "calibration_scores" in payload:
         detector.calibration_scores = payload["calibration_scores"].to(detector.device)
         detector.threshold = payload["threshold"].to(detector.device)
