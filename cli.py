@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="fit on a folder of normal images and save a model file with a threshold")
     fit.add_argument("--train_dir", required=True, help="folder of normal images (searched recursively)")
     fit.add_argument("--out", required=True, help="model file to write")
+    fit.add_argument("--update", default=None, metavar="MODEL", help="add --train_dir's images to this model file "
+                     "(fitted with --pca auto) instead of fitting anew; the threshold is recalibrated; MODEL is kept")
+    fit.add_argument("--compact", action="store_true", help="a smaller model file without what --update needs")
     _add_model(fit, default="efficientnet_lite0")
     fit.add_argument("--holdout", type=float, default=0.2, help="fraction held out to set the threshold (0.2)")
     fit.add_argument("--quantile", type=float, default=0.99,
@@ -119,8 +122,9 @@ def _add_model(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--image_score", choices=["top", "fre"], default="top",
                    help="top: mean of the top 10%% cells, each standardised by its normal spread (default); fre: "
                         "the sum over cells, the image's FRE")
-    p.add_argument("--pca", type=float, default=0.97,
-                   help="variance fraction in (0, 1), or a number of components (default 0.97)")
+    p.add_argument("--pca", default="auto", help="components kept: auto = 97%% of the variance, none under 1/4096 of "
+                   "it, at most 384 (bounded in N, updatable), a variance fraction in (0, 1) "
+                   "(0.97: the reference's rule) or a number (default auto)")
     p.add_argument("--solver", choices=["auto", "gram", "covariance"], default="auto",
                    help="subspace solver: Gram (N x N), covariance (D x D, streaming) or auto (default: Gram when N < D)")
 
@@ -170,7 +174,9 @@ def cmd_evaluate(args: argparse.Namespace, run) -> object:
 
 def cmd_fit(args: argparse.Namespace, run) -> object:
     return run.fit(run.FitSettings(
-        train_dir=args.train_dir, out=args.out, config=_config(args, run), holdout=args.holdout, quantile=args.quantile,
+        train_dir=args.train_dir, out=args.out, update=args.update, compact=args.compact, holdout=args.holdout,
+        quantile=args.quantile,
+        config=None if args.update and args.model is None and args.input_size == [0] else _config(args, run),
         strict=args.strict, map_detail=args.map_detail, device=args.device, batch_size=args.batch_size,
         workers=args.workers, weights=args.weights, cache=args.cache, compile=args.compile, precision=args.precision,
         distributed=args.distributed or None, dist_timeout=args.dist_timeout))

@@ -91,7 +91,7 @@ def _help(command: str) -> str:
 def test_help_shows_defaults_and_every_flag_has_help() -> None:
     evaluate, fit = _help("evaluate"), _help("fit")
     for flag, default in (("--device {cpu,cuda}", "(default cpu)"), ("--batch_size BATCH_SIZE", "(default 32)"),
-                          ("--pca PCA", "(default 0.97)")):
+                          ("--pca PCA", "(default auto)")):
         for text in (evaluate, fit):
             assert f"{flag} " in text and default in text.split(f" {flag} ", 1)[1].split(" --")[0], (flag, text)
     assert "(default ./mvtec)" in evaluate.split(" --dataset_directory DATASET_DIRECTORY ", 1)[1].split(" --")[0]

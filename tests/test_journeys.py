@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from conftest import FULL, REPO
+from fre_torch import FREDetector
 from fre_torch.features.images import list_images, load_image
 from fre_torch.features.synthetic import write_synthetic_mvtec
 from fre_torch.jobs.export import onnx_exporter_available
@@ -54,6 +55,7 @@ JOURNEYS: dict[str, str] = {
     "python cli.py evaluate --dataset_directory ./mvtec --object_category all --reference --json reference.json":
         "test_reproduce_the_paper",
     "python cli.py fit --train_dir good_parts/ --out model.pt": "test_fit_predict_export",
+    "python cli.py fit --update model.pt --train_dir new_good_parts/ --out model2.pt": "test_fit_predict_export",
     'python cli.py predict --model_file model.pt new_images/ "line2/*.png" --out results/': "test_fit_predict_export",
     "python cli.py evaluate --dataset_directory ./mvtec --object_category bottle --save_heatmaps heat/ "
     "--report report/": "test_heatmaps_and_report",
@@ -145,6 +147,11 @@ def _write_workspace(root: Path) -> Path:
         if d.name != "good":
             shutil.copytree(d, root / "test_defective" / d.name)
     shutil.copytree(data / "bottle" / "ground_truth", root / "test_masks")
+    # new_good_parts/: normal images collected later (fit --update, FREDetector.update)
+    later = write_synthetic_mvtec(root / "later", categories=("object",), n_train=10, n_test_good=1, n_test_defect=1,
+                                  size=128, seed=4)
+    shutil.copytree(later / "object" / "train" / "good", root / "new_good_parts")
+    shutil.rmtree(later)
     (root / "cli.py").symlink_to(REPO / "cli.py")
     return root
 
@@ -347,6 +354,14 @@ def test_fit_predict_export(workspace: Path) -> None:
         ts_score, ts_map = torch.jit.load(str(workspace / "model.ts"))(images)
     assert tuple(ts_map.shape) == (2, 14, 14)
     assert (ts_score.double() - want).abs().max() <= 1e-4 * want.abs().max()
+
+    # More normal images later: model.pt is read, model2.pt written, and it has seen both folders' fitted images.
+    before = (workspace / "model.pt").read_bytes()
+    update = run(_command("python cli.py fit --update model.pt"), workspace)
+    assert "model.pt updated with 8 images (24 in all)" in update.stdout, update.stdout  # 16 + 8; 4 + 2 held out
+    assert (workspace / "model.pt").read_bytes() == before
+    updated = FREDetector.load(workspace / "model2.pt")
+    assert updated.n_images == 24 and updated.calibration_scores.numel() == 4 + 2
 
 
 @pytest.mark.full

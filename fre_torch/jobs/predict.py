@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..features.images import IMAGE_EXTENSIONS, ImageDataset, list_images, make_loader
+from ..features.images import IMAGE_EXTENSIONS, FeatureCache, ImageDataset, list_images, make_loader
 from ..detection.detector import DetectorConfig, FREDetector
 from ..core.distributed import config_hash_check, gather_rows, shard
 from ..features.files import atomic_write, check_output_dir, check_output_file
@@ -65,6 +65,7 @@ class FitResult:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     path: Path | None = None
     is_main: bool = True
+    updated: Path | None = None
 
     def lines(self) -> list[str]:
         """What ``cli.py fit`` prints: the model file and the threshold with its statistics."""
@@ -75,7 +76,9 @@ class FitResult:
             size_mb = self.path.stat().st_size / 2**20
             heads = f"score {list(c.layers)}" + (f", map {list(c.map_layers)}" if c.map_layers is not None else "") \
                 + (f", detail {list(c.detail_layers)}" if c.detail_layers is not None else "")
-            out.append(f"wrote {self.path} ({size_mb:.1f} MB): {c.backbone} {heads}, fitted on {self.n_fit} images")
+            fitted = f"fitted on {self.n_fit} images" if self.updated is None else (
+                f"{self.updated} updated with {self.n_fit} images ({det.n_images} in all)")
+            out.append(f"wrote {self.path} ({size_mb:.1f} MB): {c.backbone} {heads}, {fitted}")
         out.append(f"threshold {float(det.threshold):.4g} = the {det.threshold_quantile:g} quantile of the held-out "
                    f"normal images' scores: {stats.summary()}")
         return out
@@ -126,7 +129,8 @@ class _Readable:
 def fit_folder(train_dir: str | os.PathLike, config: DetectorConfig, *, device: str = "cpu", holdout: float = 0.2,
                quantile: float = 0.99, batch_size: int = 32, num_workers: int | None = None,
                weights: str | None = None, seed: int = 0, cache: str | os.PathLike | None = None,
-               compile: bool = False, precision: str = "auto", strict: bool = False) -> FitResult:
+               compile: bool = False, precision: str = "auto", strict: bool = False,
+               update: str | os.PathLike | None = None) -> FitResult:
     """Fit a detector on every image under ``train_dir`` (recursive), holding out ``holdout`` for the threshold.
     ``cache``: an optional folder for decoded images (``fre_torch.features.images.PreprocessCache``) and, in ``<cache>/features``,
     their feature vectors (``FeatureCache``), reused by later fits on the same images (e.g. another ``n_components``).
@@ -137,14 +141,30 @@ def fit_folder(train_dir: str | os.PathLike, config: DetectorConfig, *, device: 
     is a ``ValueError``. The split is made over the files found, before reading, so it does not depend on which
     files turn out unreadable.
 
+    ``update``: a model file to add the images to instead (``FREDetector.update``): its subspaces take the
+    non-held-out images, and the threshold is recalibrated on its own held-out scores together with those of the
+    held-out new images under the updated model. ``config`` must then be None or name the model's backbone and
+    input size; ``weights`` as the model was fitted with.
+
     Data-parallel (``fre_torch.core.distributed``): every rank checks that all see the same settings and files, reads
     its contiguous shard of whole batches of each split, and ends with the same fitted, calibrated detector.
     """
     train_dir = Path(train_dir)
     paths = list_images(train_dir, recursive=True)
     fit_paths, held_paths = split_holdout(paths, holdout, seed)
-    det = FREDetector(config, device=device, weights=weights, compile=compile, precision=precision,
-                      feature_cache=None if cache is None else Path(cache) / "features")
+    features = None if cache is None else Path(cache) / "features"
+    if update is not None:
+        det = FREDetector.load(update, device=device, weights=weights, compile=compile, precision=precision)
+        if config is not None and (config.backbone, config.input_size) != (det.config.backbone,
+                                                                           det.config.input_size):
+            raise ValueError(f"{update} was fitted with {det.config.backbone} at {det.config.input_size} px; an update "
+                             f"keeps its settings, so drop --model / --input_size (asked: {config.backbone} at "
+                             f"{config.input_size} px) or fit a new model")
+        config = det.config
+        det.feature_cache = None if features is None else FeatureCache(features)
+    else:
+        det = FREDetector(config, device=device, weights=weights, compile=compile, precision=precision,
+                          feature_cache=features)
     if det.compiled:
         det.warmup(batch_size)
     config_hash_check({"config": config.to_dict(), "weights": det.weights_id, "batch_size": batch_size,
@@ -160,8 +180,12 @@ def fit_folder(train_dir: str | os.PathLike, config: DetectorConfig, *, device: 
 
     fit_data = images(fit_paths, "training images (after the hold-out)")
     held_data = images(held_paths, "held-out images")
-    det.fit(fit_data)
-    det.calibrate(held_data, quantile=quantile)
+    n_calibrated = int(det.calibration_scores.numel())
+    if update is not None:
+        det.update(fit_data)
+    else:
+        det.fit(fit_data)
+    det.calibrate(held_data, quantile=quantile, keep=update is not None)
     det.feature_cache = None  # a run-time choice of this fit, not part of the model handed back
     failed = [] if strict else [(split[i], e) for data, split in ((fit_data, fit_paths), (held_data, held_paths))
                                 for i, e in data.failed]
@@ -171,8 +195,9 @@ def fit_folder(train_dir: str | os.PathLike, config: DetectorConfig, *, device: 
     every = gather_rows(torch.tensor([position[p] for p, _ in failed], dtype=torch.int64))
     skipped = [(paths[i], reasons.get(paths[i], "")) for i in sorted(every.tolist())]
     n_held = int(det.calibration_scores.numel())  # every rank's readable held-out images
+    n_held = n_held - (n_calibrated if update is not None else 0)  # the new held-out images only
     return FitResult(det, n_images=len(paths), n_fit=len(paths) - len(skipped) - n_held, n_held_out=n_held,
-                     holdout=holdout, skipped=skipped)
+                     holdout=holdout, skipped=skipped, updated=None if update is None else Path(update))
 
 
 def resolve_inputs(items: Sequence[str]) -> list[Path]:

@@ -100,7 +100,7 @@ def list_models() -> list[str]:
 
 
 def detector_config(model: str | None = None, *, reference: bool = False, layers: Sequence[str] | None = None,
-                    input_size: int | Sequence[int] = 0, pca: float = 0.97, solver: str = "auto",
+                    input_size: int | Sequence[int] = 0, pca: float | str = "auto", solver: str = "auto",
                     map_layers: Sequence[str] | None = None, map_detail: str = "auto", **fields: Any) -> DetectorConfig:
     """A ``DetectorConfig`` from the command line's values.
 
@@ -111,7 +111,8 @@ def detector_config(model: str | None = None, *, reference: bool = False, layers
             arguments except ``solver`` are then ignored.
         layers: the score head's layers, or None / empty for the defaults.
         input_size: a square side, ``(height, width)`` (a one-element list is a square), 0 = the backbone's default.
-        pca: explained-variance fraction in (0, 1), or a whole number >= 1 of components.
+        pca: 'auto' (the default rule, ``DetectorConfig.n_components``), an explained-variance fraction in (0, 1)
+            (0.97 = the reference's rule), or a whole number >= 1 of components; as a string or a number.
         solver: 'auto', 'gram' or 'covariance'.
         map_layers: the map head's layers; None / empty = the defaults; ``["none"]`` = no map head.
         map_detail: 'auto' or 'on' (the default detail head, where the backbone has one; ``map_detail`` of
@@ -172,14 +173,22 @@ def _size(value: int | Sequence[int], flag: str) -> int | tuple[int, int]:
     raise ValueError(f"--{flag} takes one side (a square) or height and width, got {len(values)} values")
 
 
-def _n_components(value: float) -> int | float:
-    """``--pca``: a fraction in (0, 1) keeps that share of the variance, a whole number >= 1 that many components."""
+def _n_components(value: float | str) -> int | float | str:
+    """``--pca``: 'auto' (the default rule), a fraction in (0, 1) keeps that share of the variance, a whole number
+    >= 1 that many components."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"--pca {value}: use auto, a fraction in (0, 1) or a whole number of components") from None
     if value >= 1:
         if value != int(value):
-            raise ValueError(f"--pca {value}: use a fraction in (0, 1) or a whole number of components")
+            raise ValueError(f"--pca {value}: use auto, a fraction in (0, 1) or a whole number of components")
         return int(value)
     if value <= 0:
-        raise ValueError(f"--pca {value}: must be a fraction in (0, 1) or a whole number of components >= 1")
+        raise ValueError(f"--pca {value}: must be auto, a fraction in (0, 1) or a whole number of components >= 1")
     return float(value)
 
 
@@ -635,7 +644,12 @@ class FitSettings:
     Attributes:
         train_dir: a folder of normal images (searched recursively).
         out: the model file to write (rank 0), or None to keep the detector in the result only.
-        config: the detector; ``detector_config`` builds one from command-line values.
+        config: the detector; ``detector_config`` builds one from command-line values. With ``update``: None (the
+            model's) or one naming the model's backbone and input size.
+        update: a model file (``n_components='auto'``, version 4) to add ``train_dir``'s images to instead of
+            fitting anew (``FREDetector.update``); it is read, never written: ``out`` receives the result.
+        compact: write the model file without what ``update`` needs (``FREDetector.save(summary=False)``): it
+            scores the same, is smaller, and cannot take new images.
         holdout: fraction of the images held out to set the threshold.
         quantile: the threshold is this quantile of the held-out scores.
         strict: stop at the first unreadable image instead of skipping it.
@@ -646,7 +660,9 @@ class FitSettings:
 
     train_dir: str | os.PathLike
     out: str | os.PathLike | None = None
-    config: DetectorConfig = field(default_factory=DetectorConfig)
+    config: DetectorConfig | None = field(default_factory=DetectorConfig)
+    update: str | os.PathLike | None = None
+    compact: bool = False
     holdout: float = 0.2
     quantile: float = 0.99
     strict: bool = False
@@ -676,14 +692,15 @@ def fit(settings: FitSettings) -> FitResult:
     _check_batch_size(s.batch_size)
     check_precision(s.precision, s.device)
     with process_context(s.device, distributed=s.distributed, timeout=s.dist_timeout) as ctx:
-        config = detail_for_images(s.config, list_images(s.train_dir, recursive=True), s.map_detail)
+        config = s.config if s.update is not None or s.config is None else detail_for_images(
+            s.config, list_images(s.train_dir, recursive=True), s.map_detail)
         result = fit_folder(s.train_dir, config, device=str(ctx.device), holdout=s.holdout, quantile=s.quantile,
                             batch_size=s.batch_size, num_workers=s.workers,
                             weights=None if s.weights is None else str(s.weights), seed=s.seed, cache=s.cache,
-                            compile=s.compile, precision=s.precision, strict=s.strict)
+                            compile=s.compile, precision=s.precision, strict=s.strict, update=s.update)
         result.is_main = ctx.is_main
         if ctx.is_main and s.out is not None:  # data-parallel: every rank holds the same model; rank 0 writes it
-            result.path = result.detector.save(s.out)
+            result.path = result.detector.save(s.out, summary=not s.compact)
         return result
 
 
