@@ -195,3 +195,24 @@ def test_pca_streams_auto_into_a_bounded_summary() -> None:
     rel = (stream.reconstruction_error(test) - exact.reconstruction_error(test)).abs() / \
         exact.reconstruction_error(test)
     assert float(rel.max()) < 1e-3
+
+
+def test_cross_fitting_many_images_keeps_a_bounded_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``evaluate``'s cross-fit (heatmaps, report) past CELL_SAMPLE_IMAGES images keeps only the sampled images'
+    rows: exactly the features of the bottom-k images, in image order; the fit itself is the fit on all images."""
+    import fre_torch.jobs.crossfit as crossfit
+    from fre_torch import DetectorConfig, FREDetector
+    from fre_torch.detection.folds import sample_keys
+
+    monkeypatch.setattr(crossfit, "CELL_SAMPLE_IMAGES", 12)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (30, 3, 64, 64), dtype=torch.uint8, generator=g)
+    det = FREDetector(DetectorConfig(input_size=64))
+    rows = crossfit.fit_keeping_rows(det, images, batch_size=8)
+    chosen = sample_keys(torch.arange(30)).topk(12, largest=False).indices.sort().values
+    assert all(torch.equal(a, b) for a, b in zip(rows, det.features(images[chosen]), strict=True))
+    assert rows.grams == [None] * len(rows)
+    full = FREDetector(DetectorConfig(input_size=64)).fit(images, batch_size=8)
+    assert torch.equal(full.score(images[:4]), det.score(images[:4]))
+    result = crossfit.cross_fit(det, rows=rows)
+    assert result.scores.shape == (12,) and result.folds == 5 and result.map_scale > 0

@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..detection.detector import FREDetector
+from ..core.subspace import AUTO
+from ..detection.detector import FREDetector, _length
+from ..detection.folds import CELL_SAMPLE_IMAGES, CellSample
 from ..detection.levels import map_levels
 from ..core.distributed import gather_rows, is_distributed, rank
 
@@ -118,11 +120,47 @@ def fit_keeping_rows(detector: FREDetector, data: Any, *, batch_size: int = 32) 
     """``detector.fit(data)``, returning the training feature rows it was fitted on (``[(N, D_s)]``, as
     ``detector.features`` gives them) and the fit's Gram matrices, so that ``cross_fit(..., rows=...)`` needs neither
     the images again (decoding, hashing) nor the backbone, nor a second Gram matrix. The rows are extracted once and
-    the fit reads them: the same fit as ``detector.fit(data)``, with every mode and solver."""
+    the fit reads them: the same fit as ``detector.fit(data)``, with every mode and solver.
+
+    More than ``CELL_SAMPLE_IMAGES`` training images (or an unsized loader) with ``n_components='auto'``: the fit
+    streams as ``fit`` does, and only the rows of a bottom-k sample of ``CELL_SAMPLE_IMAGES`` images are kept
+    (``folds.CellSample``, all subspaces; in data-parallel runs each rank's own sample), so memory stays bounded in
+    N: the cross-fit then runs on those images."""
     detector.decide_for(data)  # the automatic choices fit makes, before the rows are extracted with its heads
+    n = _length(data)
+    if detector.config.n_components == AUTO and detector.config.mode == "pca" and (
+            n is None or n > CELL_SAMPLE_IMAGES):
+        return _fit_keeping_a_sample(detector, data, batch_size)
     rows = TrainingRows(_extract(detector, data, batch_size))
     rows.grams = []
     fit_on_rows(detector, rows, batch_size=batch_size, grams=rows.grams)
+    return rows
+
+
+def _fit_keeping_a_sample(detector: FREDetector, data: Any, batch_size: int) -> TrainingRows:
+    """``detector.fit(data)`` keeping the rows of the sampled images (see ``fit_keeping_rows``), in image order."""
+    features = detector.features
+    kept: list[CellSample] = []
+    seen = 0
+
+    def tee(images: Tensor) -> list[Tensor]:
+        nonlocal seen
+        rows = features(images)
+        if not kept:
+            kept.append(CellSample([r.shape[1] for r in rows], device=rows[0].device, limit=CELL_SAMPLE_IMAGES))
+        kept[0].add(rows, seen)
+        seen += rows[0].shape[0]
+        return rows
+
+    detector.features = tee  # type: ignore[method-assign]  # this call only: removed below
+    try:
+        detector.fit(data, batch_size=batch_size)
+    finally:
+        del detector.features
+    if not kept:
+        raise ValueError("no training images to cross-fit")
+    rows = TrainingRows(kept[0].ordered()[0])
+    rows.grams = [None] * len(rows)
     return rows
 
 
