@@ -401,8 +401,9 @@ def test_python_api(tmp_path: Path) -> None:
     assert k_one_shot == k_stream and shape.strip() == "(10,)"
 
     code = readme_python("from fre_torch import DetectorConfig, FREDetector")
-    probe = code + "\nimport json; print(json.dumps([float(scores[0]), list(maps.shape), float(det.score(images)[0])]))\n"
-    score, shape, reloaded = json.loads(python(probe))
+    probe = code + ("\nimport json; print(json.dumps([float(scores[0]), list(maps.shape), float(det.score(images)[0]), "
+                    "det.n_images]))\n")
+    score, shape, reloaded, n_images = json.loads(python(probe))
     # The detail head (28 x 28) where good_parts/ carries detail beyond the input (DetectorConfig.for_images), as
     # cli.py fit decides; 14 x 14 without.
     from fre_torch import DetectorConfig
@@ -410,7 +411,9 @@ def test_python_api(tmp_path: Path) -> None:
     from fre_torch.features.images import list_images
 
     grid = DetectorConfig().for_images(stored_sizes(list_images(tmp_path / "good_parts"))).map_grid
-    assert shape == [1, *grid] and math.isfinite(score) and reloaded == pytest.approx(score, rel=1e-6)  # saved, loaded, same
+    assert shape == [1, *grid] and math.isfinite(score) and math.isfinite(reloaded)
+    # updated with new_good_parts/, then saved and loaded: it has seen both folders (20 + 10 images)
+    assert n_images == 30 and reloaded != score
 
 
 @pytest.mark.full

@@ -415,9 +415,11 @@ class FREDetector(nn.Module):
         keep = c.image_score == "top" and cell_statistics
         n_score = self.heads["score"].n_models
         # The score head's rows of (at most CELL_SAMPLE_IMAGES) training images, for the cell statistics. A
-        # data-parallel rank keeps all of its own: the sample is drawn over every rank's images at the end.
+        # data-parallel rank keeps all of its own: the sample is drawn over every rank's images at the end. Rules
+        # other than 'auto' keep every image, as they always did.
+        bounded = c.n_components == AUTO and not is_distributed()
         sample = CellSample(self.heads["score"].row_dims, device=self.device,
-                            limit=2 ** 62 if is_distributed() else CELL_SAMPLE_IMAGES) if keep else None
+                            limit=CELL_SAMPLE_IMAGES if bounded else 2 ** 62) if keep else None
         start = 0
         for batch in self._image_batches(data, batch_size):
             feats = self.features(batch)
@@ -505,14 +507,15 @@ class FREDetector(nn.Module):
         return self
 
     def _global_sample(self, sample: CellSample) -> CellSample:
-        """Data-parallel: every rank's sampled rows at their global image positions, sampled again (identity
-        otherwise)."""
+        """Data-parallel: every rank's sampled rows at their global image positions, sampled again (with
+        ``n_components='auto'``; identity otherwise)."""
         if not is_distributed():
             return sample
         counts = gather_rows(torch.tensor([sample.index.numel()]))
         offset = int(counts[:rank()].sum())
         rows, index = gather_rows(sample.rows), gather_rows(sample.index + offset)
-        out = CellSample(sample.dims, device=self.device)
+        out = CellSample(sample.dims, device=self.device,
+                         limit=CELL_SAMPLE_IMAGES if self.config.n_components == AUTO else 2 ** 62)
         for start in range(0, index.numel(), CELL_SAMPLE_IMAGES):  # bottom-k of all ranks' rows, batch by batch
             out.extend(rows[start:start + CELL_SAMPLE_IMAGES], index[start:start + CELL_SAMPLE_IMAGES])
         return out
@@ -520,7 +523,8 @@ class FREDetector(nn.Module):
     def _keep_sample(self, sample: CellSample) -> None:
         """Store the cell sample where the fit can take new images (``update``): ``n_components='auto'``."""
         if self.config.n_components == AUTO:
-            self.cell_rows, self.cell_index = sample.rows, sample.index.to(self.device)
+            # A copy: ``sample.rows`` is a view of a store with room to spare, which torch.save would write whole.
+            self.cell_rows, self.cell_index = sample.rows.clone(), sample.index.to(self.device)
         else:
             self.cell_rows = torch.empty(0, 0, device=self.device)
             self.cell_index = torch.empty(0, dtype=torch.int64, device=self.device)

@@ -152,10 +152,16 @@ class CellSample:
     def __init__(self, dims: Sequence[int], *, rows: Tensor | None = None, index: Tensor | None = None,
                  limit: int = CELL_SAMPLE_IMAGES, device: torch.device | str = "cpu") -> None:
         self.dims, self.limit = list(dims), limit
-        # A copy of the given rows: entering images overwrite rows in place, never the caller's.
-        self.rows = rows.clone() if rows is not None else torch.empty(0, sum(self.dims), device=device)
+        # A copy of the given rows (entering images overwrite rows in place, never the caller's), in a store that
+        # grows by doubling, so appending N rows copies O(N) of them.
+        self._store = rows.clone() if rows is not None else torch.empty(0, sum(self.dims), device=device)
         self.index = index.cpu().clone() if index is not None else torch.empty(0, dtype=torch.int64)
         self.keys = sample_keys(self.index)
+
+    @property
+    def rows(self) -> Tensor:
+        """The sampled images' joined rows ``(m, sum D_s)``, in the order they entered (a view)."""
+        return self._store[:self.index.numel()]
 
     def add(self, rows: Sequence[Tensor], start: int) -> None:
         """Add the images at positions ``start, start + 1, ...`` with their score-head rows ``[(B, D_s)]``."""
@@ -168,7 +174,13 @@ class CellSample:
         keys = sample_keys(index)
         room = max(0, min(self.limit - self.index.numel(), index.numel()))
         if room:  # not full yet: append
-            self.rows = torch.cat([self.rows, rows[:room].to(self.rows.device, self.rows.dtype)])
+            m = self.index.numel()
+            if m + room > self._store.shape[0]:
+                grown = self._store.new_empty(min(self.limit, max(2 * self._store.shape[0], m + room, 64)),
+                                              self._store.shape[1])
+                grown[:m] = self._store[:m]
+                self._store = grown
+            self._store[m:m + room] = rows[:room].to(self._store.device, self._store.dtype)
             self.index, self.keys = torch.cat([self.index, index[:room]]), torch.cat([self.keys, keys[:room]])
             rows, index, keys = rows[room:], index[room:], keys[room:]
         if not index.numel():
@@ -180,7 +192,7 @@ class CellSample:
         old[kept[kept < self.limit]] = False  # slots whose member is displaced
         slots, entering = torch.nonzero(old).flatten(), kept[kept >= self.limit] - self.limit
         if slots.numel():
-            self.rows[slots.to(self.rows.device)] = rows[entering.to(rows.device)].to(self.rows.dtype)
+            self._store[slots.to(self._store.device)] = rows[entering.to(rows.device)].to(self._store.dtype)
             self.index[slots], self.keys[slots] = index[entering], keys[entering]
 
     def ordered(self) -> tuple[list[Tensor], Tensor]:
