@@ -198,13 +198,14 @@ def test_pca_streams_auto_into_a_bounded_summary() -> None:
 
 
 def test_cross_fitting_many_images_keeps_a_bounded_sample(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``evaluate``'s cross-fit (heatmaps, report) past CELL_SAMPLE_IMAGES images keeps only the sampled images'
+    """``evaluate``'s cross-fit (heatmaps, report) past CROSS_FIT_IMAGES images keeps only the sampled images'
     rows: exactly the features of the bottom-k images, in image order; the fit itself is the fit on all images."""
     import fre_torch.jobs.crossfit as crossfit
     from fre_torch import DetectorConfig, FREDetector
     from fre_torch.detection.folds import sample_keys
 
-    monkeypatch.setattr(crossfit, "CELL_SAMPLE_IMAGES", 12)
+    assert crossfit.CROSS_FIT_IMAGES == 1024  # the dev sets (666 images at most) keep every image
+    monkeypatch.setattr(crossfit, "CROSS_FIT_IMAGES", 12)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 255, (30, 3, 64, 64), dtype=torch.uint8, generator=g)
     det = FREDetector(DetectorConfig(input_size=64))
