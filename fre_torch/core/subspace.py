@@ -809,8 +809,12 @@ def fit_accumulator(acc: GramAccumulator | CovarianceAccumulator, n_components: 
                     dtype: torch.dtype = torch.float32, what: str = "samples") -> Subspace:
     """Solve streaming statistics of any kind (the Gram rows keep their own dtype; ``dtype`` is for the
     covariance path). ``ValueError`` below 2 samples, naming ``what`` was counted."""
-    n = acc.n_samples if isinstance(acc, GramAccumulator) else acc.flush()._count if hasattr(acc, "flush") \
-        else acc._count
+    if isinstance(acc, GramAccumulator):
+        n = acc.n_samples
+    elif isinstance(acc, CovarianceAccumulator):
+        n = acc._count
+    else:
+        n = acc.flush()._count  # a summary: the rows still waiting in its buffer count too
     if n < 2:
         raise ValueError(f"need at least 2 {what} to fit, got {n}")
     if isinstance(acc, GramAccumulator):
